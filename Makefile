@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11+:
+#   make demo   the main job: a real embedding model migration on real articles
+#   make test   the test suite (real PostgreSQL + pgvector, real models, real Celery workers)
+# Both create (or reuse) the project-local virtualenv .venv from requirements/.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test lint bench clean-data
+
+$(STAMP): requirements/base.txt requirements/data.txt requirements/dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) manage.py demo $(ARGS)
+
+test: venv
+	$(PY) -m pytest $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(PY) -m benchmarks $(ARGS)
+
+clean-data:
+	rm -rf .data

@@ -1,0 +1,194 @@
+"""The ``EMBEDDINGS`` setting, validated once and read as typed objects.
+
+``validate()`` lists every problem (the system checks report them); ``get_config()`` returns the
+parsed setting or raises ``ConfigurationError`` with the first problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from django.conf import settings
+
+from .exceptions import ConfigurationError
+
+DUAL_WRITE_MODES = ("sync", "on_commit", "celery")
+STORAGES = ("vector", "halfvec")
+FLOATING_REVISIONS = frozenset({"main", "master", "latest", "head", "default"})
+# pgvector cannot index a `vector` column above 2,000 dimensions; halfvec goes to 4,000.
+MAX_INDEXED_VECTOR_DIMENSIONS = 2000
+
+DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "embeddings"}
+TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS})
+
+# key -> (accepted types, description used in messages)
+MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "a hub id or a local directory"),
+    "revision": ((str,), "a pinned revision (commit hash or tag)"),
+    "dimensions": ((int,), "a positive integer"),
+    "normalize": ((bool,), "True or False"),
+    "truncate_dim": ((int,), "a positive integer"),
+    "query_prompt": ((str,), "a string"),
+    "document_prompt": ((str,), "a string"),
+    "max_seq_length": ((int,), "a positive integer"),
+    "storage": ((str,), '"vector" or "halfvec"'),
+}
+REQUIRED_MODEL_KEYS = ("model", "revision")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One pinned model, as named by an alias of ``EMBEDDINGS["MODELS"]``."""
+
+    alias: str
+    model: str
+    revision: str
+    dimensions: int | None = None
+    normalize: bool = True
+    truncate_dim: int | None = None
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+    max_seq_length: int | None = None
+    storage: str | None = None
+
+    def encode_settings(self) -> dict[str, Any]:
+        """The settings that change the vectors a model produces (part of the fingerprint)."""
+        data = asdict(self)
+        for key in ("alias", "model", "revision", "dimensions", "storage"):
+            data.pop(key)
+        return data
+
+
+@dataclass(frozen=True)
+class EmbeddingsConfig:
+    models: dict[str, ModelSpec]
+    batch_size: int
+    dual_write: str
+    queue: str
+
+    def model(self, alias: str) -> ModelSpec:
+        try:
+            return self.models[alias]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ConfigurationError(
+                f'Unknown model alias "{alias}" (configured: {known}); '
+                'add it to EMBEDDINGS["MODELS"].'
+            ) from None
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    message: str
+    hint: str
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate(raw: Any) -> list[Problem]:
+    """Every problem of an ``EMBEDDINGS`` value, in a stable order."""
+    if raw is None:
+        return [Problem("embeddings.E001", "The EMBEDDINGS setting is missing.",
+                        'Define EMBEDDINGS = {"MODELS": {...}} in your settings.')]
+    if not isinstance(raw, dict):
+        return [Problem("embeddings.E002", f"EMBEDDINGS must be a dict, not {type(raw).__name__}.",
+                        'Define EMBEDDINGS = {"MODELS": {...}}.')]
+    problems: list[Problem] = []
+    for key in sorted(set(raw) - TOP_LEVEL_KEYS):
+        problems.append(Problem("embeddings.E003", f'Unknown key EMBEDDINGS["{key}"].',
+                                f"Known keys: {', '.join(sorted(TOP_LEVEL_KEYS))}."))
+    models = raw.get("MODELS")
+    if not isinstance(models, dict) or not models:
+        problems.append(Problem("embeddings.E004",
+                                'EMBEDDINGS["MODELS"] must be a non-empty dict of alias -> model.',
+                                'e.g. {"minilm": {"model": "sentence-transformers/all-MiniLM-L6-v2", '
+                                '"revision": "<commit>"}}'))
+        models = {}
+    for alias, spec in models.items():
+        problems.extend(_validate_model(alias, spec))
+    if "BATCH_SIZE" in raw and not _positive_int(raw["BATCH_SIZE"]):
+        problems.append(Problem("embeddings.E010",
+                                f'EMBEDDINGS["BATCH_SIZE"] must be a positive integer, '
+                                f'not {raw["BATCH_SIZE"]!r}.', "e.g. 128"))
+    if "DUAL_WRITE" in raw and raw["DUAL_WRITE"] not in DUAL_WRITE_MODES:
+        problems.append(Problem("embeddings.E011",
+                                f'EMBEDDINGS["DUAL_WRITE"] must be one of {", ".join(DUAL_WRITE_MODES)}, '
+                                f'not {raw["DUAL_WRITE"]!r}.', 'Use "sync" unless you run workers.'))
+    if "QUEUE" in raw and not (isinstance(raw["QUEUE"], str) and raw["QUEUE"]):
+        problems.append(Problem("embeddings.E012",
+                                f'EMBEDDINGS["QUEUE"] must be a non-empty string, not {raw["QUEUE"]!r}.',
+                                'e.g. "embeddings"'))
+    return problems
+
+
+def _validate_model(alias: Any, spec: Any) -> list[Problem]:
+    where = f'EMBEDDINGS["MODELS"][{alias!r}]'
+    if not isinstance(alias, str) or not alias:
+        return [Problem("embeddings.E005", f"Model alias {alias!r} must be a non-empty string.",
+                        'e.g. "minilm"')]
+    if not isinstance(spec, dict):
+        return [Problem("embeddings.E005", f"{where} must be a dict, not {type(spec).__name__}.",
+                        '{"model": "...", "revision": "..."}')]
+    problems = []
+    for key in sorted(set(spec) - set(MODEL_KEYS)):
+        problems.append(Problem("embeddings.E006", f'Unknown key "{key}" in {where}.',
+                                f"Known keys: {', '.join(MODEL_KEYS)}."))
+    for key in REQUIRED_MODEL_KEYS:
+        if key not in spec:
+            hint = ("Pin the model: set the commit hash of the model files you tested with."
+                    if key == "revision" else "Set a hub id or a local sentence-transformers folder.")
+            problems.append(Problem("embeddings.E007", f'{where} has no "{key}".', hint))
+    for key, value in spec.items():
+        if key not in MODEL_KEYS:
+            continue
+        types, description = MODEL_KEYS[key]
+        is_int = types == (int,)
+        ok = _positive_int(value) if is_int else isinstance(value, types)
+        if key in ("query_prompt", "document_prompt", "truncate_dim", "dimensions",
+                   "max_seq_length") and value is None:
+            ok = True
+        if not ok:
+            problems.append(Problem("embeddings.E008",
+                                    f'{where}["{key}"] must be {description}, not {value!r}.',
+                                    f'Fix the value of "{key}".'))
+        elif key in ("model", "revision") and not value.strip():
+            problems.append(Problem("embeddings.E008", f'{where}["{key}"] is empty.',
+                                    f'Set "{key}".'))
+    revision = spec.get("revision")
+    if isinstance(revision, str) and revision.strip().lower() in FLOATING_REVISIONS:
+        problems.append(Problem("embeddings.E009",
+                                f'{where}["revision"] is "{revision}", a moving branch, not a pin.',
+                                "Use the commit hash of the exact model files, so a change of the "
+                                "files cannot silently change the vectors."))
+    storage = spec.get("storage")
+    if isinstance(storage, str) and storage not in STORAGES:
+        problems.append(Problem("embeddings.E008",
+                                f'{where}["storage"] must be "vector" or "halfvec", not {storage!r}.',
+                                'Leave it out to choose automatically (halfvec above 2,000 dims).'))
+    return problems
+
+
+def parse(raw: Any) -> EmbeddingsConfig:
+    problems = validate(raw)
+    if problems:
+        first = problems[0]
+        raise ConfigurationError(f"{first.message} {first.hint} (run `manage.py check`)")
+    values = {**DEFAULTS, **raw}
+    models = {
+        alias: ModelSpec(alias=alias, **spec) for alias, spec in values["MODELS"].items()
+    }
+    return EmbeddingsConfig(
+        models=models,
+        batch_size=values["BATCH_SIZE"],
+        dual_write=values["DUAL_WRITE"],
+        queue=values["QUEUE"],
+    )
+
+
+def get_config() -> EmbeddingsConfig:
+    """The current ``settings.EMBEDDINGS``, parsed (re-read each call: tests override settings)."""
+    return parse(getattr(settings, "EMBEDDINGS", None))

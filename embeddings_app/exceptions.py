@@ -1,0 +1,38 @@
+"""Every error the app raises is an ``EmbeddingError``; messages are one line saying why and what
+to do, so commands and the admin can show them as they are."""
+
+
+class EmbeddingError(Exception):
+    """Base class of every error raised by embeddings_app."""
+
+
+class ConfigurationError(EmbeddingError):
+    """The EMBEDDINGS setting or a VersionedEmbedding declaration is invalid."""
+
+
+class UnknownTarget(EmbeddingError):
+    """No VersionedEmbedding is registered under that app_label.Model.field name."""
+
+
+class UnknownVersion(EmbeddingError):
+    """The target has no version of that name."""
+
+
+class Refused(EmbeddingError):
+    """A lifecycle step was refused; nothing was changed."""
+
+
+class VersionNotReady(Refused):
+    """The version is not in a state that allows the requested step."""
+
+
+class VersionMismatch(EmbeddingError):
+    """A vector or query does not belong to the version it would be searched against."""
+
+
+class FingerprintMismatch(EmbeddingError):
+    """The model files or encode settings differ from those pinned when the version was added."""
+
+
+class ModelLoadError(EmbeddingError):
+    """The pinned model could not be found or loaded offline."""

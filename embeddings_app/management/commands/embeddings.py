@@ -1,0 +1,239 @@
+"""``manage.py embeddings <subcommand>``: the lifecycle of embedding versions."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from tqdm import tqdm
+
+from embeddings_app import backfill, indexes, lifecycle, registry, storage, sync
+from embeddings_app.config import get_config
+from embeddings_app.exceptions import EmbeddingError
+from embeddings_app.models import BackfillRun, EmbeddingVersion, State
+
+ACTOR = "manage.py"
+
+
+class Command(BaseCommand):
+    help = "Manage embedding model versions: status, add, backfill, activate, rollback, ..."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+        p = sub.add_parser("status", help="every version, its state, coverage and failures")
+        p.add_argument("target", nargs="?")
+
+        p = sub.add_parser("add", help="register a version and add its column")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--model", required=True, metavar="ALIAS")
+
+        p = sub.add_parser("backfill", help="embed every missing or stale row of a version")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--inline", action="store_true", help="run the batches in this process")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--no-wait", action="store_true", help="dispatch and return")
+
+        p = sub.add_parser("index", help="build the HNSW index (CREATE INDEX CONCURRENTLY)")
+        p.add_argument("target")
+        p.add_argument("version")
+
+        p = sub.add_parser("activate", help="switch reads to a version (atomic)")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--force", action="store_true")
+
+        p = sub.add_parser("rollback", help="reactivate the previous (standby) version")
+        p.add_argument("target")
+
+        p = sub.add_parser("retire", help="stop dual-writing a non-active version")
+        p.add_argument("target")
+        p.add_argument("version")
+
+        p = sub.add_parser("drop", help="drop the index and column of a retired version")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+        p = sub.add_parser("migrate", help="add, backfill, index and activate in one command")
+        p.add_argument("target")
+        p.add_argument("--to", required=True, metavar="ALIAS")
+        p.add_argument("--version", dest="version_name", metavar="NAME")
+        p.add_argument("--inline", action="store_true")
+        p.add_argument("--batch-size", type=int)
+
+    def handle(self, *args: Any, subcommand: str, **options: Any) -> None:
+        try:
+            getattr(self, f"do_{subcommand}")(**options)
+        except EmbeddingError as exc:
+            raise CommandError(str(exc)) from exc
+
+    # --- subcommands ------------------------------------------------------------------------
+    def do_status(self, target: str | None = None, **_: Any) -> None:
+        targets = [registry.get(target).target] if target else registry.all_targets()
+        header = ("target", "version", "model@revision", "dims", "state", "", "coverage",
+                  "stale", "index", "failures")
+        rows = []
+        for name in targets:
+            field = registry.get(name)
+            versions = list(EmbeddingVersion.objects.for_target(name))
+            stored = [v for v in versions if v.state != State.DROPPED]
+            stale = dict(zip((v.pk for v in stored), sync.count_stale(field, stored), strict=True))
+            for v in versions:
+                if v.state == State.DROPPED:
+                    coverage = "-"
+                else:
+                    done, total = storage.coverage(field, v)
+                    coverage = f"{done}/{total}"
+                run = v.runs.first()
+                failures = ""
+                if run is not None and (run.rows_failed or run.last_error):
+                    failures = f"{run.rows_failed} rows; {run.last_error}"[:80]
+                rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
+                             v.state, "*" if v.state == State.ACTIVE else "", coverage,
+                             str(stale.get(v.pk, "-")), indexes.index_state(v), failures))
+        if not rows:
+            self.stdout.write("No embedding versions yet; add one with "
+                              "`manage.py embeddings add TARGET VERSION --model ALIAS`.")
+            return
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+    def do_add(self, target: str, version: str, model: str, **_: Any) -> None:
+        record = lifecycle.add(target, version, model, actor=ACTOR)
+        self.stdout.write(self.style.SUCCESS(
+            f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}); "
+            f"column {record.column}. Next: embeddings backfill {target} {version}"
+        ))
+
+    def do_backfill(self, target: str, version: str, inline: bool = False,
+                    batch_size: int | None = None, no_wait: bool = False, **_: Any) -> None:
+        record = EmbeddingVersion.objects.get_version(registry.get(target).target, version)
+        self._backfill(record, inline=inline, batch_size=batch_size, wait=not no_wait)
+
+    def do_index(self, target: str, version: str, **_: Any) -> None:
+        record = EmbeddingVersion.objects.get_version(registry.get(target).target, version)
+        started = time.monotonic()
+        name = indexes.build(record)
+        self.stdout.write(self.style.SUCCESS(
+            f"Index {name} on {record.column} is valid ({time.monotonic() - started:.1f}s)."
+        ))
+
+    def do_activate(self, target: str, version: str, force: bool = False, **_: Any) -> None:
+        for warning in lifecycle.activate(target, version, force=force, actor=ACTOR):
+            self.stderr.write(self.style.WARNING(warning))
+        self.stdout.write(self.style.SUCCESS(f"{target}: reads now use version {version}."))
+
+    def do_rollback(self, target: str, **_: Any) -> None:
+        version = lifecycle.rollback(target, actor=ACTOR)
+        self.stdout.write(self.style.SUCCESS(
+            f"{target}: rolled back; reads now use version {version.version}."
+        ))
+
+    def do_retire(self, target: str, version: str, **_: Any) -> None:
+        lifecycle.retire(target, version, actor=ACTOR)
+        self.stdout.write(self.style.SUCCESS(f"{target}@{version} retired: no longer written."))
+
+    def do_drop(self, target: str, version: str, yes: bool = False, **_: Any) -> None:
+        record = EmbeddingVersion.objects.get_version(target, version)
+        lifecycle.check_droppable(record)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CommandError(
+                    f"drop deletes column {record.column} and its index for good; "
+                    "confirm with --yes when not running interactively."
+                )
+            answer = input(f"Drop column {record.column} of {target} and its index? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise CommandError("Not dropped.")
+        dropped = lifecycle.drop(target, version, actor=ACTOR)
+        self.stdout.write(self.style.SUCCESS(
+            f"{target}@{version} dropped: column {record.column}"
+            + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."
+        ))
+
+    def do_migrate(self, target: str, to: str, version_name: str | None = None,
+                   inline: bool = False, batch_size: int | None = None, **_: Any) -> None:
+        field = registry.get(target)
+        existing = EmbeddingVersion.objects.for_target(field.target)
+        resumable = existing.filter(model_alias=to).exclude(
+            state__in=(State.RETIRED, State.DROPPED, State.ACTIVE)
+        )
+        record = (resumable.filter(version=version_name).first() if version_name
+                  else resumable.order_by("-created_at").first())
+        if existing.filter(model_alias=to, state=State.ACTIVE).exists() and record is None:
+            raise CommandError(f"{field.target} already reads from a version of model {to}.")
+        steps = 4
+        if record is None:
+            name = version_name or _next_version_name(existing.values_list("version", flat=True))
+            self.stdout.write(f"[1/{steps}] add {name} with model {to}")
+            record = lifecycle.add(field.target, name, to, actor=ACTOR)
+        else:
+            self.stdout.write(f"[1/{steps}] resuming {record} ({record.state})")
+        self.stdout.write(f"[2/{steps}] backfill {record.version}")
+        self._backfill(record, inline=inline, batch_size=batch_size, wait=True)
+        self.stdout.write(f"[3/{steps}] index {record.version}")
+        indexes.build(record)
+        self.stdout.write(f"[4/{steps}] activate {record.version}")
+        lifecycle.activate(field.target, record.version, actor=ACTOR)
+        self.stdout.write(self.style.SUCCESS(
+            f"{field.target}: reads now use {record.version} ({record.model_label}); the previous "
+            "version stays on standby for rollback until retired and dropped."
+        ))
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _backfill(self, record: EmbeddingVersion, *, inline: bool, batch_size: int | None,
+                  wait: bool) -> None:
+        mode = "inline" if inline else "celery"
+        run, ranges = backfill.start(record, batch_size=batch_size, mode=mode, actor=ACTOR)
+        bar = tqdm(total=run.rows_total, unit="row", desc=f"backfill {record.version}",
+                   file=self.stderr._out, disable=None, dynamic_ncols=True)
+        try:
+            if inline:
+                backfill.run_inline(run, ranges, progress=bar.update)
+            else:
+                from embeddings_app.tasks import backfill_batch
+
+                queue = get_config().queue
+                for low, high in ranges:
+                    backfill_batch.apply_async((run.pk, low, high), queue=queue)
+                if not wait:
+                    self.stdout.write(f"Dispatched {len(ranges)} batches to queue '{queue}' "
+                                      f"(run {run.pk}); follow with `embeddings status`.")
+                    return
+                self._follow(run, bar)
+        finally:
+            bar.close()
+        run.refresh_from_db()
+        if run.status != BackfillRun.Status.DONE:
+            raise CommandError(f"Backfill of {record} failed: {run.last_error}; re-run to resume.")
+        self.stdout.write(self.style.SUCCESS(
+            f"Backfill of {record} done: {run.rows_embedded} embedded, {run.rows_skipped} empty, "
+            f"{run.rows_processed - run.rows_embedded - run.rows_skipped} already fresh."
+        ))
+
+    def _follow(self, run: BackfillRun, bar: tqdm) -> None:
+        """Poll the run's progress record until its last batch finalizes it."""
+        while True:
+            run.refresh_from_db()
+            bar.update(max(run.rows_processed - bar.n, 0))
+            if run.status != BackfillRun.Status.RUNNING:
+                return
+            time.sleep(0.5)
+
+
+def _short(label: str, width: int = 60) -> str:
+    return label if len(label) <= width else "..." + label[-(width - 3):]
+
+
+def _next_version_name(names: Any) -> str:
+    taken = set(names)
+    number = 1
+    while f"v{number}" in taken:
+        number += 1
+    return f"v{number}"

@@ -1,0 +1,165 @@
+"""The records of every embedding version, its state changes and its backfill runs."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from .exceptions import UnknownVersion, VersionNotReady
+
+
+class State(models.TextChoices):
+    NEW = "new", "new"  # column added, nothing embedded yet
+    BACKFILLING = "backfilling", "backfilling"
+    READY = "ready", "ready"  # complete and fresh, can be activated
+    ACTIVE = "active", "active"  # serves reads; exactly one per target
+    STANDBY = "standby", "standby"  # was active, still dual-written: the rollback target
+    RETIRED = "retired", "retired"  # no longer written
+    DROPPED = "dropped", "dropped"  # column and index gone; the row stays as history
+    FAILED = "failed", "failed"  # a backfill gave up; can be resumed
+
+
+# Versions whose vectors are kept up to date on every save.
+WRITTEN_STATES = (State.BACKFILLING, State.READY, State.ACTIVE, State.STANDBY)
+# Versions whose column exists.
+STORED_STATES = tuple(state for state in State if state != State.DROPPED)
+
+
+class EmbeddingVersionQuerySet(models.QuerySet["EmbeddingVersion"]):
+    def for_target(self, target: str) -> EmbeddingVersionQuerySet:
+        return self.filter(target=target)
+
+    def written(self) -> EmbeddingVersionQuerySet:
+        return self.filter(state__in=WRITTEN_STATES)
+
+    def get_version(self, target: str, version: str) -> EmbeddingVersion:
+        try:
+            return self.get(target=target, version=version)
+        except EmbeddingVersion.DoesNotExist:
+            known = ", ".join(self.for_target(target).values_list("version", flat=True)) or "none"
+            raise UnknownVersion(
+                f'{target} has no version "{version}" (versions: {known}); '
+                f"see `manage.py embeddings status {target}`."
+            ) from None
+
+    def active_for(self, target: str) -> EmbeddingVersion:
+        version = self.filter(target=target, state=State.ACTIVE).first()
+        if version is None:
+            raise VersionNotReady(
+                f"{target} has no active version; add, backfill and activate one "
+                f"(`manage.py embeddings migrate {target} --to ALIAS`)."
+            )
+        return version
+
+
+class EmbeddingVersion(models.Model):
+    """One model version of one embedded field, stored in its own column."""
+
+    target = models.CharField(max_length=200, help_text="app_label.Model.field")
+    version = models.CharField(max_length=31)
+    model_alias = models.CharField(max_length=100)
+    model_name = models.CharField(max_length=500, help_text="hub id or local directory")
+    revision = models.CharField(max_length=200)
+    fingerprint = models.CharField(max_length=64)
+    encode_settings = models.JSONField(default=dict)
+    dimensions = models.PositiveIntegerField()
+    storage = models.CharField(max_length=10, default="vector")
+    distance = models.CharField(max_length=10, default="cosine")
+    column = models.CharField(max_length=63)
+    hash_column = models.CharField(max_length=63)
+    state = models.CharField(max_length=20, choices=State.choices, default=State.NEW)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    activated_at = models.DateTimeField(null=True, blank=True)
+    deactivated_at = models.DateTimeField(null=True, blank=True)
+
+    objects = EmbeddingVersionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["target", "created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["target", "version"], name="embeddings_unique_version"),
+            # The database, not the app, guarantees that reads have exactly one version to use.
+            models.UniqueConstraint(
+                fields=["target"], condition=Q(state="active"), name="embeddings_one_active"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.target}@{self.version}"
+
+    @property
+    def is_written(self) -> bool:
+        return self.state in WRITTEN_STATES
+
+    @property
+    def model_label(self) -> str:
+        """``name@revision``; a local folder is named by its last two path parts."""
+        name = self.model_name
+        if name.startswith("/"):
+            name = "/".join(name.rstrip("/").split("/")[-2:])
+        return f"{name}@{self.revision[:12]}"
+
+
+class VersionEvent(models.Model):
+    """A state change of a version: who, when, from what to what."""
+
+    version = models.ForeignKey(EmbeddingVersion, on_delete=models.CASCADE, related_name="events")
+    from_state = models.CharField(max_length=20, blank=True)
+    to_state = models.CharField(max_length=20)
+    actor = models.CharField(max_length=150, blank=True)
+    note = models.TextField(blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.version}: {self.from_state or '-'} -> {self.to_state}"
+
+
+class BackfillRun(models.Model):
+    """Progress of one backfill of one version, updated by its batches as they finish."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    version = models.ForeignKey(EmbeddingVersion, on_delete=models.CASCADE, related_name="runs")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.RUNNING)
+    mode = models.CharField(max_length=10, default="celery")  # "celery" | "inline"
+    batch_size = models.PositiveIntegerField()
+    batches_total = models.PositiveIntegerField(default=0)
+    batches_done = models.PositiveIntegerField(default=0)
+    rows_total = models.PositiveBigIntegerField(default=0)
+    rows_processed = models.PositiveBigIntegerField(default=0)  # read and checked
+    rows_embedded = models.PositiveBigIntegerField(default=0)  # encoded and written
+    rows_skipped = models.PositiveBigIntegerField(default=0)  # empty source: no vector
+    rows_conflicted = models.PositiveBigIntegerField(default=0)  # changed under the batch
+    rows_failed = models.PositiveBigIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"backfill of {self.version} ({self.status})"
+
+    @property
+    def rate(self) -> float | None:
+        """Rows processed per second so far."""
+        end = self.finished_at or timezone.now()
+        seconds = (end - self.started_at).total_seconds()
+        return self.rows_processed / seconds if seconds > 0 and self.rows_processed else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rate
+        if self.status != self.Status.RUNNING or not rate:
+            return None
+        return max(self.rows_total - self.rows_processed, 0) / rate

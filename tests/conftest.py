@@ -1,0 +1,147 @@
+"""Shared fixtures: real PostgreSQL + pgvector (embedded unless DATABASE_URL is set), real models,
+real Celery workers on a real broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from embeddings_app import registry, storage
+from project.news.corpus import iter_articles
+from project.news.models import Article
+from tests.tinymodel import build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = "news.Article.embedding"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models() -> None:
+    """The locally made models of tests/settings.py, built once (deterministic)."""
+    tokenizer = Path(settings.EMBEDDINGS["MODELS"]["minilm"]["model"])
+    build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert", tokenizer, seed=0)
+    build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert-seed1", tokenizer, seed=1)
+
+
+def _model_columns(model: type) -> set[str]:
+    return {field.column for field in model._meta.concrete_fields}
+
+
+@pytest.fixture(autouse=True)
+def drop_version_columns(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Columns added by `embeddings add` are not model fields: a transactional test leaves them
+    behind, so drop them (and their indexes) after each test."""
+    yield
+    if "transactional_db" not in request.fixturenames and "live_server" not in request.fixturenames:
+        return  # the test's transaction was rolled back, DDL included
+    for target in registry.all_targets():
+        field = registry.get(target)
+        extra = storage.existing_columns(field.table) - _model_columns(field.model)
+        with connection.cursor() as cursor:
+            for column in sorted(extra):
+                cursor.execute(
+                    f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}"
+                )
+
+
+@pytest.fixture
+def make_articles(db: None) -> Callable[[int], list[Article]]:
+    """Create N real BBC News articles (title + body), in a stable order."""
+
+    def make(count: int) -> list[Article]:
+        articles = [
+            Article(title=item.title, body=item.body, category=item.category)
+            for item in iter_articles(count)
+        ]
+        return Article.objects.bulk_create(articles)
+
+    return make
+
+
+def database_url() -> str:
+    """A URL of the database this test session uses (the test database), for subprocesses."""
+    conf = connection.settings_dict
+    host = quote(conf.get("HOST") or "", safe="")
+    port = f":{conf['PORT']}" if conf.get("PORT") else ""
+    password = f":{quote(conf['PASSWORD'], safe='')}" if conf.get("PASSWORD") else ""
+    return f"postgres://{quote(conf['USER'], safe='')}{password}@{host}{port}/{conf['NAME']}"
+
+
+class WorkerProcess:
+    """A real `celery worker` process serving the embeddings queue, on the test database."""
+
+    def __init__(self, concurrency: int = 2, extra_env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DATABASE_URL": database_url(),
+            "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+            "HF_HUB_OFFLINE": "1",
+            **(extra_env or {}),
+        }
+        self.log_path = log_path or ROOT / "test-artifacts" / f"worker-{time.time_ns()}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q",
+             settings.EMBEDDINGS.get("QUEUE", "embeddings"), "-c", str(concurrency),
+             "--pool", "prefork", "-l", "info", "--without-gossip", "--without-mingle",
+             "--without-heartbeat", "-n", f"test-{time.time_ns()}@%h"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery worker exited early:\n{self.log()}")
+            if " ready." in self.log():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"celery worker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def child_pids(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def celery_worker(transactional_db: None) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker processes: ``celery_worker(concurrency=2)``; all are stopped after."""
+    workers: list[WorkerProcess] = []
+
+    def start(**kwargs: object) -> WorkerProcess:
+        worker = WorkerProcess(**kwargs)  # type: ignore[arg-type]
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
