@@ -95,6 +95,7 @@ def _record_batch(run_id: int, stats: sync.SyncStats, error: str = "") -> None:
         "rows_conflicted": F("rows_conflicted") + stats.conflicted,
         "rows_failed": F("rows_failed") + stats.failed,
         "batches_done": F("batches_done") + 1,
+        "updated_at": timezone.now(),
     }
     if error:
         updates["last_error"] = error[:2000]

@@ -75,10 +75,23 @@ class EmbeddingVersion(models.Model):
     activated_at = models.DateTimeField(null=True, blank=True)
     deactivated_at = models.DateTimeField(null=True, blank=True)
 
+    # Cutover: the last verify (when, verdict, figures) and the HNSW parameters of this version.
+    verified_at = models.DateTimeField(null=True, blank=True)
+    verify_passed = models.BooleanField(null=True, blank=True)
+    verify_report = models.JSONField(default=dict, blank=True)
+    hnsw_m = models.PositiveIntegerField(default=16)
+    hnsw_ef_construction = models.PositiveIntegerField(default=64)
+    hnsw_ef_search = models.PositiveIntegerField(default=40)
+
     objects = EmbeddingVersionQuerySet.as_manager()
 
     class Meta:
         ordering = ["target", "created_at", "id"]
+        permissions = [
+            ("run_backfill", "Can start backfills, index builds and verifications"),
+            ("switch_active", "Can activate, roll back and retire versions"),
+            ("drop_version", "Can drop a retired version's column"),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["target", "version"], name="embeddings_unique_version"),
             # The database, not the app, guarantees that reads have exactly one version to use.
@@ -142,6 +155,7 @@ class BackfillRun(models.Model):
     rows_failed = models.PositiveBigIntegerField(default=0)
     last_error = models.TextField(blank=True)
     started_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -163,3 +177,21 @@ class BackfillRun(models.Model):
         if self.status != self.Status.RUNNING or not rate:
             return None
         return max(self.rows_total - self.rows_processed, 0) / rate
+
+
+class RowFailure(models.Model):
+    """A row a backfill could not embed: its key and the error, for the admin and `status`."""
+
+    version = models.ForeignKey(EmbeddingVersion, on_delete=models.CASCADE, related_name="failures")
+    run = models.ForeignKey(BackfillRun, on_delete=models.SET_NULL, null=True, blank=True,
+                            related_name="failures")
+    row_key = models.CharField(max_length=200)
+    error = models.TextField()
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["version", "row_key"])]
+
+    def __str__(self) -> str:
+        return f"{self.version} row {self.row_key}: {self.error[:60]}"
