@@ -139,6 +139,16 @@ def finalize(run_id: int) -> None:
                                  note=f"backfill run {run_id}: {done}/{total} rows")
 
 
+def dispatch(run: BackfillRun, ranges: list[Range]) -> None:
+    """Send every batch of ``run`` to the workers of ``EMBEDDINGS["QUEUE"]``."""
+    from celery import group
+
+    from .tasks import backfill_batch
+
+    queue = get_config().queue
+    group(backfill_batch.si(run.pk, low, high) for low, high in ranges).apply_async(queue=queue)
+
+
 def run_inline(run: BackfillRun, ranges: list[Range], progress: Any = None) -> None:
     """Run every batch of ``run`` in this process, in order."""
     for low, high in ranges:

@@ -197,13 +197,10 @@ class Command(BaseCommand):
             if inline:
                 backfill.run_inline(run, ranges, progress=bar.update)
             else:
-                from embeddings_app.tasks import backfill_batch
-
-                queue = get_config().queue
-                for low, high in ranges:
-                    backfill_batch.apply_async((run.pk, low, high), queue=queue)
+                backfill.dispatch(run, ranges)
                 if not wait:
-                    self.stdout.write(f"Dispatched {len(ranges)} batches to queue '{queue}' "
+                    self.stdout.write(f"Dispatched {len(ranges)} batches to queue "
+                                      f"'{get_config().queue}' "
                                       f"(run {run.pk}); follow with `embeddings status`.")
                     return
                 self._follow(run, bar)
