@@ -30,6 +30,8 @@ def database_config(base_dir: Path) -> dict[str, Any]:
         return dj_database_url.parse(url, conn_max_age=0)
     server = _embedded_postgres(data_dir(base_dir) / "postgres")
     config = dj_database_url.parse(server.get_uri(DEFAULT_DATABASE_NAME))
+    # pgserver gives the socket folder as ?host=...; Django's HOST is where tools look for it.
+    config["HOST"] = config.get("OPTIONS", {}).pop("host", config.get("HOST", ""))
     _ensure_database(server.get_uri("postgres"), DEFAULT_DATABASE_NAME)
     return config
 

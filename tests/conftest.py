@@ -38,20 +38,21 @@ def _model_columns(model: type) -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def drop_version_columns(request: pytest.FixtureRequest) -> Iterator[None]:
+def drop_version_columns(request: pytest.FixtureRequest, django_db_blocker: object) -> Iterator[None]:
     """Columns added by `embeddings add` are not model fields: a transactional test leaves them
     behind, so drop them (and their indexes) after each test."""
     yield
     if "transactional_db" not in request.fixturenames and "live_server" not in request.fixturenames:
         return  # the test's transaction was rolled back, DDL included
-    for target in registry.all_targets():
-        field = registry.get(target)
-        extra = storage.existing_columns(field.table) - _model_columns(field.model)
-        with connection.cursor() as cursor:
-            for column in sorted(extra):
-                cursor.execute(
-                    f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}"
-                )
+    with django_db_blocker.unblock():  # type: ignore[attr-defined]
+        for target in registry.all_targets():
+            field = registry.get(target)
+            extra = storage.existing_columns(field.table) - _model_columns(field.model)
+            with connection.cursor() as cursor:
+                for column in sorted(extra):
+                    cursor.execute(
+                        f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}"
+                    )
 
 
 @pytest.fixture
