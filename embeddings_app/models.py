@@ -157,6 +157,9 @@ class BackfillRun(models.Model):
     started_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # [[unix_seconds, rows_processed], ...]: appended by a database trigger (migration 0003) at
+    # most once a second while the run progresses, for the admin's coverage-over-time chart.
+    progress_samples = models.JSONField(default=list, blank=True, editable=False)
 
     class Meta:
         ordering = ["-started_at", "-id"]
