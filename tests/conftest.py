@@ -42,8 +42,11 @@ def drop_version_columns(request: pytest.FixtureRequest, django_db_blocker: obje
     """Columns added by `embeddings add` are not model fields: a transactional test leaves them
     behind, so drop them (and their indexes) after each test."""
     yield
-    if "transactional_db" not in request.fixturenames and "live_server" not in request.fixturenames:
-        return  # the test's transaction was rolled back, DDL included
+    if "django_db_setup" not in request.fixturenames and not request.node.get_closest_marker(
+        "django_db"
+    ):
+        return  # the test used no database (never touch the development one)
+    # After a rolled-back test this finds nothing: the DDL was rolled back with it.
     with django_db_blocker.unblock():  # type: ignore[attr-defined]
         for target in registry.all_targets():
             field = registry.get(target)

@@ -1,0 +1,51 @@
+"""`drop` removes a retired version's column and index; the version row stays as history."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from embeddings_app.models import EmbeddingVersion, State
+from project.news.models import Article
+from tests.conftest import TARGET
+
+
+def columns() -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT column_name FROM information_schema.columns "
+                       "WHERE table_name = 'news_article'")
+        return {row[0] for row in cursor.fetchall()}
+
+
+def index_definitions() -> dict[str, str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'news_article'")
+        return dict(cursor.fetchall())
+
+
+@pytest.mark.django_db(transaction=True)  # indexes are built and dropped CONCURRENTLY
+def test_drop_removes_the_column_and_its_index(make_articles):
+    make_articles(30)
+    for version, alias in (("v1", "tiny"), ("v2", "tiny_other")):
+        call_command("embeddings", "add", TARGET, version, "--model", alias)
+        call_command("embeddings", "backfill", TARGET, version, "--inline")
+        call_command("embeddings", "index", TARGET, version)
+    call_command("embeddings", "activate", TARGET, "v1")
+    call_command("embeddings", "activate", TARGET, "v2")
+    assert {"embedding_v1", "embedding_v1_source_hash"} <= columns()
+    v1_indexes = [name for name, sql in index_definitions().items() if "embedding_v1 " in sql]
+    assert len(v1_indexes) == 1 and "USING hnsw" in index_definitions()[v1_indexes[0]]
+
+    call_command("embeddings", "retire", TARGET, "v1")
+    call_command("embeddings", "drop", TARGET, "v1", "--yes")
+
+    assert not {"embedding_v1", "embedding_v1_source_hash"} & columns()
+    assert not [sql for sql in index_definitions().values() if "embedding_v1" in sql]
+    assert {"embedding_v2", "embedding_v2_source_hash"} <= columns()  # the active one is intact
+    v1 = EmbeddingVersion.objects.get(target=TARGET, version="v1")
+    assert v1.state == State.DROPPED
+    assert [e.to_state for e in v1.events.all()][-3:] == ["standby", "retired", "dropped"]
+    assert len(Article.embedding.search("government budget", k=5)) == 5
+    # Plain queries still work on the table without the column.
+    assert Article.objects.count() == 30
