@@ -53,7 +53,7 @@ def test_malformed_model_entries_are_reported(models, expected_message, expected
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(settings, "EMBEDDINGS", embeddings_with(MODELS=models))
         output = run_check()
-        with pytest.raises(ConfigurationError, match="run `manage.py check`"):
+        with pytest.raises(ConfigurationError, match=r"run `manage\.py check`"):
             get_config()
     assert expected_message in output
     assert f"HINT: {expected_hint}" in output
