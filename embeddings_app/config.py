@@ -20,7 +20,15 @@ FLOATING_REVISIONS = frozenset({"main", "master", "latest", "head", "default"})
 MAX_INDEXED_VECTOR_DIMENSIONS = 2000
 
 DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "embeddings"}
-TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS})
+# Cutover settings (optional): seconds, or a cosine similarity for VERIFY_THRESHOLD.
+CUTOVER_DEFAULTS: dict[str, Any] = {
+    "ACTIVE_CACHE_TTL": 1.0,  # a serving process re-reads the active version at most this late
+    "VERIFY_THRESHOLD": 0.999,  # min cosine(stored, re-embedded) for a sampled row to pass
+    "VERIFY_SAMPLE": 200,  # rows re-embedded by `verify`
+    "VERIFY_MAX_AGE": 86400.0,  # `activate` needs a passing verify at most this old
+    "DROP_GRACE_PERIOD": 86400.0,  # `drop` needs --yes within this time after deactivation
+}
+TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS, *CUTOVER_DEFAULTS})
 
 # key -> (accepted types, description used in messages)
 MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -66,6 +74,11 @@ class EmbeddingsConfig:
     batch_size: int
     dual_write: str
     queue: str
+    active_cache_ttl: float = CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"]
+    verify_threshold: float = CUTOVER_DEFAULTS["VERIFY_THRESHOLD"]
+    verify_sample: int = CUTOVER_DEFAULTS["VERIFY_SAMPLE"]
+    verify_max_age: float = CUTOVER_DEFAULTS["VERIFY_MAX_AGE"]
+    drop_grace_period: float = CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"]
 
     def model(self, alias: str) -> ModelSpec:
         try:
@@ -122,6 +135,28 @@ def validate(raw: Any) -> list[Problem]:
         problems.append(Problem("embeddings.E012",
                                 f'EMBEDDINGS["QUEUE"] must be a non-empty string, not {raw["QUEUE"]!r}.',
                                 'e.g. "embeddings"'))
+    problems.extend(_validate_cutover(raw))
+    return problems
+
+
+def _validate_cutover(raw: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for key in ("ACTIVE_CACHE_TTL", "VERIFY_MAX_AGE", "DROP_GRACE_PERIOD"):
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            problems.append(Problem("embeddings.E013",
+                                    f'EMBEDDINGS["{key}"] must be a number of seconds >= 0, '
+                                    f"not {value!r}.", f"e.g. {CUTOVER_DEFAULTS[key]}"))
+    threshold = raw.get("VERIFY_THRESHOLD", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+            -1 <= threshold <= 1):
+        problems.append(Problem("embeddings.E014",
+                                f'EMBEDDINGS["VERIFY_THRESHOLD"] must be a cosine similarity '
+                                f"between -1 and 1, not {threshold!r}.", "e.g. 0.999"))
+    if "VERIFY_SAMPLE" in raw and not _positive_int(raw["VERIFY_SAMPLE"]):
+        problems.append(Problem("embeddings.E015",
+                                f'EMBEDDINGS["VERIFY_SAMPLE"] must be a positive integer, '
+                                f'not {raw["VERIFY_SAMPLE"]!r}.', "e.g. 200"))
     return problems
 
 
@@ -186,6 +221,12 @@ def parse(raw: Any) -> EmbeddingsConfig:
         batch_size=values["BATCH_SIZE"],
         dual_write=values["DUAL_WRITE"],
         queue=values["QUEUE"],
+        active_cache_ttl=float(values.get("ACTIVE_CACHE_TTL", CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"])),
+        verify_threshold=float(values.get("VERIFY_THRESHOLD", CUTOVER_DEFAULTS["VERIFY_THRESHOLD"])),
+        verify_sample=int(values.get("VERIFY_SAMPLE", CUTOVER_DEFAULTS["VERIFY_SAMPLE"])),
+        verify_max_age=float(values.get("VERIFY_MAX_AGE", CUTOVER_DEFAULTS["VERIFY_MAX_AGE"])),
+        drop_grace_period=float(values.get("DROP_GRACE_PERIOD",
+                                           CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"])),
     )
 
 

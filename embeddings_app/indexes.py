@@ -1,6 +1,16 @@
-"""HNSW indexes on version columns, built without blocking writes."""
+"""HNSW indexes on version columns, built without blocking writes.
+
+``build()`` runs ``CREATE INDEX CONCURRENTLY ... USING hnsw`` with the operator class of the
+version's storage and distance, and the version's ``hnsw_m`` / ``hnsw_ef_construction``. An INVALID
+index (left by a failed or interrupted concurrent build) is detected in ``pg_index`` and rebuilt.
+While it builds, a second connection polls ``pg_stat_progress_create_index`` for progress.
+"""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.db import connection
 
@@ -8,12 +18,50 @@ from . import registry, storage
 from .exceptions import Refused
 from .models import EmbeddingVersion, State
 
-OPCLASSES = {"vector": "vector_cosine_ops", "halfvec": "halfvec_cosine_ops"}
+# (storage, distance) -> operator class
+OPCLASSES = {
+    ("vector", "cosine"): "vector_cosine_ops",
+    ("halfvec", "cosine"): "halfvec_cosine_ops",
+    ("vector", "l2"): "vector_l2_ops",
+    ("halfvec", "l2"): "halfvec_l2_ops",
+    ("vector", "ip"): "vector_ip_ops",
+    ("halfvec", "ip"): "halfvec_ip_ops",
+}
+PROGRESS_INTERVAL = 0.5  # seconds between two reads of pg_stat_progress_create_index
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One row of ``pg_stat_progress_create_index`` for the build."""
+
+    phase: str
+    blocks_done: int
+    blocks_total: int
+    tuples_done: int
+    tuples_total: int
+
+    @property
+    def fraction(self) -> float | None:
+        if self.tuples_total:
+            return self.tuples_done / self.tuples_total
+        if self.blocks_total:
+            return self.blocks_done / self.blocks_total
+        return None
 
 
 def index_name(version: EmbeddingVersion) -> str:
     field = registry.get(version.target)
     return f"{field.table}_{version.column}_hnsw"[: storage.MAX_IDENTIFIER_LENGTH]
+
+
+def opclass(version: EmbeddingVersion) -> str:
+    try:
+        return OPCLASSES[(version.storage, version.distance)]
+    except KeyError:
+        raise Refused(
+            f"{version}: no HNSW operator class for {version.storage} with {version.distance} "
+            "distance."
+        ) from None
 
 
 def index_state(version: EmbeddingVersion) -> str:
@@ -32,23 +80,85 @@ def index_state(version: EmbeddingVersion) -> str:
     return "valid" if row[0] else "invalid"
 
 
-def build(version: EmbeddingVersion, *, m: int = 16, ef_construction: int = 64) -> str:
-    """CREATE INDEX CONCURRENTLY (an INVALID leftover of a failed build is dropped first)."""
+def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: int | None = None,
+          progress: Callable[[Progress], None] | None = None) -> str:
+    """CREATE INDEX CONCURRENTLY (an INVALID leftover of a failed build is dropped first).
+
+    ``m`` / ``ef_construction`` default to the version's ``hnsw_m`` / ``hnsw_ef_construction``;
+    given, they are stored on the version. ``progress`` is called with each progress reading.
+    """
     if version.state in (State.DROPPED, State.RETIRED):
         raise Refused(f"{version} is {version.state}; its column is not kept, nothing to index.")
     if connection.in_atomic_block:
         raise Refused("index cannot run inside a transaction (it builds concurrently).")
+    for name, value in (("m", m), ("ef_construction", ef_construction)):
+        if value is not None and (not isinstance(value, int) or value < 2):
+            raise Refused(f"HNSW {name} must be an integer >= 2, not {value!r}.")
+    changed = []
+    if m is not None and m != version.hnsw_m:
+        version.hnsw_m = m
+        changed.append("hnsw_m")
+    if ef_construction is not None and ef_construction != version.hnsw_ef_construction:
+        version.hnsw_ef_construction = ef_construction
+        changed.append("hnsw_ef_construction")
+    if version.hnsw_ef_construction < 2 * version.hnsw_m:
+        raise Refused(
+            f"HNSW ef_construction ({version.hnsw_ef_construction}) must be at least 2 * m "
+            f"({2 * version.hnsw_m})."
+        )
     field = registry.get(version.target)
     name = index_name(version)
     state = index_state(version)
-    if state == "valid":
+    if state == "valid" and not changed:
         return name
+    if changed:
+        version.save(update_fields=changed)
     with connection.cursor() as cursor:
-        if state == "invalid":
+        if state != "none":  # invalid, or valid with other build parameters
             cursor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {storage.qn(name)}")
-        cursor.execute(
-            f"CREATE INDEX CONCURRENTLY {storage.qn(name)} ON {storage.qn(field.table)} "
-            f"USING hnsw ({storage.qn(version.column)} {OPCLASSES[version.storage]}) "
-            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
-        )
+        poller = _ProgressPoller(field.table, progress) if progress else None
+        try:
+            cursor.execute(
+                f"CREATE INDEX CONCURRENTLY {storage.qn(name)} ON {storage.qn(field.table)} "
+                f"USING hnsw ({storage.qn(version.column)} {opclass(version)}) "
+                f"WITH (m = {int(version.hnsw_m)}, "
+                f"ef_construction = {int(version.hnsw_ef_construction)})"
+            )
+        finally:
+            if poller is not None:
+                poller.stop()
+    if index_state(version) != "valid":
+        raise Refused(f"{version}: index {name} is not valid after the build; run index again.")
     return name
+
+
+class _ProgressPoller:
+    """Reads ``pg_stat_progress_create_index`` for ``table`` from its own connection."""
+
+    def __init__(self, table: str, callback: Callable[[Progress], None]) -> None:
+        self.table = table
+        self.callback = callback
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="index-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from django.db import connection as thread_connection  # this thread's own connection
+
+        try:
+            while not self._stop.wait(PROGRESS_INTERVAL):
+                with thread_connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
+                        "FROM pg_stat_progress_create_index WHERE relid = %s::regclass",
+                        [storage.qn(self.table)],
+                    )
+                    row = cursor.fetchone()
+                if row is not None:
+                    self.callback(Progress(row[0], *(int(value or 0) for value in row[1:])))
+        finally:
+            thread_connection.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

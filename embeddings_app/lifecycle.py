@@ -7,15 +7,22 @@ one line saying why and what to do, having changed nothing.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import encoders, registry, storage, sync
+from . import active, encoders, registry, storage, sync
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, get_config
 from .exceptions import Refused, VersionNotReady
 from .models import EmbeddingVersion, State, VersionEvent
+
+if TYPE_CHECKING:
+    from .indexes import Progress
+    from .verify import VerifyReport
 
 VERSION_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
 
@@ -121,17 +128,46 @@ def activate(target: str, version_name: str, *, force: bool = False, actor: str 
             + (f" Run `manage.py embeddings backfill {target} {version_name}` first."
                if version.state in FORCIBLE_STATES else "")
         )
-    ready = readiness(version)
     warnings = []
-    if ready.problems:
-        message = f"{version} is not complete and fresh: {'; '.join(ready.problems)}"
+    for message in activation_problems(version):
         if not force:
-            raise VersionNotReady(
-                f"{message}; run `manage.py embeddings backfill {target} {version_name}` first."
-            )
-        warnings.append(f"--force: activating anyway; {message}.")
+            raise VersionNotReady(message)
+        warnings.append(f"--force: activating anyway, although {message}")
     _flip(target, version, actor=actor, note="activate" + (" (forced)" if force else ""))
     return warnings
+
+
+def activation_problems(version: EmbeddingVersion) -> list[str]:
+    """Why ``version`` may not be activated yet (each with what to do); empty when it may.
+
+    It must be complete and fresh, verified (a passing ``verify`` of its current fingerprint, at
+    most ``EMBEDDINGS["VERIFY_MAX_AGE"]`` seconds old) and indexed (a valid HNSW index).
+    """
+    from . import indexes
+
+    target, name = version.target, version.version
+    problems = []
+    ready = readiness(version)
+    if ready.problems:
+        problems.append(f"{version} is not complete and fresh ({'; '.join(ready.problems)}); "
+                        f"run `manage.py embeddings backfill {target} {name}` first.")
+    max_age = timedelta(seconds=get_config().verify_max_age)
+    if not version.verified_at or not version.verify_passed:
+        problems.append(
+            f"{version} has no passing verify"
+            + (" (the last one failed)" if version.verified_at else "")
+            + f"; run `manage.py embeddings verify {target} {name}` first."
+        )
+    elif version.verified_at < timezone.now() - max_age:
+        problems.append(f"{version}'s last verify is older than {max_age}; run "
+                        f"`manage.py embeddings verify {target} {name}` again.")
+    elif version.verify_report.get("fingerprint_now") != version.fingerprint:
+        problems.append(f"{version} was verified with other model files; run "
+                        f"`manage.py embeddings verify {target} {name}` again.")
+    if indexes.index_state(version) != "valid":
+        problems.append(f"{version} has no valid HNSW index; run "
+                        f"`manage.py embeddings index {target} {name}` first.")
+    return problems
 
 
 def rollback(target: str, *, actor: str = "") -> EmbeddingVersion:
@@ -158,6 +194,8 @@ def _flip(target: str, version: EmbeddingVersion, *, actor: str, note: str) -> N
             if other.state == State.ACTIVE:
                 transition(other, State.STANDBY, actor=actor, note=f"{note}: replaced by {version}")
         transition(version, State.ACTIVE, actor=actor, note=note)
+        # This process switches at once; every other one within EMBEDDINGS["ACTIVE_CACHE_TTL"].
+        transaction.on_commit(lambda: active.invalidate(target))
 
 
 def retire(target: str, version_name: str, *, actor: str = "") -> EmbeddingVersion:
@@ -174,7 +212,10 @@ def retire(target: str, version_name: str, *, actor: str = "") -> EmbeddingVersi
     return version
 
 
-def check_droppable(version: EmbeddingVersion) -> None:
+def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
+    """Refuse to drop an active or non-retired version, and (unless ``yes``) one that was active
+    less than ``EMBEDDINGS["DROP_GRACE_PERIOD"]`` seconds ago: a serving process may still read it,
+    and it is the way back."""
     if version.state == State.ACTIVE:
         raise Refused(f"{version} is active and cannot be dropped; activate another version first.")
     if version.state != State.RETIRED:
@@ -182,13 +223,20 @@ def check_droppable(version: EmbeddingVersion) -> None:
             f"{version} is {version.state}; only a retired version can be dropped: run "
             f"`manage.py embeddings retire {version.target} {version.version}` first."
         )
+    grace = timedelta(seconds=get_config().drop_grace_period)
+    if not yes and version.deactivated_at and version.deactivated_at > timezone.now() - grace:
+        raise Refused(
+            f"{version} was active until {version.deactivated_at:%Y-%m-%d %H:%M:%S %Z}, less "
+            f"than the grace period ({grace}) ago; confirm with --yes to drop it anyway."
+        )
 
 
-def drop(target: str, version_name: str, *, actor: str = "") -> list[str]:
-    """Drop a retired version's indexes and columns; the version row stays as history."""
+def drop(target: str, version_name: str, *, actor: str = "", yes: bool = False) -> list[str]:
+    """Drop a retired version's indexes and columns; the version row stays as history.
+    ``yes`` confirms a drop within the grace period after the version was last active."""
     version = EmbeddingVersion.objects.get_version(target, version_name)
     field = registry.get(target)
-    check_droppable(version)
+    check_droppable(version, yes=yes)
     if connection.in_atomic_block:
         raise Refused("drop cannot run inside a transaction (it drops indexes concurrently).")
     dropped_indexes = storage.drop_columns(version, field)
@@ -196,3 +244,43 @@ def drop(target: str, version_name: str, *, actor: str = "") -> list[str]:
         transition(version, State.DROPPED, actor=actor,
                    note="drop: columns and indexes " + (", ".join(dropped_indexes) or "(none)"))
     return dropped_indexes
+
+
+def verify(target: str, version_name: str, *, sample: int | None = None,
+           threshold: float | None = None, model: str | None = None,
+           actor: str = "") -> VerifyReport:
+    """Run ``verify`` (see ``embeddings_app.verify``) and record the result on the version
+    (``verified_at``, ``verify_passed``, ``verify_report``) unless ``model`` names another alias.
+    Drift does not raise: check ``report.passed``."""
+    from .verify import verify as run_verify
+
+    version = EmbeddingVersion.objects.get_version(target, version_name)
+    report = run_verify(version, sample=sample, threshold=threshold, alias=model)
+    if model is None or model == version.model_alias:
+        EmbeddingVersion.objects.filter(pk=version.pk).update(
+            verified_at=timezone.now(), verify_passed=report.passed,
+            verify_report=report.as_dict(),
+        )
+        VersionEvent.objects.create(
+            version=version, from_state=version.state, to_state=version.state, actor=actor,
+            note=("verify passed" if report.passed else "verify failed: "
+                  + "; ".join(report.problems))[:2000],
+        )
+    return report
+
+
+def build_index(target: str, version_name: str, *, m: int | None = None,
+                ef_construction: int | None = None, ef_search: int | None = None,
+                progress: Callable[[Progress], None] | None = None) -> str:
+    """Build (or rebuild, if INVALID or built with other parameters) the version's HNSW index
+    concurrently; ``ef_search`` sets the version's ``hnsw.ef_search`` for its searches."""
+    from . import indexes
+
+    version = EmbeddingVersion.objects.get_version(target, version_name)
+    if ef_search is not None:
+        if not isinstance(ef_search, int) or ef_search < 1:
+            raise Refused(f"HNSW ef_search must be a positive integer, not {ef_search!r}.")
+        version.hnsw_ef_search = ef_search
+        version.save(update_fields=["hnsw_ef_search"])
+        active.invalidate(target)
+    return indexes.build(version, m=m, ef_construction=ef_construction, progress=progress)

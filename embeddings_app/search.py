@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from django.db import models
+from django.db import connection, models, transaction
 from django.db.models.expressions import Expression
 from pgvector.django import CosineDistance, HalfVectorField, VectorField
 
-from . import encoders
+from . import active, encoders
 from .exceptions import VersionMismatch
 from .models import EmbeddingVersion
 
@@ -36,7 +36,7 @@ def _vector_column(version: EmbeddingVersion) -> VersionColumn:
 
 def search(field: VersionedEmbedding, text: str, *, k: int = 10,
            queryset: models.QuerySet | None = None) -> list[Any]:
-    version = EmbeddingVersion.objects.active_for(field.target)
+    version = active.get(field.target)
     # The query vector comes from the same version record as the column searched: one snapshot.
     query_vector = encoders.for_version(version).encode_query(text)
     return _nearest(field, version, query_vector, k, queryset)
@@ -44,37 +44,72 @@ def search(field: VersionedEmbedding, text: str, *, k: int = 10,
 
 def search_vector(field: VersionedEmbedding, vector: Any, *, version: str | None = None,
                   k: int = 10, queryset: models.QuerySet | None = None) -> list[Any]:
-    active = EmbeddingVersion.objects.active_for(field.target)
+    current = active.get(field.target)
     if version is None:
         raise VersionMismatch(
             f"search_vector needs the version the vector was made with; {field.target} "
-            f'searches version "{active.version}" ({active.model_label}).'
+            f'searches version "{current.version}" ({current.model_label}).'
         )
-    if version != active.version:
+    if version != current.version:
         raise VersionMismatch(
             f'The vector is of version "{version}" but {field.target} searches version '
-            f'"{active.version}"; embed the query with {active.model_label} or use search().'
+            f'"{current.version}"; embed the query with {current.model_label} or use search().'
         )
     array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1 or array.shape[0] != active.dimensions:
+    if array.ndim != 1 or array.shape[0] != current.dimensions:
         raise VersionMismatch(
-            f"The vector has shape {array.shape} but version \"{active.version}\" stores "
-            f"{active.dimensions} dimensions."
+            f"The vector has shape {array.shape} but version \"{current.version}\" stores "
+            f"{current.dimensions} dimensions."
         )
-    return _nearest(field, active, array, k, queryset)
+    return _nearest(field, current, array, k, queryset)
 
 
 def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.ndarray, k: int,
              queryset: models.QuerySet | None) -> list[Any]:
     if k < 1:
         return []
+    filtered = queryset is not None and queryset.query.has_filters()
     queryset = queryset if queryset is not None else field.model._default_manager.all()
     distance = CosineDistance(_vector_column(version), vector)
-    results = list(
-        queryset.annotate(distance=distance)
-        .filter(distance__isnull=False)  # rows without a vector for this version
-        .order_by("distance", "pk")[:k]
-    )
+    with transaction.atomic(using=queryset.db):
+        _set_search_parameters(version, filtered=filtered)
+        results = list(
+            queryset.annotate(distance=distance)
+            .filter(distance__isnull=False)  # rows without a vector for this version
+            .order_by("distance", "pk")[:k]
+        )
     for obj in results:
         obj.embedding_version = version.version
     return results
+
+
+def _set_search_parameters(version: EmbeddingVersion, *, filtered: bool) -> None:
+    """``SET LOCAL`` the HNSW search parameters of ``version`` for this transaction.
+
+    ``hnsw.ef_search`` is the version's ``hnsw_ef_search``. A filtered query (a ``queryset`` with
+    a WHERE clause) also turns on pgvector 0.8's iterative index scan in ``strict_order`` mode, so
+    a selective filter still returns ``k`` rows, in exact distance order.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)",
+                       [str(int(version.hnsw_ef_search))])
+        if filtered and supports_iterative_scan():
+            cursor.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
+
+
+_extension_version: list[tuple[int, ...]] = []
+
+
+def pgvector_version() -> tuple[int, ...]:
+    if not _extension_version:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            row = cursor.fetchone()
+        _extension_version.append(
+            tuple(int(part) for part in row[0].split(".") if part.isdigit()) if row else ()
+        )
+    return _extension_version[0]
+
+
+def supports_iterative_scan() -> bool:
+    return pgvector_version() >= (0, 8)

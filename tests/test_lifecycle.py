@@ -38,7 +38,7 @@ def test_search_returns_the_exact_brute_force_top_10_with_minilm(make_articles):
     make_articles(300)
     call_command("embeddings", "add", TARGET, "v1", "--model", "minilm")
     backfill_inline("v1")
-    call_command("embeddings", "activate", TARGET, "v1")
+    call_command("embeddings", "activate", TARGET, "v1", "--force")  # gates: test_cutover.py
 
     for query in ("mobile phone sales", "election campaign promises", "football transfer"):
         found = [article.pk for article in Article.embedding.search(query, k=10)]
@@ -49,7 +49,7 @@ def test_saving_new_text_while_v2_backfills_updates_both_versions(make_articles)
     articles = make_articles(20)
     call_command("embeddings", "add", TARGET, "v1", "--model", "minilm")
     backfill_inline("v1")
-    call_command("embeddings", "activate", TARGET, "v1")
+    call_command("embeddings", "activate", TARGET, "v1", "--force")  # gates: test_cutover.py
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny")
     v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
     lifecycle.transition(v2, State.BACKFILLING, note="test: backfill under way")

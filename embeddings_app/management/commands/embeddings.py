@@ -41,6 +41,27 @@ class Command(BaseCommand):
         p = sub.add_parser("index", help="build the HNSW index (CREATE INDEX CONCURRENTLY)")
         p.add_argument("target")
         p.add_argument("version")
+        p.add_argument("--m", type=int, help="HNSW m (default: the version's, 16)")
+        p.add_argument("--ef-construction", type=int, help="HNSW ef_construction (default 64)")
+        p.add_argument("--ef-search", type=int, help="hnsw.ef_search for this version's searches")
+
+        p = sub.add_parser("verify", help="re-embed a sample and compare; exit 1 on any drift")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--sample", type=int, help='rows re-embedded (EMBEDDINGS["VERIFY_SAMPLE"])')
+        p.add_argument("--threshold", type=float,
+                       help='min cosine similarity (EMBEDDINGS["VERIFY_THRESHOLD"], 0.999)')
+        p.add_argument("--model", metavar="ALIAS",
+                       help="compare the stored vectors with another alias (e.g. a patch release)")
+
+        p = sub.add_parser("compare", help="shadow reads: the same queries against two versions")
+        p.add_argument("target")
+        p.add_argument("version_a")
+        p.add_argument("version_b")
+        p.add_argument("--queries", metavar="FILE", help="TSV: query<TAB>relevant row key")
+        p.add_argument("--k", type=int, default=10)
+        p.add_argument("--sample", type=int, default=100, help="proxy queries drawn (no FILE)")
+        p.add_argument("--seed", type=int, default=0)
 
         p = sub.add_parser("activate", help="switch reads to a version (atomic)")
         p.add_argument("target")
@@ -59,7 +80,7 @@ class Command(BaseCommand):
         p.add_argument("version")
         p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
-        p = sub.add_parser("migrate", help="add, backfill, index and activate in one command")
+        p = sub.add_parser("migrate", help="add, backfill, index, verify, activate; resumable")
         p.add_argument("target")
         p.add_argument("--to", required=True, metavar="ALIAS")
         p.add_argument("--version", dest="version_name", metavar="NAME")
@@ -116,13 +137,72 @@ class Command(BaseCommand):
         record = EmbeddingVersion.objects.get_version(registry.get(target).target, version)
         self._backfill(record, inline=inline, batch_size=batch_size, wait=not no_wait)
 
-    def do_index(self, target: str, version: str, **_: Any) -> None:
-        record = EmbeddingVersion.objects.get_version(registry.get(target).target, version)
+    def do_index(self, target: str, version: str, m: int | None = None,
+                 ef_construction: int | None = None, ef_search: int | None = None,
+                 **_: Any) -> None:
+        target = registry.get(target).target
+        self._index(target, version, m=m, ef_construction=ef_construction, ef_search=ef_search)
+
+    def _index(self, target: str, version: str, **params: Any) -> None:
+        record = EmbeddingVersion.objects.get_version(target, version)
+        state = indexes.index_state(record)
+        if state == "invalid":
+            self.stderr.write(self.style.WARNING(
+                f"Index {indexes.index_name(record)} is INVALID (a failed build); rebuilding."))
         started = time.monotonic()
-        name = indexes.build(record)
+        bar = tqdm(total=100, unit="%", desc=f"index {version}", file=self.stderr._out,
+                   disable=None, dynamic_ncols=True)
+
+        def progress(reading: indexes.Progress) -> None:
+            bar.set_postfix_str(reading.phase)
+            if reading.fraction is not None:
+                bar.update(max(int(reading.fraction * 100) - bar.n, 0))
+
+        try:
+            name = lifecycle.build_index(target, version, progress=progress, **params)
+        finally:
+            bar.close()
+        record.refresh_from_db()
         self.stdout.write(self.style.SUCCESS(
-            f"Index {name} on {record.column} is valid ({time.monotonic() - started:.1f}s)."
+            f"Index {name} on {record.column} is valid (m={record.hnsw_m}, "
+            f"ef_construction={record.hnsw_ef_construction}, ef_search={record.hnsw_ef_search}; "
+            f"{time.monotonic() - started:.1f}s)."
         ))
+
+    def do_verify(self, target: str, version: str, sample: int | None = None,
+                  threshold: float | None = None, model: str | None = None, **_: Any) -> None:
+        target = registry.get(target).target
+        report = lifecycle.verify(target, version, sample=sample, threshold=threshold,
+                                  model=model, actor=ACTOR)
+        self._print_verify(report)
+        if not report.passed:
+            raise CommandError(report.summary())
+
+    def _print_verify(self, report: Any) -> None:
+        self.stdout.write(f"verify {report.version} against model {report.alias}:")
+        fingerprint = ("ok" if report.fingerprint_ok else
+                       f"{report.fingerprint_now[:12] or '?'} != pinned "
+                       f"{report.fingerprint_pinned[:12]}")
+        self.stdout.write(f"  fingerprint   {fingerprint}")
+        self.stdout.write(f"  coverage      {report.covered}/{report.total} rows")
+        self.stdout.write(f"  stale         {report.stale} rows")
+        cosine = ("-" if report.min_cosine is None else
+                  f"min {report.min_cosine:.5f}, mean {report.mean_cosine:.5f}")
+        self.stdout.write(f"  sample        {report.compared} of {report.sampled} compared, "
+                          f"{report.below_threshold} below {report.threshold} ({cosine})")
+        if report.passed:
+            self.stdout.write(self.style.SUCCESS(report.summary()))
+
+    def do_compare(self, target: str, version_a: str, version_b: str, queries: str | None = None,
+                   k: int = 10, sample: int = 100, seed: int = 0, **_: Any) -> None:
+        from embeddings_app import compare
+
+        target = registry.get(target).target
+        parsed = compare.read_queries(queries) if queries else None
+        report = compare.compare(target, version_a, version_b, queries=parsed, k=k,
+                                 sample=sample, seed=seed, source=queries or "")
+        for line in report.lines():
+            self.stdout.write(line)
 
     def do_activate(self, target: str, version: str, force: bool = False, **_: Any) -> None:
         for warning in lifecycle.activate(target, version, force=force, actor=ACTOR):
@@ -141,7 +221,7 @@ class Command(BaseCommand):
 
     def do_drop(self, target: str, version: str, yes: bool = False, **_: Any) -> None:
         record = EmbeddingVersion.objects.get_version(target, version)
-        lifecycle.check_droppable(record)
+        lifecycle.check_droppable(record, yes=yes)
         if not yes:
             if not sys.stdin.isatty():
                 raise CommandError(
@@ -151,7 +231,7 @@ class Command(BaseCommand):
             answer = input(f"Drop column {record.column} of {target} and its index? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("Not dropped.")
-        dropped = lifecycle.drop(target, version, actor=ACTOR)
+        dropped = lifecycle.drop(target, version, actor=ACTOR, yes=True)
         self.stdout.write(self.style.SUCCESS(
             f"{target}@{version} dropped: column {record.column}"
             + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."
@@ -168,18 +248,30 @@ class Command(BaseCommand):
                   else resumable.order_by("-created_at").first())
         if existing.filter(model_alias=to, state=State.ACTIVE).exists() and record is None:
             raise CommandError(f"{field.target} already reads from a version of model {to}.")
-        steps = 4
+        steps = 5
         if record is None:
             name = version_name or _next_version_name(existing.values_list("version", flat=True))
             self.stdout.write(f"[1/{steps}] add {name} with model {to}")
             record = lifecycle.add(field.target, name, to, actor=ACTOR)
         else:
-            self.stdout.write(f"[1/{steps}] resuming {record} ({record.state})")
-        self.stdout.write(f"[2/{steps}] backfill {record.version}")
-        self._backfill(record, inline=inline, batch_size=batch_size, wait=True)
+            self.stdout.write(f"[1/{steps}] add: resuming {record} ({record.state})")
+        # Each step below is idempotent: re-running migrate after an interruption redoes only
+        # what is missing (fresh rows are not re-encoded, a valid index is kept).
+        ready = lifecycle.readiness(record)
+        if record.state == State.READY and not ready.problems:
+            self.stdout.write(f"[2/{steps}] backfill {record.version}: already complete "
+                              f"({ready.done}/{ready.total} rows)")
+        else:
+            self.stdout.write(f"[2/{steps}] backfill {record.version}")
+            self._backfill(record, inline=inline, batch_size=batch_size, wait=True)
         self.stdout.write(f"[3/{steps}] index {record.version}")
-        indexes.build(record)
-        self.stdout.write(f"[4/{steps}] activate {record.version}")
+        self._index(field.target, record.version)
+        self.stdout.write(f"[4/{steps}] verify {record.version}")
+        report = lifecycle.verify(field.target, record.version, actor=ACTOR)
+        self._print_verify(report)
+        if not report.passed:
+            raise CommandError(report.summary() + " Not activated; fix it and run migrate again.")
+        self.stdout.write(f"[5/{steps}] activate {record.version}")
         lifecycle.activate(field.target, record.version, actor=ACTOR)
         self.stdout.write(self.style.SUCCESS(
             f"{field.target}: reads now use {record.version} ({record.model_label}); the previous "

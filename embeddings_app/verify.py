@@ -1,0 +1,167 @@
+"""``verify``: are a version's stored vectors still what its pinned model computes?
+
+Checks, in order: the model files behind the alias against the version's fingerprint; coverage
+(rows without a vector); stale rows (source changed since the vector was computed, e.g. by
+``QuerySet.update()``); and a random sample of fresh rows re-embedded and compared with the stored
+vectors by cosine similarity. Any problem is drift: the report's ``passed`` is False.
+
+Verifying against *another* alias (``model=ALIAS``) answers "does this patch release of the model
+need a re-index?": the stored vectors are compared with what the other model computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from django.db import connection
+
+from . import encoders, registry, storage, sync
+from .config import get_config
+from .exceptions import EmbeddingError, Refused
+from .models import EmbeddingVersion, State
+
+WORST_SHOWN = 5
+
+
+@dataclass
+class VerifyReport:
+    version: str
+    alias: str
+    threshold: float
+    fingerprint_pinned: str
+    fingerprint_now: str = ""
+    total: int = 0
+    covered: int = 0  # rows with a vector or a recorded empty source
+    stale: int = 0
+    sampled: int = 0
+    compared: int = 0  # sampled rows that were fresh, so comparable
+    below_threshold: int = 0
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    worst: list[tuple[str, float]] = field(default_factory=list)  # (row key, cosine)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    @property
+    def fingerprint_ok(self) -> bool:
+        return self.fingerprint_now == self.fingerprint_pinned
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def summary(self) -> str:
+        if self.passed:
+            return (f"verify PASSED for {self.version}: {self.compared} sampled vectors match "
+                    f"(min cosine {self.min_cosine:.5f} >= {self.threshold}), fingerprint ok, "
+                    f"{self.covered}/{self.total} rows covered, 0 stale.")
+        return f"verify FAILED for {self.version}: " + "; ".join(self.problems) + "."
+
+
+def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: float | None = None,
+           alias: str | None = None) -> VerifyReport:
+    """Check ``version`` (see the module docstring); never raises for drift, only reports it."""
+    if version.state == State.DROPPED:
+        raise Refused(f"{version} is dropped; there are no stored vectors to verify.")
+    config = get_config()
+    sample = config.verify_sample if sample is None else sample
+    threshold = config.verify_threshold if threshold is None else threshold
+    if sample < 1:
+        raise Refused("--sample must be a positive integer.")
+    own_alias = alias is None or alias == version.model_alias
+    spec = config.model(alias or version.model_alias)
+    field_ = registry.get(version.target)
+    report = VerifyReport(version=str(version), alias=spec.alias, threshold=threshold,
+                          fingerprint_pinned=version.fingerprint)
+
+    encoder = None
+    try:
+        encoder = encoders.load(spec)
+        report.fingerprint_now = encoder.fingerprint
+    except EmbeddingError as exc:
+        report.problems.append(f"model {spec.alias} cannot be loaded: {exc}")
+    if encoder is not None and own_alias and not report.fingerprint_ok:
+        report.problems.append(
+            f"model files changed: fingerprint of {spec.alias} is now "
+            f"{report.fingerprint_now[:12]}, pinned {version.fingerprint[:12]} (the files or "
+            "encode settings behind the alias differ from those the vectors were made with)"
+        )
+    if encoder is not None and encoder.dimensions != version.dimensions:
+        report.problems.append(
+            f"model {spec.alias} outputs {encoder.dimensions} dimensions, the version stores "
+            f"{version.dimensions}"
+        )
+        encoder = None
+
+    report.covered, report.total = storage.coverage(field_, version)
+    if report.covered < report.total:
+        report.problems.append(
+            f"coverage: {report.total - report.covered} of {report.total} rows have no vector "
+            f"(run `manage.py embeddings backfill {version.target} {version.version}`)"
+        )
+    (report.stale,) = sync.count_stale(field_, [version])
+    if report.stale:
+        report.problems.append(
+            f"stale: {report.stale} rows changed since their embedding (e.g. QuerySet.update(), "
+            f"bulk_update or raw SQL); run `Model.{field_.name}.sync()` or backfill"
+        )
+
+    if encoder is not None:
+        _compare_sample(field_, version, encoder, sample, report)
+    return report
+
+
+def _compare_sample(field_: Any, version: EmbeddingVersion, encoder: encoders.Encoder,
+                    sample: int, report: VerifyReport) -> None:
+    storage._register_types()
+    pk_column = storage.qn(field_.model._meta.pk.column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {pk_column}, {storage.qn(version.column)}, {storage.qn(version.hash_column)} "
+            f"FROM {storage.qn(field_.table)} WHERE {storage.qn(version.column)} IS NOT NULL "
+            "ORDER BY random() LIMIT %s",
+            [sample],
+        )
+        rows = cursor.fetchall()
+    report.sampled = len(rows)
+    if not rows:
+        if report.total:
+            report.problems.append("no stored vectors to compare")
+        return
+    instances = {obj.pk: obj for obj in field_.source_queryset().filter(pk__in=[r[0] for r in rows])}
+    keys, texts, stored = [], [], []
+    for pk, vector, source_hash in rows:
+        obj = instances.get(pk)
+        if obj is None:
+            continue  # deleted meanwhile
+        text = field_.source_text(obj)
+        if source_hash is None or bytes(source_hash) != field_.source_hash(text):
+            continue  # stale: counted above; its vector was made from another text
+        keys.append(str(pk))
+        texts.append(text)
+        stored.append(np.asarray(vector.to_numpy(), dtype=np.float32))
+    report.compared = len(keys)
+    if not keys:
+        return
+    fresh = encoder.encode_documents(texts)
+    stored_matrix = np.vstack(stored)
+    cosines = np.einsum("ij,ij->i", stored_matrix, fresh) / (
+        np.linalg.norm(stored_matrix, axis=1) * np.linalg.norm(fresh, axis=1) + 1e-12
+    )
+    report.min_cosine = float(cosines.min())
+    report.mean_cosine = float(cosines.mean())
+    order = np.argsort(cosines)
+    report.worst = [(keys[i], round(float(cosines[i]), 6)) for i in order[:WORST_SHOWN]]
+    report.below_threshold = int((cosines < report.threshold).sum())
+    if report.below_threshold:
+        bad = ", ".join(key for key, cosine in report.worst if cosine < report.threshold)
+        report.problems.append(
+            f"vectors differ: {report.below_threshold} of {report.compared} sampled vectors are "
+            f"below cosine {report.threshold} against a fresh embedding (min "
+            f"{report.min_cosine:.4f}, e.g. rows {bad}): "
+            "stored vectors were altered, or the model computes other vectors"
+        )
