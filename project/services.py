@@ -29,10 +29,11 @@ def database_config(base_dir: Path) -> dict[str, Any]:
     if url:
         return dj_database_url.parse(url, conn_max_age=0)
     server = _embedded_postgres(data_dir(base_dir) / "postgres")
-    config = dj_database_url.parse(server.get_uri(DEFAULT_DATABASE_NAME))
+    name = os.environ.get("EMBEDDINGS_DB_NAME", DEFAULT_DATABASE_NAME)  # e.g. benchmarks' own
+    config = dj_database_url.parse(server.get_uri(name))
     # pgserver gives the socket folder as ?host=...; Django's HOST is where tools look for it.
     config["HOST"] = config.get("OPTIONS", {}).pop("host", config.get("HOST", ""))
-    _ensure_database(server.get_uri("postgres"), DEFAULT_DATABASE_NAME)
+    _ensure_database(server.get_uri("postgres"), name)
     return config
 
 

@@ -1,0 +1,31 @@
+"""``python -m benchmarks [NAME ...]`` (``make bench``): run the benchmarks, print one table and
+write JSON under benchmarks/results/. Each benchmark also runs alone:
+``python -m benchmarks.<name> --help``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from benchmarks import harness
+
+ALL = ["backfill", "search", "layout", "dualwrite", "memory", "cutover"]
+
+
+def main() -> None:
+    names = sys.argv[1:] or ALL
+    unknown = [name for name in names if name not in ALL]
+    if unknown:
+        raise SystemExit(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(ALL)}")
+    rows: list[harness.Row] = []
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        result = importlib.import_module(f"benchmarks.{name}").main([])
+        rows.extend(result or [])
+    print("\n=== summary ===")
+    harness.print_table(rows)
+    print("results:", harness.write_json("all", rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Shared set-up of the benchmarks: a database of their own, data, timing and the report.
+
+Every benchmark prints its figure next to a baseline measured in the same run, as a ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def setup_django() -> None:
+    """Django on the benchmarks' own database (``embeddings_bench``), migrated."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")  # + the tiny test models
+    os.environ.setdefault("EMBEDDINGS_DB_NAME", "embeddings_bench")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def reset_articles() -> None:
+    """An empty article table without any version column, and no version records."""
+    from django.db import connection
+
+    from embeddings_app import registry, storage
+    from embeddings_app.models import EmbeddingVersion
+    from project.news.models import Article
+
+    field = registry.get("news.Article.embedding")
+    model_columns = {f.column for f in Article._meta.concrete_fields}
+    with connection.cursor() as cursor:
+        for column in sorted(storage.existing_columns(field.table) - model_columns):
+            cursor.execute(f"ALTER TABLE news_article DROP COLUMN {storage.qn(column)}")
+        cursor.execute("TRUNCATE news_article RESTART IDENTITY")
+    EmbeddingVersion.objects.filter(target="news.Article.embedding").delete()
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def latency_summary(samples_s: Sequence[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples_s]
+    return {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+            "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+            "n": len(ms)}
+
+
+def time_calls(call: Callable[[], Any], repeat: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    box: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - started
+
+
+@dataclass
+class Row:
+    """One line of the report: a measured figure against its same-run baseline."""
+
+    benchmark: str
+    measure: str
+    value: float
+    unit: str
+    baseline: str = ""
+    baseline_value: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    header = ("benchmark", "measure", "value", "baseline", "ratio", "target")
+    lines = [header]
+    for row in rows:
+        base = (f"{row.baseline} = {_fmt(row.baseline_value)} {row.unit}"
+                if row.baseline_value is not None else row.baseline)
+        verdict = "" if row.met is None else (" ok" if row.met else " MISSED")
+        lines.append((row.benchmark, row.measure, f"{_fmt(row.value)} {row.unit}", base,
+                      "" if row.ratio is None else f"{row.ratio:.2f}x",
+                      (row.target + verdict).strip()))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def write_json(name: str, rows: Sequence[Row], extra: dict[str, Any] | None = None) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows],
+                                **(extra or {})}, indent=2, default=str))
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def real_sentences(limit: int, min_words: int = 6) -> list[str]:
+    """Distinct sentences of the BBC News corpus, in a stable order."""
+    import re
+
+    from project.news.corpus import iter_articles
+
+    seen: set[str] = set()
+    sentences = []
+    for article in iter_articles():
+        for sentence in re.split(r"(?<=[.!?])\s+", f"{article.title}. {article.body}"):
+            sentence = sentence.strip()
+            if len(sentence.split()) >= min_words and sentence not in seen:
+                seen.add(sentence)
+                sentences.append(sentence)
+                if len(sentences) >= limit:
+                    return sentences
+    return sentences
+
+
+def spread_vectors(base: Any, count: int, noise: float, seed: int = 0) -> Any:
+    """``count`` unit vectors around real ones: base[i % len(base)] plus Gaussian noise.
+
+    Keeps the cluster structure of real embeddings (what HNSW recall depends on) at a row count
+    that encoding real text would take too long to reach on this machine."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picks = base[np.arange(count) % len(base)]
+    vectors = picks + rng.normal(0, noise / np.sqrt(base.shape[1]), size=picks.shape)
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def load_precomputed(version_name: str, texts: Sequence[str], vectors: Any,
+                     chunk: int = 5000) -> None:
+    """Insert one article per text and store ``vectors`` as its ``version_name`` vectors, with
+    the right source hashes (the rows count as fresh), through the app's bulk write path."""
+    from django.db import transaction
+
+    from embeddings_app import registry, storage
+    from embeddings_app.models import EmbeddingVersion
+    from project.news.models import Article
+
+    field = registry.get("news.Article.embedding")
+    version = EmbeddingVersion.objects.get(target=field.target, version=version_name)
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        articles = Article.objects.bulk_create([Article(title=t[:300], body="") for t in part])
+        rows = [(a.pk, field.source_hash(field.source_text(a)), vectors[start + i])
+                for i, a in enumerate(articles)]
+        with transaction.atomic():
+            storage.write_vectors(field, version, rows)
+
+
+def use_near_free_encoder(dimensions: int | None = None) -> None:
+    """Replace model inference by a table lookup, so a benchmark measures everything but the
+    encoder (reads, hashing, locking, the bulk write). The vectors are fixed unit vectors chosen
+    by the text's hash, of the loaded model's real dimension unless ``dimensions`` is given."""
+    import zlib
+
+    import numpy as np
+
+    from embeddings_app import encoders
+
+    tables: dict[int, Any] = {}
+
+    def lookup(self: encoders.Encoder, texts: list[str], prompt: str | None) -> Any:
+        dims = dimensions or getattr(self, "dimensions", None) or 32
+        if dims not in tables:
+            rng = np.random.default_rng(dims)
+            table = rng.normal(size=(1024, dims)).astype(np.float32)
+            tables[dims] = table / np.linalg.norm(table, axis=1, keepdims=True)
+        self.calls += 1
+        return tables[dims][[zlib.crc32(t.encode("utf-8", "surrogatepass")) % 1024 for t in texts]]
+
+    encoders.Encoder._encode = lookup  # type: ignore[method-assign]
+    encoders.clear_cache()
+
+
+def insert_articles(count: int, chunk: int = 10_000, words: int = 40) -> None:
+    """``count`` articles of distinct synthetic text (title + ~``words`` words), fast."""
+    from project.news.models import Article
+
+    vocabulary = [
+        "market", "growth", "vote", "court", "film", "match", "phone", "bank", "music", "league",
+        "price", "minister", "album", "player", "network", "shares", "budget", "award", "season",
+        "software",
+    ]
+    for start in range(0, count, chunk):
+        batch = []
+        for i in range(start, min(count, start + chunk)):
+            body = " ".join(vocabulary[(i * 7 + j * 3) % len(vocabulary)] for j in range(words))
+            batch.append(Article(title=f"Article {i}", body=f"{body} {i}"))
+        Article.objects.bulk_create(batch)
+
+
+def relation_sizes(table: str = "news_article") -> dict[str, int]:
+    """Bytes of the table (heap + TOAST) and of its indexes."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_table_size(%s), pg_indexes_size(%s)", [table, table])
+        heap, index = cursor.fetchone()
+    return {"table_bytes": int(heap), "index_bytes": int(index)}

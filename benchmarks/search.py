@@ -1,0 +1,115 @@
+"""Search latency: the app's ``search_vector`` against raw SQL on the same column, exact and
+HNSW, at 100,000 rows of 384 dimensions; HNSW recall@10; the cost of query encoding.
+
+Run: ``python -m benchmarks.search [--rows N] [--queries N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks import harness
+
+TARGET = "news.Article.embedding"
+
+
+def main(argv: list[str] | None = None) -> list[harness.Row]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--real", type=int, default=5_000, help="real sentences encoded")
+    args = parser.parse_args(argv)
+
+    harness.setup_django()
+    from django.db import connection
+
+    from embeddings_app import encoders, indexes, lifecycle
+    from embeddings_app.config import get_config
+    from embeddings_app.models import EmbeddingVersion, State
+    from project.news.models import Article
+
+    harness.reset_articles()
+    sentences = harness.real_sentences(args.real + args.queries)
+    table_sentences, query_sentences = sentences[: args.real], sentences[args.real:]
+    minilm = encoders.load(get_config().model("minilm"))
+    print(f"encoding {len(sentences)} real sentences with MiniLM ...", flush=True)
+    base = minilm.encode_documents(table_sentences)
+    queries = np.stack([minilm.encode_query(q) for q in query_sentences])
+
+    lifecycle.add(TARGET, "v1", "minilm")
+    vectors = harness.spread_vectors(base, args.rows, noise=0.35)
+    texts = [f"{table_sentences[i % len(table_sentences)]} #{i}" for i in range(args.rows)]
+    print(f"loading {args.rows} rows ...", flush=True)
+    harness.load_precomputed("v1", texts, vectors)
+    version = EmbeddingVersion.objects.get(target=TARGET, version="v1")
+    lifecycle.transition(version, State.READY, note="benchmark data")
+    lifecycle.activate(TARGET, "v1", force=True)  # reads are measured, not the cutover rules
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE news_article")
+
+    def app_search(vector: np.ndarray) -> list[int]:
+        return [a.pk for a in Article.embedding.search_vector(vector, version="v1", k=10)]
+
+    def raw_search(vector: np.ndarray) -> list[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT id, title, body, category, embedding_v1 <=> %s::vector AS distance "
+                "FROM news_article ORDER BY distance LIMIT 10",
+                ["[" + ",".join(map(str, vector.tolist())) + "]"],
+            )
+            return [row[0] for row in cursor.fetchall()]
+
+    rows: list[harness.Row] = []
+
+    def measure(label: str) -> dict[int, list[int]]:
+        results: dict[int, list[int]] = {}
+        app, raw = [], []
+        for i, vector in enumerate(queries):  # interleaved: both see the same cache state
+            started = time.perf_counter()
+            results[i] = app_search(vector)
+            app.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            raw_search(vector)
+            raw.append(time.perf_counter() - started)
+        app_s, raw_s = harness.latency_summary(app), harness.latency_summary(raw)
+        for stat in ("p50_ms", "p95_ms"):
+            ratio = app_s[stat] / raw_s[stat]
+            rows.append(harness.Row("search", f"search_vector {label} {stat[:3]}", app_s[stat], "ms",
+                                    "raw SQL ORDER BY <=> LIMIT 10", raw_s[stat], ratio,
+                                    "<= 1.5x", ratio <= 1.5))
+        return results
+
+    exact = measure("exact")
+    started = time.perf_counter()
+    indexes.build(EmbeddingVersion.objects.get(target=TARGET, version="v1"))
+    build_seconds = time.perf_counter() - started
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE news_article")
+    hnsw = measure("HNSW")
+    recall = float(np.mean([len(set(hnsw[i]) & set(exact[i])) / 10 for i in exact]))
+    rows.append(harness.Row("search", "HNSW recall@10", recall, "", "exact scan", 1.0, recall,
+                            ">= 0.95", recall >= 0.95, {"index_build_s": build_seconds}))
+
+    # Query encoding: what search() adds before the SQL.
+    distinct = iter(query_sentences)
+    fresh = harness.time_calls(lambda: minilm.encode_query(next(distinct)),
+                               repeat=len(query_sentences), warmup=0)
+    repeated = harness.time_calls(lambda: minilm.encode_query(query_sentences[0]), repeat=200)
+    fresh_p50 = harness.percentile(fresh, 50) * 1000
+    repeated_p50 = harness.percentile(repeated, 50) * 1000
+    rows.append(harness.Row("search", "MiniLM query encode p50 (distinct queries)", fresh_p50, "ms",
+                            "HNSW search_vector p50",
+                            next(r.value for r in rows if r.measure == "search_vector HNSW p50"),
+                            None))
+    rows.append(harness.Row("search", "query encode p50, repeated query (cache)", repeated_p50,
+                            "ms", "distinct queries", fresh_p50, repeated_p50 / fresh_p50))
+    harness.print_table(rows)
+    print("results:", harness.write_json("search", rows, {"rows": args.rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
