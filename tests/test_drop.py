@@ -31,6 +31,7 @@ def test_drop_removes_the_column_and_its_index(make_articles):
         call_command("embeddings", "add", TARGET, version, "--model", alias)
         call_command("embeddings", "backfill", TARGET, version, "--inline")
         call_command("embeddings", "index", TARGET, version)
+        call_command("embeddings", "verify", TARGET, version)
     call_command("embeddings", "activate", TARGET, "v1")
     call_command("embeddings", "activate", TARGET, "v2")
     assert {"embedding_v1", "embedding_v1_source_hash"} <= columns()

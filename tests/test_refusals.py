@@ -59,7 +59,9 @@ def with_v1(make_articles: Callable) -> None:
     make_articles(12)
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny")
     call_command("embeddings", "backfill", TARGET, "v1", "--inline")
-    call_command("embeddings", "activate", TARGET, "v1")
+    call_command("embeddings", "verify", TARGET, "v1")
+    # No index: CREATE INDEX CONCURRENTLY cannot run in this test's transaction (gates: test_cutover).
+    call_command("embeddings", "activate", TARGET, "v1", "--force")
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny_other")
 
 
@@ -146,7 +148,7 @@ def test_model_files_changed_after_add(make_articles, tmp_path: Path):
         override_models(patch, copied={"model": str(folder), "revision": "copy-1"})
         call_command("embeddings", "add", TARGET, "v1", "--model", "copied")
         call_command("embeddings", "backfill", TARGET, "v1", "--inline")
-        call_command("embeddings", "activate", TARGET, "v1")
+        call_command("embeddings", "activate", TARGET, "v1", "--force")
         call_command("embeddings", "add", TARGET, "v2", "--model", "copied")
 
         weights = folder / "model.safetensors"
