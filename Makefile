@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test lint bench clean-data
+.PHONY: venv browser demo test lint bench clean-data
 
 $(STAMP): requirements/base.txt requirements/data.txt requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ venv: $(STAMP)
 demo: venv
 	$(PY) manage.py demo $(ARGS)
 
-test: venv
+# The admin's browser tests drive Debian's headless Chromium through the system chromedriver;
+# installed here only when missing (never a browser download). Without them those tests fail.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing Debian's chromium and chromium-driver"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	    || echo "WARNING: could not install chromium; the browser tests will fail"; \
+	fi
+
+test: venv browser
 	$(PY) -m pytest $(ARGS)
 
 lint: venv

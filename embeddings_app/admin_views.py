@@ -1,0 +1,296 @@
+"""The admin's lifecycle steps and JSON status endpoint.
+
+Each step calls the same function the ``embeddings`` management command calls (``lifecycle``,
+``backfill``, ``indexes``), so the refusal rules are one code path and an ``EmbeddingError``'s
+message is shown as it is, exactly as the command prints it. Views are wrapped by
+``AdminSite.admin_view`` (staff login, CSRF, no caching) in ``EmbeddingVersionAdmin.get_urls``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, reverse
+from django.views import View
+
+from . import backfill, indexes, lifecycle, progress, registry, storage
+from .config import get_config
+from .exceptions import EmbeddingError
+from .models import BackfillRun, EmbeddingVersion, State
+
+# Permission (codename on EmbeddingVersion.Meta) by action group.
+PERMISSIONS = {"backfill": "run_backfill", "switch": "switch_active", "drop": "drop_version"}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    label: str
+    group: str  # key of PERMISSIONS
+    confirm: bool  # destructive or read-switching: goes through a confirmation page
+
+
+STEPS = {step.name: step for step in (
+    Step("backfill", "Start backfill", "backfill", confirm=False),
+    Step("index", "Build index", "backfill", confirm=False),
+    Step("verify", "Verify", "backfill", confirm=False),
+    Step("activate", "Activate", "switch", confirm=True),
+    Step("rollback", "Roll back", "switch", confirm=True),
+    Step("retire", "Retire", "switch", confirm=True),
+    Step("drop", "Drop", "drop", confirm=True),
+)}
+
+
+def actor(request: HttpRequest) -> str:
+    return f"admin:{request.user.get_username()}"[:150]
+
+
+def can(request: HttpRequest, step: Step) -> bool:
+    return request.user.has_perm(f"embeddings_app.{PERMISSIONS[step.group]}")
+
+
+def _accepts(function: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+def verify_function() -> Callable[..., Any] | None:
+    """The cutover's recorded verify step (``lifecycle.verify``); None until it exists."""
+    return getattr(lifecycle, "verify", None)
+
+
+class StepFailed(Exception):
+    """A step ran but its verdict is negative (a failed verify): shown as an error, like the
+    command's non-zero exit."""
+
+
+# --- the steps: each the same call as `manage.py embeddings <step>` -----------------------------
+def _record(version: EmbeddingVersion) -> EmbeddingVersion:
+    # The command's own lookup: an unknown target or version is refused with the same message.
+    return EmbeddingVersion.objects.get_version(registry.get(version.target).target, version.version)
+
+
+def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> list[str]:
+    """Run ``step``; returns the success and warning lines. Raises ``EmbeddingError`` if refused,
+    ``StepFailed`` if it ran with a negative verdict."""
+    who = actor(request)
+    target, name = version.target, version.version
+    if step.name == "backfill":
+        record = _record(version)
+        run, ranges = backfill.start(record, mode="celery", actor=who)
+        backfill.dispatch(run, ranges)
+        return [f"Backfill run {run.pk} of {record}: {len(ranges)} batches sent to queue "
+                f"'{get_config().queue}'; progress below."]
+    if step.name == "index":
+        record = _record(version)
+        build_index = getattr(lifecycle, "build_index", None)
+        index = build_index(target, name) if build_index else indexes.build(record)
+        return [f"Index {index} on {record.column} is valid."]
+    if step.name == "verify":
+        verify = verify_function()
+        if verify is None:
+            raise StepFailed("Verify is not available in this version of embeddings_app.")
+        report = verify(registry.get(target).target, name, actor=who)
+        if not report.passed:
+            raise StepFailed(report.summary())
+        return [report.summary()]
+    if step.name == "activate":
+        warnings = lifecycle.activate(target, name, actor=who)
+        return [*warnings, f"{target}: reads now use version {name}."]
+    if step.name == "rollback":
+        previous = lifecycle.rollback(target, actor=who)
+        return [f"{target}: rolled back; reads now use version {previous.version}."]
+    if step.name == "retire":
+        lifecycle.retire(target, name, actor=who)
+        return [f"{target}@{name} retired: no longer written."]
+    if step.name == "drop":
+        # As `embeddings drop` does: the refusal rules first (the grace period after the version
+        # was last active is only waived when the confirmation page's box is ticked, like --yes).
+        record = _record(version)
+        yes = request.POST.get("yes") == "on"
+        if _accepts(lifecycle.check_droppable, "yes"):
+            lifecycle.check_droppable(record, yes=yes)
+            dropped = lifecycle.drop(target, name, actor=who, yes=True)
+        else:
+            lifecycle.check_droppable(record)
+            dropped = lifecycle.drop(target, name, actor=who)
+        return [f"{target}@{name} dropped: column {version.column}"
+                + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."]
+    raise Http404(step.name)
+
+
+def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
+    """What the step will do, sentence by sentence, for its confirmation page."""
+    versions = list(EmbeddingVersion.objects.for_target(version.target))
+    active = next((v for v in versions if v.state == State.ACTIVE), None)
+    if step.name == "activate":
+        lines = [f"Reads of {version.target} switch to {version} ({version.model_label}, "
+                 f"{version.dimensions} dimensions, column {version.column}): every search embeds "
+                 "its query with this model from then on, atomically."]
+        if active is None:
+            lines.append(f"{version.target} has no active version now.")
+        elif active.pk != version.pk:
+            lines.append(f"{active} ({active.model_label}) becomes standby: still written on every "
+                         "save, the target of a rollback.")
+        lines.append("Refused unless the version is ready (or standby), complete and fresh; "
+                     "nothing changes if refused.")
+        return lines
+    if step.name == "rollback":
+        standby = max((v for v in versions if v.state == State.STANDBY),
+                      key=lambda v: (v.deactivated_at is not None, v.deactivated_at, v.pk),
+                      default=None)
+        if standby is None:
+            return [f"{version.target} has no standby version: the rollback will be refused and "
+                    "nothing will change."]
+        return [f"Reads of {version.target} switch back to {standby} ({standby.model_label}), "
+                "the most recently active version kept fresh.",
+                f"{active} becomes standby." if active else f"{version.target} has no active "
+                "version now."]
+    if step.name == "retire":
+        return [f"{version} stops being written on every save: it can no longer be activated "
+                "or rolled back to.",
+                f"Its columns {version.column} and {version.hash_column} stay until it is dropped."]
+    if step.name == "drop":
+        try:
+            table = registry.get(version.target).table
+            index_names = storage.indexes_on_column(table, version.column)
+        except EmbeddingError:
+            table, index_names = "(unknown target)", []
+        return [f"Drops columns {version.column} and {version.hash_column} of table {table}"
+                + (f" and index {', '.join(index_names)}" if index_names else "")
+                + " for good: the vectors are deleted and cannot be restored.",
+                f"The row of {version} stays as history, in state dropped.",
+                "Refused unless the version is retired; nothing changes if refused."]
+    return []
+
+
+class AdminView(View):
+    model_admin: Any = None
+
+    def version(self, request: HttpRequest, object_id: str) -> EmbeddingVersion:
+        if not self.model_admin.has_view_permission(request):
+            raise PermissionDenied
+        return get_object_or_404(EmbeddingVersion, pk=object_id)
+
+
+class LifecycleView(AdminView):
+    """GET: the confirmation page (or back to the version); POST: run the step."""
+
+    def get(self, request: HttpRequest, object_id: str, step: str) -> HttpResponse:
+        version, found = self._prepare(request, object_id, step)
+        if not found.confirm:
+            return HttpResponseRedirect(self._change_url(version))
+        return self._confirm_page(request, version, found)
+
+    def post(self, request: HttpRequest, object_id: str, step: str) -> HttpResponse:
+        version, found = self._prepare(request, object_id, step)
+        if found.confirm and request.POST.get("confirm") != "yes":
+            return self._confirm_page(request, version, found)
+        try:
+            lines = run_step(found, version, request)
+        except (EmbeddingError, StepFailed) as exc:
+            messages.error(request, str(exc))
+        else:
+            for line in lines:
+                messages.success(request, line)
+        return HttpResponseRedirect(self._change_url(version))
+
+    def _prepare(self, request: HttpRequest, object_id: str, step: str) -> tuple[EmbeddingVersion, Step]:
+        version = self.version(request, object_id)
+        found = STEPS.get(step)
+        if found is None:
+            raise Http404(f"No step {step!r}")
+        if not can(request, found):
+            raise PermissionDenied(f"needs embeddings_app.{PERMISSIONS[found.group]}")
+        return version, found
+
+    def _change_url(self, version: EmbeddingVersion) -> str:
+        opts = self.model_admin.opts
+        return reverse(f"{self.model_admin.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+                       args=[version.pk])
+
+    def _confirm_page(self, request: HttpRequest, version: EmbeddingVersion, step: Step) -> HttpResponse:
+        context = {
+            **self.model_admin.admin_site.each_context(request),
+            "opts": self.model_admin.opts,
+            "original": version,
+            "step": step,
+            "title": f"{step.label} {version}?",
+            "consequences": consequences(step, version),
+            "offers_yes": step.name == "drop" and _accepts(lifecycle.check_droppable, "yes"),
+            "change_url": self._change_url(version),
+        }
+        return TemplateResponse(
+            request, "admin/embeddings_app/embeddingversion/confirm_step.html", context)
+
+
+class StatusView(AdminView):
+    """``?id=1&id=2``: the status of those versions; ``&chart=ID``: that version's chart too."""
+
+    MAX_IDS = 500
+
+    def get(self, request: HttpRequest) -> JsonResponse:
+        if not self.model_admin.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            ids = [int(value) for value in request.GET.getlist("id")][: self.MAX_IDS]
+            chart_id = int(request.GET["chart"]) if request.GET.get("chart") else None
+        except ValueError:
+            return JsonResponse({"error": "ids must be integers"}, status=400)
+        versions = list(EmbeddingVersion.objects.filter(pk__in=ids))
+        found = progress.statuses(versions)
+        data: dict[str, Any] = {"versions": {pk: status.as_json() for pk, status in found.items()}}
+        if chart_id is not None:
+            run = BackfillRun.objects.filter(version_id=chart_id).first()
+            data["chart"] = progress.chart_svg(run)
+        return JsonResponse(data)
+
+
+# --- the detail page's extra sections -----------------------------------------------------------
+def row_admin_url(admin_site: Any, version: EmbeddingVersion, row_key: str) -> str | None:
+    """The admin page of the failed row, where its model is registered in this admin site."""
+    try:
+        model = registry.get(version.target).model
+    except EmbeddingError:
+        return None
+    if not admin_site.is_registered(model):
+        return None
+    try:
+        return reverse(f"{admin_site.name}:{model._meta.app_label}_{model._meta.model_name}_change",
+                       args=[row_key])
+    except NoReverseMatch:
+        return None
+
+
+def detail_context(request: HttpRequest, version: EmbeddingVersion, admin_site: Any) -> dict[str, Any]:
+    runs = list(version.runs.all()[:20])
+    readiness = None
+    if version.state != State.DROPPED:
+        try:
+            # Exact live figures of this one version (one scan of its table, on this page only).
+            readiness = lifecycle.readiness(version)
+        except EmbeddingError:
+            readiness = None
+    failures = [(failure, row_admin_url(admin_site, version, failure.row_key))
+                for failure in version.failures.select_related("run")[:200]]
+    steps = [{"step": step, "allowed": can(request, step),
+              "available": step.name != "verify" or verify_function() is not None}
+             for step in STEPS.values()]
+    return {
+        "ev_status": progress.statuses([version])[version.pk],
+        "ev_readiness": readiness,
+        "ev_events": list(version.events.all()),
+        "ev_runs": runs,
+        "ev_failures": failures,
+        "ev_failure_count": version.failures.count(),
+        "ev_chart": progress.chart_svg(runs[0] if runs else None),
+        "ev_steps": steps,
+        "ev_can_steer": any(item["allowed"] for item in steps),
+    }
