@@ -19,7 +19,9 @@ FLOATING_REVISIONS = frozenset({"main", "master", "latest", "head", "default"})
 # pgvector cannot index a `vector` column above 2,000 dimensions; halfvec goes to 4,000.
 MAX_INDEXED_VECTOR_DIMENSIONS = 2000
 
-DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "embeddings"}
+DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "embeddings",
+                             # query vectors kept per model (repeated queries skip the encoder)
+                             "QUERY_CACHE_SIZE": 1024}
 # Cutover settings (optional): seconds, or a cosine similarity for VERIFY_THRESHOLD.
 CUTOVER_DEFAULTS: dict[str, Any] = {
     "ACTIVE_CACHE_TTL": 1.0,  # a serving process re-reads the active version at most this late
@@ -74,6 +76,7 @@ class EmbeddingsConfig:
     batch_size: int
     dual_write: str
     queue: str
+    query_cache_size: int = DEFAULTS["QUERY_CACHE_SIZE"]
     active_cache_ttl: float = CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"]
     verify_threshold: float = CUTOVER_DEFAULTS["VERIFY_THRESHOLD"]
     verify_sample: int = CUTOVER_DEFAULTS["VERIFY_SAMPLE"]
@@ -131,6 +134,11 @@ def validate(raw: Any) -> list[Problem]:
         problems.append(Problem("embeddings.E011",
                                 f'EMBEDDINGS["DUAL_WRITE"] must be one of {", ".join(DUAL_WRITE_MODES)}, '
                                 f'not {raw["DUAL_WRITE"]!r}.', 'Use "sync" unless you run workers.'))
+    cache_size = raw.get("QUERY_CACHE_SIZE", 0)
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+        problems.append(Problem("embeddings.E013",
+                                f'EMBEDDINGS["QUERY_CACHE_SIZE"] must be an integer >= 0, '
+                                f"not {cache_size!r}.", "e.g. 1024; 0 turns the cache off"))
     if "QUEUE" in raw and not (isinstance(raw["QUEUE"], str) and raw["QUEUE"]):
         problems.append(Problem("embeddings.E012",
                                 f'EMBEDDINGS["QUEUE"] must be a non-empty string, not {raw["QUEUE"]!r}.',
@@ -221,6 +229,7 @@ def parse(raw: Any) -> EmbeddingsConfig:
         batch_size=values["BATCH_SIZE"],
         dual_write=values["DUAL_WRITE"],
         queue=values["QUEUE"],
+        query_cache_size=values["QUERY_CACHE_SIZE"],
         active_cache_ttl=float(values.get("ACTIVE_CACHE_TTL", CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"])),
         verify_threshold=float(values.get("VERIFY_THRESHOLD", CUTOVER_DEFAULTS["VERIFY_THRESHOLD"])),
         verify_sample=int(values.get("VERIFY_SAMPLE", CUTOVER_DEFAULTS["VERIFY_SAMPLE"])),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,6 +106,9 @@ class Encoder:
         self.stats = stats
         self.calls = 0  # encode calls, for tests and benchmarks
         self._lock = threading.Lock()  # torch modules are not safe to run from many threads
+        # Query text -> vector. Per encoder, so per fingerprint: a cached vector can only ever
+        # be reused with the exact model files and settings that produced it.
+        self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         probe = self._encode([_DIMENSION_PROBE], None)
         self.dimensions = int(probe.shape[1])
 
@@ -128,7 +132,21 @@ class Encoder:
         return self._encode(texts, self.spec.document_prompt)
 
     def encode_query(self, text: str) -> np.ndarray:
-        return self._encode([text], self.spec.query_prompt)[0]
+        from .config import get_config
+
+        size = get_config().query_cache_size
+        with self._lock:
+            cached = self._query_cache.get(text)
+            if cached is not None:
+                self._query_cache.move_to_end(text)
+                return cached.copy()
+        vector = self._encode([text], self.spec.query_prompt)[0]
+        if size:
+            with self._lock:
+                self._query_cache[text] = vector.copy()
+                while len(self._query_cache) > size:
+                    self._query_cache.popitem(last=False)
+        return vector
 
 
 _cache: dict[str, Encoder] = {}
