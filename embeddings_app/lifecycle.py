@@ -194,7 +194,10 @@ def _flip(target: str, version: EmbeddingVersion, *, actor: str, note: str) -> N
             if other.state == State.ACTIVE:
                 transition(other, State.STANDBY, actor=actor, note=f"{note}: replaced by {version}")
         transition(version, State.ACTIVE, actor=actor, note=note)
-        # This process switches at once; every other one within EMBEDDINGS["ACTIVE_CACHE_TTL"].
+        # This process switches at once; every other one within EMBEDDINGS["ACTIVE_CACHE_TTL"]
+        # of the commit. Forgetting the snapshot now as well is safe: one re-read before the
+        # commit still expires within the bound.
+        active.invalidate(target)
         transaction.on_commit(lambda: active.invalidate(target))
 
 

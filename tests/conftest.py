@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from embeddings_app import registry, storage
+from embeddings_app import active, registry, storage
 from project.news.corpus import iter_articles
 from project.news.models import Article
 from tests.tinymodel import build_tiny_model
@@ -31,6 +31,15 @@ def tiny_models() -> None:
     tokenizer = Path(settings.EMBEDDINGS["MODELS"]["minilm"]["model"])
     build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert", tokenizer, seed=0)
     build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert-seed1", tokenizer, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_active_snapshots() -> Iterator[None]:
+    """Each test starts with no cached active version (embeddings_app.active): a snapshot of an
+    earlier test's database state must not serve this test's searches."""
+    active.invalidate()
+    yield
+    active.invalidate()
 
 
 def _model_columns(model: type) -> set[str]:
