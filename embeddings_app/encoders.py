@@ -131,6 +131,10 @@ class Encoder:
             return np.empty((0, self.dimensions), dtype=np.float32)
         return self._encode(texts, self.spec.document_prompt)
 
+    def clear_query_cache(self) -> None:
+        with self._lock:
+            self._query_cache.clear()
+
     def encode_query(self, text: str) -> np.ndarray:
         from .config import get_config
 
