@@ -1,13 +1,19 @@
 """Backfill: embed every row of a version that is missing or stale, in primary-key ranges.
 
-``start()`` plans the ranges (keyset boundaries, never OFFSET) and records a ``BackfillRun``;
-each range is one ``run_batch()`` call, as a Celery task or in-process (``--inline``). The batch
-that finishes last finalizes the run: a catch-up pass over rows that changed under a batch, then
-the version becomes ``ready`` once every row is covered.
+``start()`` plans the ranges (keyset boundaries, never OFFSET) and records a ``BackfillRun`` with
+one ``BackfillBatch`` per range; each batch is one ``run_batch()`` call, as a Celery task or
+in-process (``--inline``). A batch is idempotent (it only embeds rows that are not fresh, and writes
+with compare-and-set), so a redelivered or retried batch is harmless; its result is counted into
+the run exactly once. The batch that finishes last finalizes the run: a catch-up pass over rows
+that changed under a batch, then the version becomes ``ready`` once every row is covered, or
+``failed`` (resumable: re-run ``backfill``) if some rows could not be embedded.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from itertools import pairwise
 from typing import Any
 
@@ -18,7 +24,7 @@ from django.utils import timezone
 from . import encoders, lifecycle, registry, storage, sync
 from .config import get_config
 from .exceptions import Refused
-from .models import BackfillRun, EmbeddingVersion, State
+from .models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
 
 Range = tuple[Any, Any]  # [low, high): None means unbounded
 
@@ -46,6 +52,10 @@ def plan_ranges(version: EmbeddingVersion, batch_size: int) -> list[Range]:
 
 def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str = "celery",
           actor: str = "") -> tuple[BackfillRun, list[Range]]:
+    """Plan a run of ``version``: its ranges, its progress record and one record per batch.
+
+    Any earlier run of the version still marked running (its workers died, or it is being
+    replaced) is closed as superseded: its remaining batches do nothing when they arrive."""
     if version.state not in BACKFILLABLE_STATES:
         raise Refused(
             f"{version} is {version.state}: only new, failed, ready, active or standby versions "
@@ -64,94 +74,150 @@ def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str
             version=version, mode=mode, batch_size=batch_size, batches_total=len(ranges),
             rows_total=field.model._base_manager.count(),
         )
+        BackfillRun.objects.filter(version=version, status=BackfillRun.Status.RUNNING).exclude(
+            pk=run.pk
+        ).update(status=BackfillRun.Status.FAILED, finished_at=timezone.now(),
+                 last_error=f"superseded by run {run.pk}", updated_at=timezone.now())
+        BackfillBatch.objects.bulk_create([
+            BackfillBatch(run=run, number=number, low=_json_key(low), high=_json_key(high))
+            for number, (low, high) in enumerate(ranges)
+        ])
     if not ranges:
         finalize(run.pk)
     return run, ranges
 
 
-def run_batch(run_id: int, low: Any, high: Any) -> sync.SyncStats:
-    """Embed the missing or stale rows of one range, then count the batch as done."""
-    run = BackfillRun.objects.select_related("version").get(pk=run_id)
-    version = run.version
+def _json_key(value: Any) -> Any:
+    return str(value) if isinstance(value, uuid.UUID) else value
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_batch(run_id: int, number: int) -> sync.SyncStats:
+    """Embed the missing or stale rows of batch ``number`` of the run, then count it as done.
+
+    A batch already counted (a duplicate delivery) does nothing."""
+    claimed = BackfillBatch.objects.filter(
+        run_id=run_id, number=number,
+        status__in=(BackfillBatch.Status.PENDING, BackfillBatch.Status.RUNNING),
+    ).update(status=BackfillBatch.Status.RUNNING, attempts=F("attempts") + 1,
+             worker=_worker_name(), started_at=timezone.now())
     stats = sync.SyncStats()
+    if not claimed:
+        return stats
+    batch = BackfillBatch.objects.select_related("run__version").get(run_id=run_id, number=number)
+    run = batch.run
+    version = run.version
     if version.is_written and run.status == BackfillRun.Status.RUNNING:
         field = registry.get(version.target)
         queryset = field.source_queryset()
-        if low is not None:
-            queryset = queryset.filter(pk__gte=low)
-        if high is not None:
-            queryset = queryset.filter(pk__lt=high)
+        if batch.low is not None:
+            queryset = queryset.filter(pk__gte=batch.low)
+        if batch.high is not None:
+            queryset = queryset.filter(pk__lt=batch.high)
         for page in sync.iter_pages(queryset, run.batch_size):
             stats.add(sync.refresh_rows(field, [version], page))
-    _record_batch(run_id, stats)
+    _complete_batch(run_id, number, stats)
     return stats
 
 
-def _record_batch(run_id: int, stats: sync.SyncStats, error: str = "") -> None:
-    updates: dict[str, Any] = {
-        "rows_processed": F("rows_processed") + stats.processed,
-        "rows_embedded": F("rows_embedded") + stats.embedded,
-        "rows_skipped": F("rows_skipped") + stats.skipped,
-        "rows_conflicted": F("rows_conflicted") + stats.conflicted,
-        "rows_failed": F("rows_failed") + stats.failed,
-        "batches_done": F("batches_done") + 1,
-        "updated_at": timezone.now(),
-    }
-    if error:
-        updates["last_error"] = error[:2000]
-    BackfillRun.objects.filter(pk=run_id).update(**updates)
+def _complete_batch(run_id: int, number: int, stats: sync.SyncStats, error: str = "") -> None:
+    """Count a finished batch into its run, once; the last one finalizes the run."""
+    status = BackfillBatch.Status.FAILED if error else BackfillBatch.Status.DONE
+    now = timezone.now()
+    with transaction.atomic():
+        counted = BackfillBatch.objects.filter(
+            run_id=run_id, number=number,
+            status__in=(BackfillBatch.Status.PENDING, BackfillBatch.Status.RUNNING),
+        ).update(status=status, rows_processed=stats.processed, rows_embedded=stats.embedded,
+                 rows_skipped=stats.skipped, rows_conflicted=stats.conflicted,
+                 rows_failed=stats.failed, error=error[:2000], finished_at=now)
+        if not counted:
+            return
+        updates: dict[str, Any] = {
+            "rows_processed": F("rows_processed") + stats.processed,
+            "rows_embedded": F("rows_embedded") + stats.embedded,
+            "rows_skipped": F("rows_skipped") + stats.skipped,
+            "rows_conflicted": F("rows_conflicted") + stats.conflicted,
+            "rows_failed": F("rows_failed") + stats.failed,
+            "batches_done": F("batches_done") + 1,
+            "updated_at": now,
+        }
+        if error:
+            updates["last_error"] = error[:2000]
+        elif stats.errors:
+            updates["last_error"] = f"row {stats.errors[-1][1]}: {stats.errors[-1][2]}"[:2000]
+        BackfillRun.objects.filter(pk=run_id).update(**updates)
+        sync.record_failures(stats, run_id)
     run = BackfillRun.objects.only("batches_done", "batches_total").get(pk=run_id)
-    if run.batches_done == run.batches_total:
+    if run.batches_done >= run.batches_total:
         finalize(run_id)
 
 
-def batch_failed(run_id: int, low: Any, high: Any, error: str) -> None:
-    """A batch gave up (retries exhausted): record it; the run ends as failed, resumable."""
-    _record_batch(run_id, sync.SyncStats(), error=f"range [{low}, {high}): {error}")
+def batch_failed(run_id: int, number: int, error: str) -> None:
+    """A batch gave up (retries exhausted, or a permanent error): record it; the run ends as
+    failed, resumable."""
+    batch = BackfillBatch.objects.filter(run_id=run_id, number=number).first()
+    where = f"range [{batch.low}, {batch.high})" if batch else f"batch {number}"
+    _complete_batch(run_id, number, sync.SyncStats(), error=f"{where}: {error}")
 
 
 def finalize(run_id: int) -> None:
-    # Only one finalizer per run: the row lock serializes, the status check makes it idempotent.
-    with transaction.atomic():
-        run = BackfillRun.objects.select_for_update().select_related("version").get(pk=run_id)
-        if run.status != BackfillRun.Status.RUNNING:
-            return
-        run.status = BackfillRun.Status.DONE  # claimed; corrected below if incomplete
-        run.save(update_fields=["status"])
+    # Only one finalizer per run: claimed by setting finished_at; the status stays "running"
+    # until the version's state is final, so a reader never sees "done" before "ready".
+    claimed = BackfillRun.objects.filter(
+        pk=run_id, status=BackfillRun.Status.RUNNING, finished_at__isnull=True
+    ).update(finished_at=timezone.now())
+    if not claimed:
+        return
+    run = BackfillRun.objects.get(pk=run_id)
     version = EmbeddingVersion.objects.get(pk=run.version_id)
     field = registry.get(version.target)
-    error = ""
-    if version.is_written and not run.last_error:
-        # Rows that changed under a batch before their save could dual-write this version.
-        sync.sync_queryset(field, versions=[version], page_size=run.batch_size)
+    batch_errors = run.batches.filter(status=BackfillBatch.Status.FAILED).count()
+    if version.is_written and not batch_errors:
+        # Rows that changed under a batch and were written by a path without dual-write
+        # (bulk_update, QuerySet.update(), raw SQL). Rows that failed in this run are not retried.
+        failed_keys = list(RowFailure.objects.filter(run_id=run_id).values_list("row_key",
+                                                                                flat=True))
+        sync.sync_queryset(field, field.model._base_manager.exclude(pk__in=failed_keys),
+                           versions=[version], page_size=run.batch_size)
     done, total = storage.coverage(field, version)
-    complete = done == total and not run.last_error
-    if not complete:
-        error = run.last_error or f"{total - done} rows still have no vector"
-    with transaction.atomic():
-        BackfillRun.objects.filter(pk=run_id).update(
+    complete = done == total and not batch_errors
+    error = ""
+    if batch_errors:
+        error = f"{batch_errors} batches failed; last: {run.last_error}"
+    elif not complete:
+        failed_rows = RowFailure.objects.filter(run_id=run_id).count()
+        error = (f"{total - done} rows have no vector ({failed_rows} could not be embedded, "
+                 "see failures); fix them and re-run backfill to resume")
+    with transaction.atomic():  # the run's status and the version's state change together
+        version = EmbeddingVersion.objects.select_for_update().get(pk=version.pk)
+        ended = BackfillRun.objects.filter(pk=run_id, status=BackfillRun.Status.RUNNING).update(
             status=BackfillRun.Status.DONE if complete else BackfillRun.Status.FAILED,
-            finished_at=timezone.now(), last_error=error,
+            finished_at=timezone.now(), updated_at=timezone.now(),
+            last_error=error or run.last_error,
         )
-        version.refresh_from_db()
-        if version.state == State.BACKFILLING:
+        if ended and version.state == State.BACKFILLING:  # not if superseded meanwhile
             lifecycle.transition(version, State.READY if complete else State.FAILED,
                                  note=f"backfill run {run_id}: {done}/{total} rows")
 
 
 def dispatch(run: BackfillRun, ranges: list[Range]) -> None:
-    """Send every batch of ``run`` to the workers of ``EMBEDDINGS["QUEUE"]``."""
+    """Send every batch of ``run`` to the workers of ``EMBEDDINGS["QUEUE"]``, as one group."""
     from celery import group
 
     from .tasks import backfill_batch
 
     queue = get_config().queue
-    group(backfill_batch.si(run.pk, low, high) for low, high in ranges).apply_async(queue=queue)
+    group(backfill_batch.si(run.pk, number) for number in range(len(ranges))).apply_async(
+        queue=queue)
 
 
 def run_inline(run: BackfillRun, ranges: list[Range], progress: Any = None) -> None:
     """Run every batch of ``run`` in this process, in order."""
-    for low, high in ranges:
-        stats = run_batch(run.pk, low, high)
+    for number in range(len(ranges)):
+        stats = run_batch(run.pk, number)
         if progress is not None:
             progress(stats.processed)

@@ -198,3 +198,42 @@ class RowFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} row {self.row_key}: {self.error[:60]}"
+
+
+class BackfillBatch(models.Model):
+    """One primary-key range of a backfill run: the unit a worker takes, retries and finishes.
+
+    A batch is counted into its run exactly once (``pending``/``running`` -> ``done``/``failed``),
+    however often the broker redelivers it, so the run's totals stay consistent with the table.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    run = models.ForeignKey(BackfillRun, on_delete=models.CASCADE, related_name="batches")
+    number = models.PositiveIntegerField()
+    low = models.JSONField(null=True, blank=True)  # primary key bounds [low, high); None = open
+    high = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True)  # host:pid of the last attempt
+    rows_processed = models.PositiveIntegerField(default=0)
+    rows_embedded = models.PositiveIntegerField(default=0)
+    rows_skipped = models.PositiveIntegerField(default=0)
+    rows_conflicted = models.PositiveIntegerField(default=0)
+    rows_failed = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "number"], name="embeddings_unique_batch"),
+        ]
+
+    def __str__(self) -> str:
+        return f"batch {self.number} of run {self.run_id} ({self.status})"

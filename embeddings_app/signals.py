@@ -1,4 +1,19 @@
-"""Dual-write: every save re-embeds the changed row for every version still written."""
+"""Dual-write: every save re-embeds the changed row for every version still written.
+
+``EMBEDDINGS["DUAL_WRITE"]`` chooses when (docs/backfill.md):
+
+* ``"sync"``: in ``post_save``, inside the saving transaction; the row is fresh when ``save()``
+  returns (the save pays the encode time).
+* ``"on_commit"``: in this process right after the saving transaction commits; until then (and if
+  the process dies in between) the row is *stale*.
+* ``"celery"``: a ``refresh_rows`` task on ``EMBEDDINGS["QUEUE"]`` sent after commit; the row is
+  stale until a worker runs it.
+
+A stale row keeps its previous vector and source hash: search still finds it by its previous
+text (the vector is never mixed with another version's). ``status`` counts it as stale, and the
+sweep task or ``sync()`` refreshes it if the dual-write was lost. A row the encoder rejects is
+recorded as a ``RowFailure``; the save itself never fails because of embedding.
+"""
 
 from __future__ import annotations
 
@@ -36,12 +51,12 @@ def embed_saved_row(sender: type[models.Model], instance: models.Model, raw: boo
 
 
 def refresh_saved(target: str, instance: models.Model) -> None:
-    from .sync import refresh_rows
+    from .sync import record_failures, refresh_rows
 
     field = registry.get(target)
     versions = list(EmbeddingVersion.objects.for_target(target).written())
     if versions:
-        refresh_rows(field, versions, [instance])
+        record_failures(refresh_rows(field, versions, [instance]))
 
 
 def connect() -> None:

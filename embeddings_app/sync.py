@@ -5,10 +5,22 @@ A row is *fresh* for a version when its stored source hash equals the hash of it
 text. Only rows that are not fresh are encoded. Encoding runs outside any lock; the write then
 locks the rows, re-reads their source and writes only where the source is still the one that was
 encoded (compare-and-set on the source hash), so a slow batch never overwrites a newer vector.
+
+Per-row policy (docs/backfill.md):
+
+* empty source (``""``, whitespace, or ``None`` from a callable): no vector (NULL), the source hash
+  is recorded so the row counts as covered; counted as *skipped*. Search leaves the row out.
+* over-long source: the tokenizer truncates it to the model's ``max_seq_length`` tokens, as every
+  sentence-transformers encode does; embedded normally.
+* a row the encoder rejects (e.g. lone surrogates from a callable source): the batch is re-encoded
+  row by row to isolate it; the row gets no vector and no hash (so it stays *missing* and a
+  resumed backfill retries it), is counted as *failed* and recorded (``RowFailure``: row key and
+  error). The rest of the batch is written.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +34,9 @@ from .models import EmbeddingVersion
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
 
-MAX_RECORDED_ERRORS = 20
+MAX_RECORDED_ERRORS = 1000  # per batch; counts stay exact beyond it
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,7 +46,8 @@ class SyncStats:
     skipped: int = 0  # empty source: hash recorded, vector left NULL
     conflicted: int = 0  # source changed between read and write: left to the newer writer
     failed: int = 0
-    errors: list[tuple[Any, str]] = field(default_factory=list)  # (row key, error)
+    # (version id, row key, error) of every failed row
+    errors: list[tuple[int, Any, str]] = field(default_factory=list)
 
     def add(self, other: SyncStats) -> None:
         self.processed += other.processed
@@ -69,12 +84,52 @@ def refresh_rows(
         if not stale:
             continue
         to_encode = [pk for pk in stale if texts[pk].strip()]
-        vectors = encoders_by_version[version.pk].encode_documents([texts[pk] for pk in to_encode])
-        by_pk: dict[Any, np.ndarray | None] = dict(zip(to_encode, vectors, strict=True))
-        pending.append(_Pending(version, [(pk, hashes[pk], by_pk.get(pk)) for pk in stale]))
+        by_pk, failed = _encode_isolating(encoders_by_version[version.pk], to_encode, texts)
+        for pk, error in failed.items():
+            stats.failed += 1
+            if len(stats.errors) < MAX_RECORDED_ERRORS:
+                stats.errors.append((version.pk, pk, error))
+        rows = [(pk, hashes[pk], by_pk.get(pk)) for pk in stale if pk not in failed]
+        if rows:
+            pending.append(_Pending(version, rows))
     if pending:
         _write_guarded(field, pending, stats)
     return stats
+
+
+def _encode_isolating(
+    encoder: encoders.Encoder, pks: list[Any], texts: dict[Any, str]
+) -> tuple[dict[Any, np.ndarray], dict[Any, str]]:
+    """Encode the rows of ``pks`` in one call; if the encoder rejects the batch, encode them one
+    by one so that only the rows it rejects fail. Returns (vectors by pk, error by failed pk)."""
+    if not pks:
+        return {}, {}
+    try:
+        vectors = encoder.encode_documents([texts[pk] for pk in pks])
+        return dict(zip(pks, vectors, strict=True)), {}
+    except Exception as exc:  # the encoder's error types are many (tokenizer, torch, ...)
+        if len(pks) == 1:
+            return {}, {pks[0]: f"{type(exc).__name__}: {exc}"[:2000]}
+        logger.warning("encoding %d rows failed (%s); isolating the failing rows",
+                       len(pks), type(exc).__name__)
+    by_pk: dict[Any, np.ndarray] = {}
+    failed: dict[Any, str] = {}
+    for pk in pks:
+        one, error = _encode_isolating(encoder, [pk], texts)
+        by_pk.update(one)
+        failed.update(error)
+    return by_pk, failed
+
+
+def record_failures(stats: SyncStats, run_id: int | None = None) -> None:
+    """Record the rows of ``stats`` that could not be embedded (for ``status`` and the admin)."""
+    from .models import RowFailure
+
+    if stats.errors:
+        RowFailure.objects.bulk_create([
+            RowFailure(version_id=version_id, run_id=run_id, row_key=str(pk)[:200], error=error)
+            for version_id, pk, error in stats.errors
+        ])
 
 
 def _write_guarded(field: VersionedEmbedding, pending: list[_Pending], stats: SyncStats) -> None:
@@ -122,12 +177,16 @@ def sync_queryset(
     versions = list(versions) if versions is not None else list(
         EmbeddingVersion.objects.for_target(field.target).written()
     )
+    if not versions:
+        return 0
     base = field.source_queryset()
     if queryset is not None:
         base = base.filter(pk__in=queryset.values("pk"))
     stats = SyncStats()
     for page in iter_pages(base, page_size or get_config().batch_size):
-        stats.add(refresh_rows(field, versions, page))
+        page_stats = refresh_rows(field, versions, page)
+        record_failures(page_stats)
+        stats.add(page_stats)
     return stats.embedded + stats.skipped
 
 

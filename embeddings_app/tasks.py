@@ -1,5 +1,13 @@
 """Celery tasks. They are ``shared_task``s: they run on the project's own Celery app and broker,
-routed to ``EMBEDDINGS["QUEUE"]`` by whoever dispatches them."""
+routed to ``EMBEDDINGS["QUEUE"]`` by whoever dispatches them.
+
+Reliability settings (docs/backfill.md): a batch is idempotent, so it is acknowledged late and
+re-queued if its worker process dies (``acks_late`` + ``reject_on_worker_lost``); transient
+database errors are retried with exponential backoff and jitter; a batch has a hard time limit
+well below the broker's visibility timeout (Redis: 1 hour by default), so the broker never hands
+a batch that is still running to a second worker. Workers should run with
+``worker_prefetch_multiplier = 1`` (project/settings.py does) so a long batch does not hold others.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +22,25 @@ from .models import EmbeddingVersion
 # Transient: a dropped connection, a deadlock or serialization failure, a restarting server.
 RETRYABLE = (OperationalError, InterfaceError)
 
+# Seconds. A batch of BATCH_SIZE rows takes seconds to a few minutes on CPU; the hard limit must
+# stay below the broker's visibility timeout (Redis/SQS default 3600 s).
+BATCH_SOFT_TIME_LIMIT = 900
+BATCH_TIME_LIMIT = 1200
+
+RETRY_OPTIONS: dict[str, Any] = {
+    "autoretry_for": RETRYABLE,
+    "retry_backoff": 2,  # 2, 4, 8, ... seconds
+    "retry_backoff_max": 120,
+    "retry_jitter": True,  # a random delay in [0, backoff]: retries do not stampede
+    "max_retries": 8,
+}
+
 
 class BackfillBatchTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict,
                    einfo: Any) -> None:
-        run_id, low, high = args
-        backfill.batch_failed(run_id, low, high, f"{type(exc).__name__}: {exc}")
+        run_id, number = args
+        backfill.batch_failed(run_id, number, f"{type(exc).__name__}: {exc}")
 
 
 @shared_task(
@@ -27,15 +48,13 @@ class BackfillBatchTask(Task):
     name="embeddings_app.backfill_batch",
     acks_late=True,  # a batch is idempotent: redeliver it if the worker dies mid-way
     reject_on_worker_lost=True,
-    autoretry_for=RETRYABLE,
-    retry_backoff=2,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=8,
+    soft_time_limit=BATCH_SOFT_TIME_LIMIT,
+    time_limit=BATCH_TIME_LIMIT,
     ignore_result=True,
+    **RETRY_OPTIONS,
 )
-def backfill_batch(run_id: int, low: Any, high: Any) -> dict[str, int]:
-    stats = backfill.run_batch(run_id, low, high)
+def backfill_batch(run_id: int, number: int) -> dict[str, int]:
+    stats = backfill.run_batch(run_id, number)
     return {"processed": stats.processed, "embedded": stats.embedded}
 
 
@@ -43,11 +62,10 @@ def backfill_batch(run_id: int, low: Any, high: Any) -> dict[str, int]:
     name="embeddings_app.refresh_rows",
     acks_late=True,
     reject_on_worker_lost=True,
-    autoretry_for=(*RETRYABLE, DatabaseError),
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=8,
+    soft_time_limit=BATCH_SOFT_TIME_LIMIT,
+    time_limit=BATCH_TIME_LIMIT,
     ignore_result=True,
+    **{**RETRY_OPTIONS, "autoretry_for": (*RETRYABLE, DatabaseError)},
 )
 def refresh_rows_task(target: str, pks: list[Any]) -> int:
     """Dual-write in ``"celery"`` mode: re-embed these rows for every written version."""
@@ -55,4 +73,25 @@ def refresh_rows_task(target: str, pks: list[Any]) -> int:
     versions = list(EmbeddingVersion.objects.for_target(target).written())
     instances = list(field.source_queryset().filter(pk__in=pks))
     stats = sync.refresh_rows(field, versions, instances)
+    sync.record_failures(stats)
     return stats.embedded
+
+
+@shared_task(
+    name="embeddings_app.sweep",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    **RETRY_OPTIONS,
+)
+def sweep(target: str | None = None) -> dict[str, int]:
+    """Find and re-embed rows whose source changed without a save signal (``bulk_update``,
+    ``QuerySet.update()``, raw SQL), for every version still written, of one target or all.
+
+    Schedule it with Celery beat, e.g.::
+
+        CELERY_BEAT_SCHEDULE = {"embeddings-sweep": {
+            "task": "embeddings_app.sweep", "schedule": 3600, "options": {"queue": "embeddings"}}}
+    """
+    targets = [target] if target else registry.all_targets()
+    return {name: sync.sync_queryset(registry.get(name)) for name in targets}
