@@ -99,6 +99,7 @@ class Command(BaseCommand):
         header = ("target", "version", "model@revision", "dims", "state", "", "coverage",
                   "stale", "index", "failures")
         rows = []
+        runs: list[tuple[EmbeddingVersion, BackfillRun]] = []
         for name in targets:
             field = registry.get(name)
             versions = list(EmbeddingVersion.objects.for_target(name))
@@ -111,9 +112,12 @@ class Command(BaseCommand):
                     done, total = storage.coverage(field, v)
                     coverage = f"{done}/{total}"
                 run = v.runs.first()
-                failures = ""
-                if run is not None and (run.rows_failed or run.last_error):
-                    failures = f"{run.rows_failed} rows; {run.last_error}"[:80]
+                if run is not None:
+                    runs.append((v, run))
+                failed_rows = v.failures.count()
+                failures = f"{failed_rows} rows" if failed_rows else ""
+                if run is not None and run.last_error:
+                    failures = f"{failures}; {run.last_error}".lstrip("; ")[:80]
                 rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
                              v.state, "*" if v.state == State.ACTIVE else "", coverage,
                              str(stale.get(v.pk, "-")), indexes.index_state(v), failures))
@@ -124,6 +128,8 @@ class Command(BaseCommand):
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        for v, run in runs:  # the progress record of each version's last backfill (no scan)
+            self.stdout.write(_run_line(v, run))
 
     def do_add(self, target: str, version: str, model: str, **_: Any) -> None:
         record = lifecycle.add(target, version, model, actor=ACTOR)
@@ -314,6 +320,16 @@ class Command(BaseCommand):
             if run.status != BackfillRun.Status.RUNNING:
                 return
             time.sleep(0.5)
+
+
+def _run_line(version: EmbeddingVersion, run: BackfillRun) -> str:
+    rate = f"{run.rate:.1f} rows/s" if run.rate else "-"
+    eta = f", ETA {run.eta_seconds:.0f}s" if run.eta_seconds is not None else ""
+    line = (f"backfill {version}: run {run.pk} {run.status}, batches {run.batches_done}/"
+            f"{run.batches_total}, rows {run.rows_processed}/{run.rows_total} "
+            f"(embedded {run.rows_embedded}, empty {run.rows_skipped}, failed {run.rows_failed}, "
+            f"changed under a batch {run.rows_conflicted}), {rate}{eta}")
+    return line + (f"; last error: {run.last_error[:200]}" if run.last_error else "")
 
 
 def _short(label: str, width: int = 60) -> str:
