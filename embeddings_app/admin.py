@@ -33,13 +33,13 @@ class StatusChangeList(ChangeList):
 
 def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
     """A cell the status script updates in place (``data-ev-id`` / ``data-ev-field``)."""
-    return format_html('<span data-ev-id="{}" data-ev-field="{}" title="{}">{}</span>',
+    return format_html('<span class="ev-nowrap" data-ev-id="{}" data-ev-field="{}" title="{}">{}</span>',
                        obj.pk, field, title, text)
 
 
 @admin.register(EmbeddingVersion)
 class EmbeddingVersionAdmin(admin.ModelAdmin):
-    list_display = ("target", "version", "model_at_revision", "dimensions", "storage",
+    list_display = ("target", "version", "model_at_revision", "dims", "storage",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
                     "index_state", "rate_eta", "last_change")
     list_display_links = ("target", "version")
@@ -87,6 +87,10 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
     @admin.display(description="model@revision", ordering="model_name")
     def model_at_revision(self, obj: EmbeddingVersion) -> str:
         return format_html('<span class="ev-model" title="{}">{}</span>', obj.model_name, obj.model_label)
+
+    @admin.display(description="dims", ordering="dimensions")
+    def dims(self, obj: EmbeddingVersion) -> int:
+        return obj.dimensions
 
     @admin.display(description="state", ordering="state")
     def state_badge(self, obj: EmbeddingVersion) -> str:

@@ -86,7 +86,8 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
         record = _record(version)
         run, ranges = backfill.start(record, mode="celery", actor=who)
         backfill.dispatch(run, ranges)
-        return [f"Backfill run {run.pk} of {record}: {len(ranges)} batches sent to queue "
+        batches = f"{len(ranges)} batch" + ("" if len(ranges) == 1 else "es")
+        return [f"Backfill run {run.pk} of {record}: {batches} sent to queue "
                 f"'{get_config().queue}'; progress below."]
     if step.name == "index":
         record = _record(version)
@@ -139,8 +140,16 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
         elif active.pk != version.pk:
             lines.append(f"{active} ({active.model_label}) becomes standby: still written on every "
                          "save, the target of a rollback.")
-        lines.append("Refused unless the version is ready (or standby), complete and fresh; "
-                     "nothing changes if refused.")
+        problems = getattr(lifecycle, "activation_problems", None)
+        if version.state not in lifecycle.ACTIVATABLE_STATES:
+            lines.append(f"It will be refused: {version} is {version.state}, and only a ready "
+                         "(or standby) version can be activated. Nothing will change.")
+        elif problems is not None and (found := problems(version)):
+            # The activation's own checks, run now: what the refusal will say.
+            lines.append("It will be refused, and nothing will change: " + " ".join(found))
+        else:
+            lines.append("Its activation checks pass now; they run again, atomically, when you "
+                         "confirm, and if one fails nothing changes.")
         return lines
     if step.name == "rollback":
         standby = max((v for v in versions if v.state == State.STANDBY),

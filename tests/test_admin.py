@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from collections.abc import Callable
 
 import pytest
@@ -343,3 +344,26 @@ def test_list_page_queries_are_bounded_and_independent_of_rows(make_articles, op
           f"{fewer} (14 versions); status endpoint: {len(status_queries.captured_queries)}")
     assert small == bigger == fewer
     assert small <= 15
+
+
+# --- start backfill: dispatched to real Celery workers, as `embeddings backfill` does ----------
+@pytest.mark.worker
+def test_start_backfill_dispatches_batches_to_real_workers(two_versions, operator, celery_worker):
+    _v1, v2 = two_versions
+    worker = celery_worker(concurrency=1)
+    client = login(operator)
+    shown = admin_messages(client, client.post(step_url(v2, "backfill")))
+    run = v2.runs.get()
+    assert shown == [f"Backfill run {run.pk} of {TARGET}@v2: 1 batch sent to queue 'embeddings'; "
+                     "progress below."]
+    deadline = time.monotonic() + 120
+    while run.status == BackfillRun.Status.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run.refresh_from_db()
+    v2.refresh_from_db()
+    assert (run.status, run.batches_total, run.rows_processed, v2.state) == (
+        "done", 1, 12, State.READY)  # the default BATCH_SIZE (128) covers the 12 rows
+    assert "embeddings_app.backfill_batch" in worker.log()
+    assert v2.events.filter(to_state="backfilling", actor="admin:operator").exists()
+    status = client.get(STATUS_URL, {"id": v2.pk}).json()["versions"][str(v2.pk)]
+    assert (status["done"], status["total"], status["percent"], status["stale"]) == (12, 12, 100.0, 0)

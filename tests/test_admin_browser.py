@@ -55,7 +55,8 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 def screenshot(driver: webdriver.Chrome, name: str) -> None:
     # The whole page, not only the window: the list and the detail page are taller than that.
-    height = driver.execute_script("return document.body.scrollHeight")
+    driver.set_window_size(1900, 1100)
+    height = driver.execute_script("return document.getElementById('container').scrollHeight")
     driver.set_window_size(1900, max(1100, min(int(height) + 40, 4000)))
     driver.save_screenshot(str(ARTIFACTS / f"admin-{name}.png"))
 
@@ -66,6 +67,8 @@ def log_in(driver: webdriver.Chrome, base: str, username: str) -> None:
     driver.find_element(By.ID, "id_password").send_keys(PASSWORD)
     driver.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
     WebDriverWait(driver, 20).until(EC.presence_of_element_located((By.ID, "user-tools")))
+    # Fold the admin's navigation sidebar (its own remembered setting) to give the list room.
+    driver.execute_script("localStorage.setItem('django.admin.navSidebarIsOpen', 'false')")
 
 
 def bar(driver: webdriver.Chrome, version: EmbeddingVersion) -> tuple[float, str, str]:
@@ -160,6 +163,7 @@ def test_watch_a_running_backfill_then_activate_through_the_confirmation_page(
     consequences = browser.find_element(By.ID, "ev-consequences").text
     assert f"Reads of {TARGET} switch to {TARGET}@v2" in consequences
     assert f"{TARGET}@v1" in consequences and "becomes standby" in consequences
+    assert "activation checks pass now" in consequences
     screenshot(browser, "confirm-activate")
     v2.refresh_from_db()
     assert v2.state == State.READY  # the confirmation page itself changed nothing
