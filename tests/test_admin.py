@@ -367,3 +367,21 @@ def test_start_backfill_dispatches_batches_to_real_workers(two_versions, operato
     assert v2.events.filter(to_state="backfilling", actor="admin:operator").exists()
     status = client.get(STATUS_URL, {"id": v2.pk}).json()["versions"][str(v2.pk)]
     assert (status["done"], status["total"], status["percent"], status["stale"]) == (12, 12, 100.0, 0)
+
+
+def test_list_filters_by_target_and_state_and_searches_model_names(operator):
+    fifty_versions_across_ten_targets()  # 45 versions: 9 fake targets x 5 states
+    EmbeddingVersion.objects.filter(target="fake3.Thing.embedding", version="v2").update(
+        model_name="/models/special-mpnet")
+    client = login(operator)
+
+    def versions_shown(query: dict[str, str]) -> set[tuple[str, str]]:
+        response = client.get(LIST_URL, query)
+        assert response.status_code == 200
+        return {(v.target, v.version) for v in response.context["cl"].result_list}
+
+    assert versions_shown({"target": "fake1.Thing.embedding"}) == {
+        ("fake1.Thing.embedding", f"v{i}") for i in range(5)}
+    assert versions_shown({"state": "failed"}) == {
+        (f"fake{t}.Thing.embedding", "v3") for t in range(9)}
+    assert versions_shown({"q": "special-mpnet"}) == {("fake3.Thing.embedding", "v2")}
