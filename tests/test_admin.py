@@ -385,3 +385,19 @@ def test_list_filters_by_target_and_state_and_searches_model_names(operator):
     assert versions_shown({"state": "failed"}) == {
         (f"fake{t}.Thing.embedding", "v3") for t in range(9)}
     assert versions_shown({"q": "special-mpnet"}) == {("fake3.Thing.embedding", "v2")}
+
+
+def test_progress_samples_stay_few_on_a_long_run(two_versions):
+    """The trigger keeps samples at least max(1 s, elapsed / 300) apart: on a run started ten
+    hours ago (a 120 s spacing), updates 1.1 s apart add no new sample after the first two, and
+    the last sample is always current."""
+    _v1, v2 = two_versions
+    run = BackfillRun.objects.create(version=v2, batch_size=10, rows_total=10_000)
+    now = time.time()
+    BackfillRun.objects.filter(pk=run.pk).update(progress_samples=[[now - 36_000, 0],
+                                                                   [now - 1_000, 500]])
+    for rows in (501, 502, 503, 504):
+        BackfillRun.objects.filter(pk=run.pk).update(rows_processed=rows)
+        time.sleep(1.1)  # more than the 1 s spacing of a young run
+    run.refresh_from_db()
+    assert [rows for _, rows in run.progress_samples] == [0, 500, 501, 504]
