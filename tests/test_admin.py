@@ -401,3 +401,16 @@ def test_progress_samples_stay_few_on_a_long_run(two_versions):
         time.sleep(1.1)  # more than the 1 s spacing of a young run
     run.refresh_from_db()
     assert [rows for _, rows in run.progress_samples] == [0, 500, 501, 504]
+
+
+def test_a_failed_verify_shows_the_same_message_as_the_command(two_versions, operator):
+    """v2 has no vector yet: `embeddings verify` exits non-zero, the admin shows the same line."""
+    _v1, v2 = two_versions
+    with pytest.raises(CommandError) as failed:
+        call_command("embeddings", "verify", TARGET, "v2")
+    client = login(operator)
+    shown = admin_messages(client, client.post(step_url(v2, "verify")))
+    assert shown == [str(failed.value)]
+    assert shown[0].startswith(f"verify FAILED for {TARGET}@v2: ")
+    v2.refresh_from_db()
+    assert v2.verify_passed is False  # recorded, as the command records it
