@@ -414,3 +414,64 @@ def test_a_failed_verify_shows_the_same_message_as_the_command(two_versions, ope
     assert shown[0].startswith(f"verify FAILED for {TARGET}@v2: ")
     v2.refresh_from_db()
     assert v2.verify_passed is False  # recorded, as the command records it
+
+
+@pytest.mark.django_db(transaction=True)  # the build runs concurrently, from another connection
+def test_status_endpoint_shows_an_index_build_under_way(two_versions, operator):
+    """A writer's open transaction holds CREATE INDEX CONCURRENTLY in its "waiting for writers"
+    phase: meanwhile the status endpoint reports the build (from pg_stat_progress_create_index)."""
+    import threading
+
+    from django.db import connection as main_connection
+    from django.db import transaction
+
+    from embeddings_app import indexes
+
+    v1, _v2 = two_versions
+    locked, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with transaction.atomic():
+                Article.objects.filter(pk=Article.objects.order_by("pk").first().pk).update(
+                    category="held")
+                locked.set()
+                release.wait(60)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            main_connection.close()
+
+    def build() -> None:
+        try:
+            indexes.build(EmbeddingVersion.objects.get(pk=v1.pk))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            main_connection.close()
+
+    threads = [threading.Thread(target=writer, daemon=True)]
+    threads[0].start()
+    assert locked.wait(30)
+    threads.append(threading.Thread(target=build, daemon=True))
+    threads[1].start()
+    client = login(operator)
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status = client.get(STATUS_URL, {"id": v1.pk}).json()["versions"][str(v1.pk)]
+        seen.append((status["index"], status["index_phase"]))
+        if status["index"] == "building":
+            break
+        time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    building = seen[-1]
+    assert building[0] == "building", seen
+    assert "waiting for writers" in building[1], seen
+    assert status["running"] is True
+    status = client.get(STATUS_URL, {"id": v1.pk}).json()["versions"][str(v1.pk)]
+    assert (status["index"], status["running"]) == ("valid", False)
