@@ -17,6 +17,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from embeddings_app import backfill, lifecycle
+from embeddings_app.config import get_config
 from embeddings_app.models import BackfillRun, EmbeddingVersion, RowFailure, State, VersionEvent
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -354,8 +355,8 @@ def test_start_backfill_dispatches_batches_to_real_workers(two_versions, operato
     client = login(operator)
     shown = admin_messages(client, client.post(step_url(v2, "backfill")))
     run = v2.runs.get()
-    assert shown == [f"Backfill run {run.pk} of {TARGET}@v2: 1 batch sent to queue 'embeddings'; "
-                     "progress below."]
+    assert shown == [f"Backfill run {run.pk} of {TARGET}@v2: 1 batch sent to queue "
+                     f"'{get_config().queue}'; progress below."]
     deadline = time.monotonic() + 120
     while run.status == BackfillRun.Status.RUNNING and time.monotonic() < deadline:
         time.sleep(0.5)
