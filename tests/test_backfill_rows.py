@@ -9,7 +9,13 @@ from django.core.management import CommandError, call_command
 from embeddings_app import backfill, encoders, registry, storage
 from embeddings_app.models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
 from project.news.models import Ticket
-from tests.backfill_helpers import all_vectors, assert_every_row_fresh, create_articles
+from tests.backfill_helpers import (
+    WORKER_ENV,
+    all_vectors,
+    assert_every_row_fresh,
+    create_articles,
+    wait_for_run,
+)
 from tests.conftest import TARGET
 
 TICKETS = "news.Ticket.embedding"
@@ -89,10 +95,8 @@ def test_uuid_primary_key_backfills_on_workers(celery_worker):
     # A row inserted after planning with a key below every bound is still covered.
     low = Ticket.objects.create(id="00000000-0000-4000-8000-000000000000", subject="Early key",
                                 raw_body=b"inserted after planning")
-    celery_worker(concurrency=2)
+    celery_worker(concurrency=2, extra_env=WORKER_ENV)
     backfill.dispatch(run, ranges)
-    from tests.backfill_helpers import wait_for_run
-
     run = wait_for_run(run.pk)
     assert run.status == BackfillRun.Status.DONE, run.last_error
     assert assert_every_row_fresh(TICKETS, "v1") == len(tickets) + 1
