@@ -139,13 +139,22 @@ def test_filtered_search_uses_iterative_scans_to_return_k_rows(big_version):
     wanted = [i for i, pk in enumerate(pks) if categories[pk] == "c3"]
     exact = {pks[i] for i in np.array(wanted)[np.argsort(-(vectors[wanted] @ query))[:10]]}
 
-    found = search._nearest(Article.embedding, version, query, 10,
-                            Article.objects.filter(category="c3"))
+    with transaction.atomic(), connection.cursor() as cursor:
+        # Both searches below must be answered by the HNSW index, whatever the planner prefers
+        # for this table's size (an exact scan would trivially return 10 rows).
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        found = search._nearest(Article.embedding, version, query, 10,
+                                Article.objects.filter(category="c3"))
+        plan = (Article.objects.filter(category="c3")
+                .annotate(distance=CosineDistance(search._vector_column(version), query))
+                .filter(distance__isnull=False).order_by("distance", "pk")[:10].explain())
+        assert f"Index Scan using {indexes.index_name(version)}" in plan, plan
     assert len(found) == 10 and all(obj.category == "c3" for obj in found)
     assert len(exact & {obj.pk for obj in found}) >= 9
 
     # Without the iterative scan the same filtered index search comes back short.
     with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
         cursor.execute("SET LOCAL hnsw.ef_search = 40")
         cursor.execute("SET LOCAL hnsw.iterative_scan = off")
         cursor.execute("SELECT id FROM news_article WHERE category = 'c3' "
