@@ -32,8 +32,6 @@ MAX_IDENTIFIER_LENGTH = 63  # PostgreSQL's NAMEDATALEN - 1
 # long transaction would block every read and write of the table behind us.
 DDL_LOCK_TIMEOUT = "5s"
 
-_registered_connections: set[int] = set()
-
 
 def qn(name: str) -> str:
     return connection.ops.quote_name(name)
@@ -108,12 +106,15 @@ def drop_columns(version: EmbeddingVersion, field: VersionedEmbedding) -> list[s
 
 
 def _register_types() -> None:
-    """Teach this connection pgvector's binary formats (once per database connection)."""
+    """Teach this connection pgvector's binary formats (once per database connection).
+
+    Asked of the connection itself: a set of ``id()``s of connections would be wrong once a
+    closed connection is garbage-collected and a new one reuses its id (a worker reconnects
+    after every task)."""
     connection.ensure_connection()
     raw = connection.connection
-    if id(raw) not in _registered_connections:
+    if raw.adapters.types.get("vector") is None:
         register_vector(raw)
-        _registered_connections.add(id(raw))
 
 
 def _pk_db_type(field: VersionedEmbedding) -> str:

@@ -83,6 +83,11 @@ def test_bad_rows_follow_the_policy_and_never_block_their_batch(capsys):
     assert (resumed.status, resumed.rows_processed, resumed.rows_embedded) == ("done", 10, 1)
     version.refresh_from_db()
     assert version.state == State.READY
+    capsys.readouterr()
+    call_command("embeddings", "status", TICKETS)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(TICKETS))
+    assert " ready " in line and "rows" not in line  # the failure was resolved by the resume
+    assert RowFailure.objects.filter(version=version).count() == 1  # history is kept
 
 
 @pytest.mark.worker

@@ -114,9 +114,13 @@ class Command(BaseCommand):
                 run = v.runs.first()
                 if run is not None:
                     runs.append((v, run))
-                failed_rows = v.failures.count()
+                # Rows that could not be embedded since the last run started (its own failures
+                # and those of dual-writes meanwhile); older ones were retried by that run.
+                recent = v.failures.all() if run is None else v.failures.filter(
+                    at__gte=run.started_at)
+                failed_rows = recent.count()
                 failures = f"{failed_rows} rows" if failed_rows else ""
-                if run is not None and run.last_error:
+                if run is not None and run.last_error and run.status != BackfillRun.Status.DONE:
                     failures = f"{failures}; {run.last_error}".lstrip("; ")[:80]
                 rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
                              v.state, "*" if v.state == State.ACTIVE else "", coverage,
