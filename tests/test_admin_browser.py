@@ -81,7 +81,6 @@ def bar(driver: webdriver.Chrome, version: EmbeddingVersion) -> tuple[float, str
     return float(width.rstrip("%")), label, state
 
 
-@pytest.mark.worker
 def test_watch_a_running_backfill_then_activate_through_the_confirmation_page(
         live_server, browser, make_articles):
     make_articles(200)
