@@ -1,0 +1,577 @@
+"""``manage.py demo``: a real embedding model upgrade on real BBC News articles, with live traffic.
+
+all-MiniLM-L6-v2 (384 dims, version v1) -> all-mpnet-base-v2 (768 dims, version v2) with
+``embeddings migrate`` while threads keep searching, editing and inserting articles; then a report
+(timings, throughput, read latency and failed reads before / during / after the flip, freshness of
+every row written during the migration, compare), a timeline chart, retire + drop of v1, and the
+admin served on 127.0.0.1.
+
+Everything the report says is measured in this run. Ctrl-C stops every process this command started
+(the Celery workers; the embedded PostgreSQL and Redis stop with the last process using them).
+Running it again resumes an interrupted migration, or starts a fresh demo dataset in the same data
+folder and model cache; ``--reset`` also re-assembles the model cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection, transaction
+
+from embeddings_app import active, encoders, registry, storage
+from embeddings_app.models import EmbeddingVersion, State
+from project.news import report as rep
+from project.news.corpus import iter_articles
+from project.news.management.commands.provision_models import provision_with_bars
+from project.news.models import Article
+from project.news.traffic import TARGET, Recorder, Traffic
+
+V1, V2 = "v1", "v2"
+V1_ALIAS, V2_ALIAS = "minilm", "mpnet"
+MAX_DOCS = 2225
+SAMPLE_QUERIES = [
+    "interest rates and inflation",
+    "champions league football",
+    "mobile phones and the internet",
+]
+MIGRATE_ATTEMPTS = 3
+FRESH_COSINE = 0.999  # a stored vector equal to a fresh encode of the row's current text
+
+
+class Tee(io.TextIOBase):
+    """Passes a command's output through, recording when each line was written."""
+
+    def __init__(self, out: Any, recorder: Recorder) -> None:
+        self.out = out
+        self.recorder = recorder
+        self.lines: list[tuple[float, str]] = []
+        self._buffer = ""
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        self.out.flush()
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self.lines.append((self.recorder.now(), line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class Workers:
+    """Celery worker processes (each in its own process group), stopped on exit or Ctrl-C."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, count: int = 1, concurrency: int = 2) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE",
+                                                        "project.settings")}
+        for number in range(count):
+            log = self.log_dir / f"worker-{number}.log"
+            handle = log.open("w")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q",
+                 settings.EMBEDDINGS.get("QUEUE", "embeddings"), "-c", str(concurrency),
+                 "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                 "-n", f"demo{number}-{os.getpid()}@%h"],
+                cwd=settings.BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us; we stop them in order
+            )
+            handle.close()
+            self.processes.append(process)
+            deadline = time.monotonic() + 120
+            while " ready." not in log.read_text(errors="replace"):
+                if process.poll() is not None:
+                    raise CommandError(f"celery worker exited early; see {log}")
+                if time.monotonic() > deadline:
+                    raise CommandError(f"celery worker not ready after 120s; see {log}")
+                time.sleep(0.3)
+
+    def pids(self) -> list[int]:
+        import psutil
+
+        pids = []
+        for process in self.processes:
+            pids.append(process.pid)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pids += [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
+        return pids
+
+    def stop(self, grace: float = 20.0) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)  # warm shutdown
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+        _forget_dead_postgres_handles()
+
+
+def _forget_dead_postgres_handles() -> None:
+    """pgserver stops the embedded PostgreSQL when the last process that opened it exits, by a
+    list of pids in the data folder; a process killed hard never removes itself from it. Drop
+    the pids of processes that no longer exist, so that our exit still stops the server."""
+    import psutil
+
+    path = Path(settings.DATA_DIR) / "postgres" / ".handle_pids.json"
+    if os.environ.get("DATABASE_URL") or not path.is_file():
+        return
+    try:
+        pids = json.loads(path.read_text())
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+    except (OSError, ValueError):
+        pass
+
+
+class Command(BaseCommand):
+    help = ("The main job: migrate news articles from all-MiniLM-L6-v2 (v1) to all-mpnet-base-v2 "
+            "(v2) with live reads and writes, report, chart, drop v1, serve the admin.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--docs", type=int, default=1000,
+                            help=f"BBC News articles to load (default 1000, at most {MAX_DOCS})")
+        parser.add_argument("--no-serve", action="store_true", help="do not serve the admin")
+        parser.add_argument("--reset", action="store_true",
+                            help="start over: empty the demo tables and re-assemble the model cache")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--phase-seconds", type=float, default=10.0,
+                            help="seconds of traffic measured before the migration and after the flip")
+        parser.add_argument("--edit-interval", type=float, default=3.0,
+                            help="seconds between two writes (edits; every 4th an insert)")
+        parser.add_argument("--workers", type=int, default=1, help="celery worker processes")
+        parser.add_argument("--concurrency", type=int, default=2, help="-c of each worker")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        docs = options["docs"]
+        if not 1 <= docs <= MAX_DOCS:
+            raise CommandError(f"--docs must be between 1 and {MAX_DOCS}, not {docs}.")
+        self.out_dir = Path(settings.DATA_DIR) / "demo"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.recorder = Recorder(time.monotonic())
+        self.wall0 = time.time()
+        self.steps: list[dict[str, Any]] = []
+        self.migrate_retries: list[dict[str, Any]] = []
+        self.children: list[subprocess.Popen] = []
+        workers = Workers(self.out_dir)
+        self.traffic: Traffic | None = None
+        _forget_dead_postgres_handles()
+        try:
+            self._run(options, workers)
+        except KeyboardInterrupt:
+            self.stderr.write("\nInterrupted: stopping the traffic and the Celery workers ...")
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=10)
+                if child.poll() is None:
+                    child.kill()
+            if self.traffic is not None:
+                self.traffic.stop()
+            workers.stop(grace=5)
+            self.stderr.write("Stopped. Run the demo again to resume where it stopped.")
+            sys.exit(130)
+        finally:
+            if getattr(self, "traffic", None) is not None:
+                self.traffic.stop()
+            workers.stop()
+            connection.close()
+
+    # --- the steps ------------------------------------------------------------------------------
+    def step(self, name: str) -> _Step:
+        return _Step(self, name)
+
+    def say(self, text: str = "", style: Any = None) -> None:
+        self.stdout.write(style(text) if style else text)
+
+    def _run(self, options: dict[str, Any], workers: Workers) -> None:
+        docs = options["docs"]
+        self.say(self.style.MIGRATE_HEADING(
+            f"Embedding model upgrade demo: {docs} BBC News articles, "
+            f"{V1_ALIAS} (384 dims) -> {V2_ALIAS} (768 dims)"))
+        self.say(f"data folder: {settings.DATA_DIR}")
+        with self.step("database: migrations"):
+            call_command("migrate", verbosity=0, interactive=False)
+        with self.step("model cache: all-mpnet-base-v2"):
+            outcome = provision_with_bars(self.stderr._out, force=options["reset"])
+            self.say(f"  {'assembled' if outcome.assembled else 'reused'}: {outcome.folder}")
+
+        versions = {v.version: v for v in EmbeddingVersion.objects.for_target(TARGET)}
+        resume_v2 = V2 in versions and versions[V2].state not in (
+            State.ACTIVE, State.STANDBY, State.RETIRED, State.DROPPED)
+        resume_v1 = (not resume_v2 and V1 in versions and V2 not in versions
+                     and versions[V1].state != State.ACTIVE)
+        if options["reset"] or not (resume_v1 or resume_v2 or self._v1_ready(versions)):
+            with self.step("demo tables: start from a clean dataset"):
+                self._clean_dataset()
+            versions = {}
+        elif resume_v2:
+            self.say(self.style.WARNING(
+                f"  resuming the interrupted migration to {V2} ({versions[V2].state}); "
+                f"--docs is ignored ({Article.objects.count()} articles in the table)"))
+        elif resume_v1:
+            self.say(self.style.WARNING(f"  resuming the interrupted {V1} backfill"))
+
+        with self.step("celery workers"):
+            workers.start(count=options["workers"], concurrency=options["concurrency"])
+            self.say(f"  {options['workers']} worker process(es) x -c {options['concurrency']}, "
+                     f"pids {workers.pids()}, logs in {self.out_dir}")
+
+        if not versions:
+            with self.step(f"load {docs} articles") as s:
+                batch = [Article(title=a.title, body=a.body, category=a.category)
+                         for a in iter_articles(docs)]
+                Article.objects.bulk_create(batch, batch_size=500)
+                s.rows = len(batch)
+        if not resume_v2:
+            with self.step(f"{V1}: migrate --to {V1_ALIAS} (add, backfill, index, verify, activate)"):
+                self._migrate(V1_ALIAS, V1)
+        total_rows = Article.objects.count()
+        before_results = self._sample_searches("before")
+
+        # --- live traffic: before, during and after the migration ------------------------
+        phase = options["phase_seconds"]
+        traffic = Traffic(self.recorder, edit_interval=options["edit_interval"])
+        self.traffic = traffic
+        traffic.start()
+        self.say(f"\nLive traffic on: searches every ~0.25 s, a write every "
+                 f"{options['edit_interval']} s. Measuring {phase:.0f} s before the migration ...")
+        time.sleep(phase)
+        migrate_start = self.recorder.now()
+        with self.step(f"{V2}: migrate --to {V2_ALIAS} under live traffic"):
+            tee = self._migrate(V2_ALIAS, V2)
+        migrate_end = self.recorder.now()
+        flip_t = self._flip_time()
+        self.say(f"Flip at t={flip_t:.1f} s. Measuring {phase:.0f} s after the flip ...")
+        time.sleep(phase)
+        traffic.stop()
+        self.traffic = None
+        end_t = self.recorder.now()
+
+        # --- proof ---------------------------------------------------------------------------
+        with self.step("freshness of every row written during the run") as s:
+            fresh = self._freshness()
+            s.rows = fresh["checked"]
+        with self.step(f"compare {V1} vs {V2} (shadow reads)"):
+            compare = self._compare()
+        after_results = self._sample_searches("after")
+        v1_rows_per_s, v2_rows_per_s = self._throughput()
+
+        phases = {
+            "before": rep.phase_stats(self.recorder, 0, migrate_start),
+            "during": rep.phase_stats(self.recorder, migrate_start, flip_t),
+            "after": rep.phase_stats(self.recorder, flip_t, end_t + 1),
+        }
+        chart_path = rep.chart(
+            self.recorder, self.out_dir / "migration-timeline.png", flip_t=flip_t,
+            new_version=V2, migrate_start=migrate_start, migrate_end=migrate_end,
+            title=(f"{V1} ({V1_ALIAS}) -> {V2} ({V2_ALIAS}) on {total_rows} articles, "
+                   "under live reads and writes"),
+        )
+
+        # --- retire and drop v1 --------------------------------------------------------------
+        with self.step(f"retire + drop {V1}"):
+            call_command("embeddings", "retire", TARGET, V1, stdout=self.stdout._out)
+            call_command("embeddings", "drop", TARGET, V1, "--yes", stdout=self.stdout._out)
+        field = registry.get(TARGET)
+        columns = storage.existing_columns(field.table)
+        v1_dropped = (field.column(V1) not in columns
+                      and EmbeddingVersion.objects.get_version(TARGET, V1).state == State.DROPPED)
+
+        result = {
+            "docs": total_rows,
+            "total_seconds": round(time.monotonic() - self.recorder.t0, 1),
+            "steps": self.steps,
+            "migrate_lines": [(round(t, 2), line) for t, line in tee.lines],
+            "rows_per_second": {V1: v1_rows_per_s, V2: v2_rows_per_s},
+            "flip_s": round(flip_t, 2),
+            "migrate_retries": self.migrate_retries,
+            "phases": phases,
+            "failed_reads": sum(p["failed_reads"] for p in phases.values()),
+            "read_errors": sorted({r.error for r in self.recorder.reads if not r.ok})[:10],
+            "write_errors": sorted({w.error for w in self.recorder.writes if not w.ok})[:10],
+            "writes": {
+                "edits": sum(1 for w in self.recorder.writes if w.kind == "edit" and w.ok),
+                "inserts": sum(1 for w in self.recorder.writes if w.kind == "insert" and w.ok),
+                "failed": sum(1 for w in self.recorder.writes if not w.ok),
+                "during_migration": sum(1 for w in self.recorder.writes
+                                        if migrate_start <= w.t < migrate_end),
+            },
+            "freshness": fresh,
+            "compare": compare,
+            "searches": {"before": before_results, "after": after_results},
+            "v1_dropped": v1_dropped,
+            "columns_now": sorted(c for c in columns if c.startswith(field.name)),
+            "chart": str(chart_path),
+        }
+        self._print_report(result)
+        report_path = self.out_dir / "report.json"
+        report_path.write_text(json.dumps(result, indent=2))
+        self.say(f"\nReport (JSON): {report_path}")
+        self.say(self.style.SUCCESS(f"Timeline chart (PNG): {chart_path}"))
+        failed = result["failed_reads"] or not fresh["all_fresh"] or not v1_dropped
+        if failed:
+            raise CommandError("The demo found a problem (see the report above).")
+        if not options["no_serve"]:
+            self._serve(options["port"])
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _v1_ready(self, versions: dict[str, EmbeddingVersion]) -> bool:
+        """A previous run got as far as an active v1 but had not started v2: continue from it."""
+        return (set(versions) == {V1} and versions[V1].state == State.ACTIVE
+                and Article.objects.exists())
+
+    def _clean_dataset(self) -> None:
+        """An empty demo table with no version columns and no versions (model cache and database
+        are kept). Only the demo's own table and its versions are touched."""
+        field = registry.get(TARGET)
+        model_columns = {f.column for f in Article._meta.concrete_fields}
+        with transaction.atomic():
+            EmbeddingVersion.objects.filter(target=TARGET).delete()
+            with connection.cursor() as cursor:
+                for column in sorted(storage.existing_columns(field.table) - model_columns):
+                    cursor.execute(f"ALTER TABLE {storage.qn(field.table)} "
+                                   f"DROP COLUMN {storage.qn(column)}")
+                cursor.execute(f"TRUNCATE {storage.qn(field.table)} RESTART IDENTITY")
+        active.invalidate(TARGET)
+
+    def _migrate(self, alias: str, version: str) -> Tee:
+        """``embeddings migrate`` as its own process, as an operator runs it next to a live site
+        (this process is the site: its threads search and write). Its output is passed through
+        and each line's time recorded; its progress bar goes straight to the terminal."""
+        tee = Tee(self.stdout._out, self.recorder)
+        self.recorder.mark(f"migrate {version} start")
+        command = [sys.executable, "manage.py", "embeddings", "migrate", TARGET, "--to", alias,
+                   "--version", version]
+        for attempt in range(1, MIGRATE_ATTEMPTS + 1):
+            process = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT if not sys.stderr.isatty()
+                                       else None, text=True, bufsize=1)
+            self.children.append(process)
+            assert process.stdout is not None
+            refused = ""
+            for line in process.stdout:
+                if "\r" in line:  # a progress bar when stderr is not a terminal: keep the last
+                    line = line.rsplit("\r", 1)[-1]
+                tee.write(line)
+                if "not complete and fresh" in line:
+                    refused = line.strip()
+            code = process.wait()
+            self.children.remove(process)
+            if code == 0:
+                break
+            # activate refuses while a row is not complete and fresh; the documented way on is
+            # to run migrate again (it resumes). Anything else stops the demo.
+            if attempt == MIGRATE_ATTEMPTS or not refused:
+                raise CommandError(f"embeddings migrate --to {alias} failed (exit {code}).")
+            self.migrate_retries.append({"version": version, "t": round(self.recorder.now(), 2),
+                                         "refused": refused})
+            tee.write(f"migrate refused ({refused}); running migrate again (attempt "
+                      f"{attempt + 1})\n")
+        for t, line in tee.lines:
+            if line.startswith("["):
+                self.recorder.marks.append((t, line.strip()))
+        self.recorder.mark(f"migrate {version} end")
+        return tee
+
+    def _flip_time(self) -> float:
+        event = (EmbeddingVersion.objects.get_version(TARGET, V2).events
+                 .filter(to_state=State.ACTIVE).order_by("-at").first())
+        return event.at.timestamp() - self.wall0 if event else self.recorder.now()
+
+    def _sample_searches(self, when: str) -> dict[str, list[str]]:
+        version = Article.embedding.active()
+        self.say(self.style.MIGRATE_HEADING(
+            f"\nTop results {when} ({version.version}: {version.model_label}):"))
+        out = {}
+        for query in SAMPLE_QUERIES:
+            results = Article.embedding.search(query, k=3)
+            out[query] = [f"{r.title} ({r.category}, {r.distance:.3f})" for r in results]
+            self.say(f"  {query!r}")
+            for line in out[query]:
+                self.say(f"    - {line}")
+        return out
+
+    def _freshness(self) -> dict[str, Any]:
+        """Each row written by the traffic: its stored v2 vector against a fresh encode of its
+        current text with v2's pinned model (and the same for v1 while it is still kept)."""
+        pks = sorted({w.pk for w in self.recorder.writes if w.ok and w.pk})
+        field = registry.get(TARGET)
+        result: dict[str, Any] = {"checked": len(pks), "threshold": FRESH_COSINE}
+        for name in (V2, V1):
+            version = EmbeddingVersion.objects.get_version(TARGET, name)
+            encoder = encoders.for_version(version)
+            rows = {a.pk: a for a in Article.objects.filter(pk__in=pks)}
+            stale, missing, worst = [], [], 1.0
+            for chunk in range(0, len(pks), 32):
+                part = [pk for pk in pks[chunk:chunk + 32] if pk in rows]
+                fresh = encoder.encode_documents([field.source_text(rows[pk]) for pk in part])
+                for pk, vector in zip(part, fresh, strict=True):
+                    stored = storage.read_vector(field, version, pk)
+                    if stored is None:
+                        missing.append(pk)
+                        continue
+                    cosine = float(np.dot(stored, vector)
+                                   / (np.linalg.norm(stored) * np.linalg.norm(vector)))
+                    worst = min(worst, cosine)
+                    if cosine < FRESH_COSINE:
+                        stale.append(pk)
+            result[name] = {"stale": stale, "missing": missing, "min_cosine": round(worst, 6),
+                            "fresh": len(pks) - len(stale) - len(missing)}
+        result["all_fresh"] = not (result[V2]["stale"] or result[V2]["missing"])
+        return result
+
+    def _compare(self) -> dict[str, Any]:
+        out = io.StringIO()
+        try:
+            call_command("embeddings", "compare", TARGET, V1, V2, "--k", "10", "--sample", "50",
+                         stdout=out)
+        except Exception as exc:  # report what happened; never invent a figure
+            return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
+        lines = out.getvalue().splitlines()
+        figures: dict[str, Any] = {"available": True, "lines": lines}
+        for line in lines[1:]:
+            cells = line.split()
+            if len(cells) >= 2 and cells[0].startswith(("recall@", "nDCG@", "overlap@")):
+                figures[cells[0]] = [float(c) for c in cells[1:] if _is_number(c)]
+        return figures
+
+    def _throughput(self) -> tuple[float | None, float | None]:
+        rates = []
+        for name in (V1, V2):
+            run = EmbeddingVersion.objects.get_version(TARGET, name).runs.order_by("-id").first()
+            if run is None or not run.finished_at or not run.started_at or not run.rows_embedded:
+                rates.append(None)
+                continue
+            seconds = (run.finished_at - run.started_at).total_seconds()
+            rates.append(round(run.rows_embedded / seconds, 2) if seconds > 0 else None)
+        return rates[0], rates[1]
+
+    def _print_report(self, r: dict[str, Any]) -> None:
+        h = self.style.MIGRATE_HEADING
+        self.say(h("\n================ Report (all figures measured in this run) ================"))
+        self.say(h("Steps"))
+        for s in r["steps"]:
+            extra = f"  ({s['rows']} rows, {s['rows_per_s']} rows/s)" if s.get("rows_per_s") else ""
+            self.say(f"  {s['seconds']:7.1f} s  {s['name']}{extra}")
+        for t, line in r["migrate_lines"]:
+            if line.startswith("["):
+                self.say(f"           t={t:7.1f} s  {line}")
+        rates = r["rows_per_second"]
+        self.say(f"  backfill throughput (last run, rows embedded / run time): "
+                 f"{V1} {rates[V1]} rows/s, {V2} {rates[V2]} rows/s")
+        self.say(f"  total so far: {r['total_seconds']} s")
+        for retry in r["migrate_retries"]:
+            self.say(f"  migrate {retry['version']} re-run at t={retry['t']} s after: "
+                     f"{retry['refused']}")
+        self.say(h("Reads (semantic search, k=10) by phase"))
+        self.say(f"  {'phase':8} {'reads':>6} {'failed':>7} {'p50':>8} {'p95':>8}  served by")
+        for name, p in r["phases"].items():
+            self.say(f"  {name:8} {p['reads']:6} {p['failed_reads']:7} {rep.fmt_ms(p['p50_ms']):>8} "
+                     f"{rep.fmt_ms(p['p95_ms']):>8}  {p['served_by']}")
+        self.say(f"  failed reads in total: {r['failed_reads']}"
+                 + (f"  errors: {r['read_errors']}" if r["read_errors"] else ""))
+        w, f = r["writes"], r["freshness"]
+        self.say(h("Writes"))
+        self.say(f"  {w['edits']} edits, {w['inserts']} inserts ({w['during_migration']} during "
+                 f"the migration), {w['failed']} failed"
+                 + (f": {r['write_errors']}" if r["write_errors"] else ""))
+        self.say(f"  freshness of the {f['checked']} rows written: {V2}: {f[V2]['fresh']} fresh, "
+                 f"{len(f[V2]['stale'])} stale, {len(f[V2]['missing'])} without vector, min cosine "
+                 f"to a fresh encode {f[V2]['min_cosine']}; {V1} (standby, dual-written): "
+                 f"{f[V1]['fresh']} fresh, min cosine {f[V1]['min_cosine']}")
+        self.say(h("Compare (shadow reads, proxy queries: a sentence out of an article)"))
+        if r["compare"].get("available"):
+            for line in r["compare"]["lines"]:
+                self.say(f"  {line}")
+        else:
+            self.say(f"  not available: {r['compare'].get('error')}")
+        self.say(h("Old version"))
+        self.say(f"  {V1} dropped: {r['v1_dropped']}; embedding columns now: {r['columns_now']}")
+
+    def _serve(self, port: int) -> None:
+        from django.contrib.auth import get_user_model
+
+        user_model = get_user_model()
+        user, _ = user_model.objects.get_or_create(username="demo",
+                                                   defaults={"email": "demo@example.com"})
+        user.is_staff = user.is_superuser = True
+        user.set_password("demo")
+        user.save()
+        port = _free_port(port)
+        self.say(self.style.SUCCESS(
+            f"\nAdmin: http://127.0.0.1:{port}/admin/  (login: demo / demo)  Ctrl-C to stop."))
+        call_command("runserver", f"127.0.0.1:{port}", use_reloader=False, use_threading=True)
+
+
+class _Step:
+    def __init__(self, command: Command, name: str) -> None:
+        self.command = command
+        self.name = name
+        self.rows: int | None = None
+
+    def __enter__(self) -> _Step:
+        self.started = time.monotonic()
+        self.command.recorder.mark(f"{self.name} start")
+        self.command.say(self.command.style.MIGRATE_HEADING(f"\n==> {self.name}"))
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            return
+        seconds = time.monotonic() - self.started
+        entry: dict[str, Any] = {"name": self.name, "seconds": round(seconds, 1)}
+        if self.rows:
+            entry["rows"] = self.rows
+            entry["rows_per_s"] = round(self.rows / seconds, 2) if seconds else None
+        self.command.steps.append(entry)
+        self.command.say(f"    done in {seconds:.1f} s")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _free_port(preferred: int) -> int:
+    for port in range(preferred, preferred + 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise CommandError(f"no free port from {preferred}")
+
