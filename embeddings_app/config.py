@@ -239,6 +239,20 @@ def parse(raw: Any) -> EmbeddingsConfig:
     )
 
 
+_parsed: list[tuple[Any, EmbeddingsConfig]] = []  # (the setting object, its parse)
+
+
 def get_config() -> EmbeddingsConfig:
-    """The current ``settings.EMBEDDINGS``, parsed (re-read each call: tests override settings)."""
-    return parse(getattr(settings, "EMBEDDINGS", None))
+    """The current ``settings.EMBEDDINGS``, parsed.
+
+    Parsed again whenever the setting is replaced (``override_settings`` and friends replace the
+    object); the value is treated as immutable, like every Django setting at run time. This runs
+    on every search and save, so it must cost nothing in the steady state.
+    """
+    raw = getattr(settings, "EMBEDDINGS", None)
+    cached = _parsed[0] if _parsed else None
+    if cached is not None and cached[0] is raw:
+        return cached[1]
+    config = parse(raw)
+    _parsed[:] = [(raw, config)]
+    return config

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from django.db import connection, models, transaction
+from django.db import connection, connections, models
 from django.db.models.expressions import Expression
 from pgvector.django import CosineDistance, HalfVectorField, VectorField
 
@@ -71,38 +71,66 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     filtered = queryset is not None and queryset.query.has_filters()
     queryset = queryset if queryset is not None else field.model._default_manager.all()
     distance = CosineDistance(_vector_column(version), vector)
-    with transaction.atomic(using=queryset.db):
-        _set_search_parameters(version, filtered=filtered)
-        results = list(
-            queryset.annotate(distance=distance)
-            .filter(distance__isnull=False)  # rows without a vector for this version
-            .order_by("distance", "pk")[:k]
-        )
+    search = (queryset.annotate(distance=distance)
+              .filter(distance__isnull=False)  # rows without a vector for this version
+              .order_by("distance", "pk")[:k])
+    db = connections[queryset.db]
+    # Inside the caller's transaction: SET LOCAL, gone when it ends. In autocommit: session
+    # settings sent only when they differ from what this connection already has, so a steady
+    # stream of searches costs one round trip each, like the raw SQL.
+    _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block)
+    results = list(search)
     for obj in results:
         obj.embedding_version = version.version
     return results
 
 
-def _set_search_parameters(version: EmbeddingVersion, *, filtered: bool) -> None:
-    """``SET LOCAL`` the HNSW search parameters of ``version`` for this transaction.
+def _set_search_parameters(db: Any, version: EmbeddingVersion, *, filtered: bool,
+                           local: bool) -> None:
+    """Set the HNSW search parameters of ``version`` on ``db``.
 
     ``hnsw.ef_search`` is the version's ``hnsw_ef_search``. A filtered query (a ``queryset`` with
     a WHERE clause) also turns on pgvector 0.8's iterative index scan in ``strict_order`` mode, so
     a selective filter still returns ``k`` rows, in exact distance order.
     """
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT set_config('hnsw.ef_search', %s, true)",
-                       [str(int(version.hnsw_ef_search))])
-        if filtered and supports_iterative_scan():
-            cursor.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
+    wanted = {"hnsw.ef_search": str(int(version.hnsw_ef_search))}
+    if supports_iterative_scan(db):
+        wanted["hnsw.iterative_scan"] = "strict_order" if filtered else "off"
+    if local:
+        changes = wanted
+    else:
+        db.ensure_connection()
+        session = _session_settings(db)
+        changes = {name: value for name, value in wanted.items() if session.get(name) != value}
+    if not changes:
+        return
+    calls = ", ".join("set_config(%s, %s, %s)" for _ in changes)
+    params: list[Any] = []
+    for name, value in changes.items():
+        params += [name, value, local]
+    with db.cursor() as cursor:
+        cursor.execute(f"SELECT {calls}", params)
+    if not local:
+        _session_settings(db).update(changes)
+
+
+def _session_settings(db: Any) -> dict[str, str]:
+    """What this process has SET on ``db``'s current server connection (a new connection starts
+    with the server's defaults, so the record is keyed by the connection object)."""
+    raw = db.connection
+    record = getattr(db, "_embeddings_search_settings", None)
+    if record is None or record[0] is not raw:
+        record = (raw, {})
+        db._embeddings_search_settings = record
+    return record[1]
 
 
 _extension_version: list[tuple[int, ...]] = []
 
 
-def pgvector_version() -> tuple[int, ...]:
+def pgvector_version(db: Any = None) -> tuple[int, ...]:
     if not _extension_version:
-        with connection.cursor() as cursor:
+        with (db or connection).cursor() as cursor:
             cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
             row = cursor.fetchone()
         _extension_version.append(
@@ -111,5 +139,5 @@ def pgvector_version() -> tuple[int, ...]:
     return _extension_version[0]
 
 
-def supports_iterative_scan() -> bool:
-    return pgvector_version() >= (0, 8)
+def supports_iterative_scan(db: Any = None) -> bool:
+    return pgvector_version(db) >= (0, 8)

@@ -104,7 +104,7 @@ def test_index_builds_concurrently_under_inserts_and_searches_with_high_recall(
         found = search._nearest(Article.embedding, version, query, 10, None)
         recalls.append(len(exact & {obj.pk for obj in found}) / 10)
     with transaction.atomic():
-        search._set_search_parameters(version, filtered=False)
+        search._set_search_parameters(connection, version, filtered=False, local=True)
         plan = (Article.objects.annotate(distance=CosineDistance(search._vector_column(version),
                                                                  queries[0]))
                 .filter(distance__isnull=False).order_by("distance", "pk")[:10].explain())
