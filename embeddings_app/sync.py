@@ -74,7 +74,9 @@ def refresh_rows(
     if not versions or not instances:
         return stats
     encoders_by_version = {version.pk: encoders.for_version(version) for version in versions}
-    texts = {obj.pk: field.source_text(obj) for obj in instances}
+    # Keys as the database returns them: an instance created with a str UUID has a str pk.
+    to_key = field.model._meta.pk.to_python
+    texts = {to_key(obj.pk): field.source_text(obj) for obj in instances}
     hashes = {pk: field.source_hash(text) for pk, text in texts.items()}
     stored = storage.stored_hashes(field, versions, list(texts))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
@@ -105,7 +107,7 @@ def test_uuid_primary_key_backfills_on_workers(celery_worker):
     run = wait_for_run(run.pk)
     assert run.status == BackfillRun.Status.DONE, run.last_error
     assert assert_every_row_fresh(TICKETS, "v1") == len(tickets) + 1
-    assert all_vectors(registry.get(TICKETS), version)[low.pk][0] is not None
+    assert all_vectors(registry.get(TICKETS), version)[uuid.UUID(low.pk)][0] is not None
 
 
 @pytest.mark.django_db(transaction=True)
