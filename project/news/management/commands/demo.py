@@ -33,6 +33,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 
 from embeddings_app import active, encoders, registry, storage
+from embeddings_app.config import get_config
 from embeddings_app.models import EmbeddingVersion, State
 from project.news import report as rep
 from project.news.corpus import iter_articles
@@ -230,7 +231,7 @@ class Command(BaseCommand):
             State.ACTIVE, State.STANDBY, State.RETIRED, State.DROPPED)
         resume_v1 = (not resume_v2 and V1 in versions and V2 not in versions
                      and versions[V1].state != State.ACTIVE)
-        if options["reset"] or not (resume_v1 or resume_v2 or self._v1_ready(versions)):
+        if options["reset"] or not (resume_v1 or resume_v2 or self._v1_ready(versions, docs)):
             with self.step("demo tables: start from a clean dataset"):
                 self._clean_dataset()
             versions = {}
@@ -252,7 +253,11 @@ class Command(BaseCommand):
                          for a in iter_articles(docs)]
                 Article.objects.bulk_create(batch, batch_size=500)
                 s.rows = len(batch)
-        if not resume_v2:
+        v1_active = bool(versions) and versions.get(V1) is not None and versions[V1].state in (
+            State.ACTIVE,) and not resume_v2
+        if v1_active:
+            self.say(f"  {V1} is already active from an earlier run: continuing with {V2}")
+        elif not resume_v2:
             with self.step(f"{V1}: migrate --to {V1_ALIAS} (add, backfill, index, verify, activate)"):
                 self._migrate(V1_ALIAS, V1)
         total_rows = Article.objects.count()
@@ -286,6 +291,11 @@ class Command(BaseCommand):
         after_results = self._sample_searches("after")
         v1_rows_per_s, v2_rows_per_s = self._throughput()
 
+        ttl = get_config().active_cache_ttl
+        late_v1 = [r.t - flip_t for r in self.recorder.reads
+                   if r.ok and r.version == V1 and r.t >= flip_t]
+        switch = {"active_cache_ttl_s": ttl, "v1_reads_after_flip": len(late_v1),
+                  "last_v1_read_after_flip_s": round(max(late_v1), 2) if late_v1 else None}
         phases = {
             "before": rep.phase_stats(self.recorder, 0, migrate_start),
             "during": rep.phase_stats(self.recorder, migrate_start, flip_t),
@@ -315,6 +325,7 @@ class Command(BaseCommand):
             "rows_per_second": {V1: v1_rows_per_s, V2: v2_rows_per_s},
             "flip_s": round(flip_t, 2),
             "migrate_retries": self.migrate_retries,
+            "switch": switch,
             "phases": phases,
             "failed_reads": sum(p["failed_reads"] for p in phases.values()),
             "read_errors": sorted({r.error for r in self.recorder.reads if not r.ok})[:10],
@@ -345,10 +356,11 @@ class Command(BaseCommand):
             self._serve(options["port"])
 
     # --- helpers ----------------------------------------------------------------------------
-    def _v1_ready(self, versions: dict[str, EmbeddingVersion]) -> bool:
-        """A previous run got as far as an active v1 but had not started v2: continue from it."""
+    def _v1_ready(self, versions: dict[str, EmbeddingVersion], docs: int) -> bool:
+        """A previous run got as far as an active v1 (with at least ``docs`` articles) but had
+        not started v2: continue from it."""
         return (set(versions) == {V1} and versions[V1].state == State.ACTIVE
-                and Article.objects.exists())
+                and Article.objects.count() >= docs)
 
     def _clean_dataset(self) -> None:
         """An empty demo table with no version columns and no versions (model cache and database
@@ -498,6 +510,13 @@ class Command(BaseCommand):
         for name, p in r["phases"].items():
             self.say(f"  {name:8} {p['reads']:6} {p['failed_reads']:7} {rep.fmt_ms(p['p50_ms']):>8} "
                      f"{rep.fmt_ms(p['p95_ms']):>8}  {p['served_by']}")
+        sw = r["switch"]
+        if sw["v1_reads_after_flip"]:
+            self.say(f"  {sw['v1_reads_after_flip']} read(s) completed up to "
+                     f"{sw['last_v1_read_after_flip_s']} s after the flip were still served by {V1}: "
+                     f"this process re-reads the active version at most "
+                     f"ACTIVE_CACHE_TTL = {sw['active_cache_ttl_s']} s late ({V1} is on standby and "
+                     "dual-written, so they were complete v1 results, never mixed)")
         self.say(f"  failed reads in total: {r['failed_reads']}"
                  + (f"  errors: {r['read_errors']}" if r["read_errors"] else ""))
         w, f = r["writes"], r["freshness"]
