@@ -7,6 +7,7 @@ one line saying why and what to do, having changed nothing.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -103,11 +104,23 @@ class Readiness:
         return problems
 
 
-def readiness(version: EmbeddingVersion) -> Readiness:
+# A save commits its row before its post_save dual-write commits the vectors: on a live site a
+# row can lack its new vector for a moment. Only rows still unfresh this long later count.
+SETTLE_SECONDS = 1.0
+
+
+def readiness(version: EmbeddingVersion, *, settle: bool = False) -> Readiness:
+    """Coverage and staleness of ``version``. With ``settle``, a row missing or stale at the first
+    look counts only if it still is ``SETTLE_SECONDS`` later (writes in flight are not gaps)."""
     field = registry.get(version.target)
-    done, total = storage.coverage(field, version)
-    (stale,) = sync.count_stale(field, [version])
-    return Readiness(done, total, stale)
+    missing, stale = sync.unfresh_rows(field, version)
+    if settle and (missing or stale):
+        time.sleep(SETTLE_SECONDS)
+        missing_later, stale_later = sync.unfresh_rows(field, version)
+        persistent = (missing | stale) & (missing_later | stale_later)
+        missing, stale = persistent & missing_later, persistent & stale_later
+    total = field.model._base_manager.count()
+    return Readiness(total - len(missing), total, len(stale))
 
 
 ACTIVATABLE_STATES = (State.READY, State.STANDBY)
@@ -147,7 +160,7 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
 
     target, name = version.target, version.version
     problems = []
-    ready = readiness(version)
+    ready = readiness(version, settle=True)
     if ready.problems:
         problems.append(f"{version} is not complete and fresh ({'; '.join(ready.problems)}); "
                         f"run `manage.py embeddings backfill {target} {name}` first.")

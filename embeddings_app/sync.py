@@ -207,3 +207,20 @@ def count_stale(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion])
                 if value is not None and value != current:
                     counts[index] += 1
     return counts
+
+
+def unfresh_rows(field: VersionedEmbedding, version: EmbeddingVersion) -> tuple[set[Any], set[Any]]:
+    """(keys of rows without a vector or hash, keys of stale rows) of ``version`` (a full read)."""
+    from .config import get_config
+
+    missing: set[Any] = set()
+    stale: set[Any] = set()
+    for page in iter_pages(field.source_queryset(), get_config().batch_size * 8):
+        stored = storage.stored_hashes(field, [version], [obj.pk for obj in page])
+        for obj in page:
+            (value,) = stored.get(obj.pk, (None,))
+            if value is None:
+                missing.add(obj.pk)
+            elif value != field.source_hash(field.source_text(obj)):
+                stale.add(obj.pk)
+    return missing, stale
