@@ -28,9 +28,16 @@ def setup_django() -> None:
     import django
 
     django.setup()
+    from django.conf import settings
     from django.core.management import call_command
 
+    from tests.tinymodel import build_tiny_model
+
     call_command("migrate", verbosity=0)
+    # The small local models of tests/settings.py, built once (deterministic).
+    tokenizer = Path(settings.EMBEDDINGS["MODELS"]["minilm"]["model"])
+    build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert", tokenizer, seed=0)
+    build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert-seed1", tokenizer, seed=1)
 
 
 def reset_articles() -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from django.db import connection, connections, models
 from django.db.models.expressions import Expression
+from django.db.models.lookups import IsNull
 from pgvector.django import CosineDistance, HalfVectorField, VectorField
 
 from . import active, encoders
@@ -70,9 +71,11 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
         return []
     filtered = queryset is not None and queryset.query.has_filters()
     queryset = queryset if queryset is not None else field.model._default_manager.all()
-    distance = CosineDistance(_vector_column(version), vector)
-    search = (queryset.annotate(distance=distance)
-              .filter(distance__isnull=False)  # rows without a vector for this version
+    column = _vector_column(version)
+    search = (queryset.annotate(distance=CosineDistance(column, vector))
+              # Rows without a vector for this version. On the column, not on the distance: the
+              # query vector is then sent and computed once per row, as in hand-written SQL.
+              .filter(IsNull(column, False))
               .order_by("distance", "pk")[:k])
     db = connections[queryset.db]
     # Inside the caller's transaction: SET LOCAL, gone when it ends. In autocommit: session
