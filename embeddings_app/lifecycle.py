@@ -113,10 +113,10 @@ def readiness(version: EmbeddingVersion, *, settle: bool = False) -> Readiness:
     """Coverage and staleness of ``version``. With ``settle``, a row missing or stale at the first
     look counts only if it still is ``SETTLE_SECONDS`` later (writes in flight are not gaps)."""
     field = registry.get(version.target)
-    missing, stale = sync.unfresh_rows(field, version)
+    ((missing, stale),) = sync.unfresh_rows(field, [version])
     if settle and (missing or stale):
         time.sleep(SETTLE_SECONDS)
-        missing_later, stale_later = sync.unfresh_rows(field, version)
+        ((missing_later, stale_later),) = sync.unfresh_rows(field, [version])
         persistent = (missing | stale) & (missing_later | stale_later)
         missing, stale = persistent & missing_later, persistent & stale_later
     total = field.model._base_manager.count()

@@ -194,33 +194,29 @@ def sync_queryset(
 
 def count_stale(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion]) -> list[int]:
     """Per version: rows embedded from a source text that has changed since (a full read)."""
+    return [len(stale) for _, stale in unfresh_rows(field, versions)]
+
+
+def unfresh_rows(
+    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion]
+) -> list[tuple[set[Any], set[Any]]]:
+    """Per version: (keys of rows without a vector or hash, keys of stale rows), in one read of
+    the table."""
     from .config import get_config
 
-    counts = [0] * len(versions)
+    result: list[tuple[set[Any], set[Any]]] = [(set(), set()) for _ in versions]
     if not versions:
-        return counts
+        return result
     for page in iter_pages(field.source_queryset(), get_config().batch_size * 8):
         stored = storage.stored_hashes(field, versions, [obj.pk for obj in page])
         for obj in page:
+            values = stored.get(obj.pk)
+            if values is None:
+                continue  # deleted since the page was read
             current = field.source_hash(field.source_text(obj))
-            for index, value in enumerate(stored.get(obj.pk, ())):
-                if value is not None and value != current:
-                    counts[index] += 1
-    return counts
-
-
-def unfresh_rows(field: VersionedEmbedding, version: EmbeddingVersion) -> tuple[set[Any], set[Any]]:
-    """(keys of rows without a vector or hash, keys of stale rows) of ``version`` (a full read)."""
-    from .config import get_config
-
-    missing: set[Any] = set()
-    stale: set[Any] = set()
-    for page in iter_pages(field.source_queryset(), get_config().batch_size * 8):
-        stored = storage.stored_hashes(field, [version], [obj.pk for obj in page])
-        for obj in page:
-            (value,) = stored.get(obj.pk, (None,))
-            if value is None:
-                missing.add(obj.pk)
-            elif value != field.source_hash(field.source_text(obj)):
-                stale.add(obj.pk)
-    return missing, stale
+            for (missing, stale), value in zip(result, values, strict=True):
+                if value is None:
+                    missing.add(obj.pk)
+                elif value != current:
+                    stale.add(obj.pk)
+    return result
