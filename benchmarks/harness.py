@@ -214,6 +214,8 @@ def use_near_free_encoder(dimensions: int | None = None) -> None:
     tables: dict[int, Any] = {}
 
     def lookup(self: encoders.Encoder, texts: list[str], prompt: str | None) -> Any:
+        # Without ``dimensions``, the loading encoder's probe (before ``self.dimensions`` exists)
+        # gets 32: pass the model's real width when the column type matters.
         dims = dimensions or getattr(self, "dimensions", None) or 32
         if dims not in tables:
             rng = np.random.default_rng(dims)

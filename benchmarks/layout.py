@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--rows", type=int, default=50_000)
     args = parser.parse_args(argv)
     harness.setup_django()
-    harness.use_near_free_encoder()
+    harness.use_near_free_encoder(dimensions=384)  # MiniLM's width, without its inference
 
     plain = column_scenario(args.rows, index_old=False, fillfactor=None)
     indexed = column_scenario(args.rows, index_old=True, fillfactor=None)
