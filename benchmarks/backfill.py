@@ -23,18 +23,6 @@ from benchmarks import harness
 TARGET = "news.Article.embedding"
 
 
-def _articles(count: int) -> None:
-    from project.news.corpus import iter_articles
-    from project.news.models import Article
-
-    corpus = list(iter_articles())
-    Article.objects.bulk_create([
-        Article(title=item.title if i < len(corpus) else f"{item.title} ({i // len(corpus)})",
-                body=item.body, category=item.category)
-        for i, item in ((i, corpus[i % len(corpus)]) for i in range(count))
-    ], batch_size=2000)
-
-
 def _inline_backfill(version_name: str, alias: str, batch_size: int) -> float:
     """Add ``version_name`` and backfill it inline; returns the seconds of the backfill."""
     from embeddings_app import backfill, lifecycle
@@ -57,7 +45,7 @@ def encode_bound(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     from project.news.models import Article
 
     harness.reset_articles()
-    _articles(docs)
+    harness.insert_corpus_articles(docs)
     field = registry.get(TARGET)
     texts = [field.source_text(a) for a in field.source_queryset().order_by("pk")]
     encoder = encoders.load(get_config().model("minilm"))

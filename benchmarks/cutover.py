@@ -27,12 +27,10 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     from django.core.management import call_command
     from django.db import connection
 
-    from project.news.corpus import iter_articles
     from project.news.models import Article
 
     harness.reset_articles()
-    Article.objects.bulk_create([Article(title=a.title, body=a.body, category=a.category)
-                                 for a in iter_articles(args.docs)])
+    harness.insert_corpus_articles(args.docs)
     for version, alias in (("v1", "minilm"), ("v2", "minilm256")):
         call_command("embeddings", "add", TARGET, version, "--model", alias)
         call_command("embeddings", "backfill", TARGET, version, "--inline")

@@ -28,12 +28,10 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     from embeddings_app import backfill, lifecycle, signals
     from embeddings_app.models import EmbeddingVersion
     from project.celery import app as celery_app
-    from project.news.corpus import iter_articles
     from project.news.models import Article
 
     harness.reset_articles()
-    Article.objects.bulk_create([Article(title=a.title, body=a.body, category=a.category)
-                                 for a in iter_articles(args.docs)])
+    harness.insert_corpus_articles(args.docs)
     version = lifecycle.add(TARGET, "v1", "minilm")
     run, ranges = backfill.start(version, mode="inline")
     backfill.run_inline(run, ranges)

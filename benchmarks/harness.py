@@ -228,6 +228,20 @@ def use_near_free_encoder(dimensions: int | None = None) -> None:
     encoders.clear_cache()
 
 
+def insert_corpus_articles(count: int) -> None:
+    """``count`` real BBC News articles in the corpus order; past the corpus's 2,225 it starts
+    over, with a numbered title."""
+    from project.news.corpus import iter_articles
+    from project.news.models import Article
+
+    corpus = list(iter_articles())
+    Article.objects.bulk_create([
+        Article(title=item.title if i < len(corpus) else f"{item.title} ({i // len(corpus)})",
+                body=item.body, category=item.category)
+        for i, item in ((i, corpus[i % len(corpus)]) for i in range(count))
+    ], batch_size=2000)
+
+
 def insert_articles(count: int, chunk: int = 10_000, words: int = 40) -> None:
     """``count`` articles of distinct synthetic text (title + ~``words`` words), fast."""
     from project.news.models import Article
