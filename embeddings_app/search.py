@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,23 +72,113 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
              queryset: models.QuerySet | None) -> list[Any]:
     if k < 1:
         return []
-    filtered = queryset is not None and queryset.query.has_filters()
-    queryset = queryset if queryset is not None else field.model._default_manager.all()
-    column = _vector_column(version)
-    search = (queryset.annotate(distance=CosineDistance(column, vector))
-              # Rows without a vector for this version. On the column, not on the distance: the
-              # query vector is then sent and computed once per row, as in hand-written SQL.
-              .filter(IsNull(column, False))
-              .order_by("distance", "pk")[:k])
-    db = connections[queryset.db]
+    base = queryset if queryset is not None else field.model._default_manager.all()
+    filtered = base.query.has_filters()
+    db = connections[base.db]
     # Inside the caller's transaction: SET LOCAL, gone when it ends. In autocommit: session
     # settings sent only when they differ from what this connection already has, so a steady
     # stream of searches costs one round trip each, like the raw SQL.
     _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block)
-    results = list(search)
+    if queryset is None and _is_plain(base):
+        results = _run_compiled(db, field.model, version, vector, k)
+    else:
+        results = list(_search_queryset(base, version, vector)[:k])
     for obj in results:
         obj.embedding_version = version.version
     return results
+
+
+def _search_queryset(queryset: models.QuerySet, version: EmbeddingVersion,
+                     vector: Any) -> models.QuerySet:
+    column = _vector_column(version)
+    return (queryset.annotate(distance=CosineDistance(column, vector))
+            # Rows without a vector for this version. On the column, not on the distance: the
+            # query vector is then sent and computed once per row, as in hand-written SQL.
+            .filter(IsNull(column, False))
+            .order_by("distance", "pk"))
+
+
+def _is_plain(queryset: models.QuerySet) -> bool:
+    """A default manager's queryset that selects every row and every field, nothing else: its
+    SQL depends only on the model, the version's column and k, so it can be compiled once."""
+    query = queryset.query
+    return not (query.has_filters() or query.annotations or query.extra or query.select_related
+                or query.deferred_loading[0] or query.distinct or query.low_mark
+                or query.high_mark is not None or query.order_by)
+
+
+@dataclass(frozen=True)
+class _CompiledSearch:
+    """The SQL of a plain search and how to turn its rows into model instances."""
+
+    sql: str  # one parameter: the query vector
+    field_names: tuple[str, ...]  # attnames of the model's columns, first in the select list
+    distance_index: int
+    converters: tuple[tuple[int, tuple[Callable[..., Any], ...], Any], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_search(alias: str, model: type[models.Model], column: str, storage: str,
+                     dimensions: int, k: int) -> _CompiledSearch | None:
+    """Compile the ORM's search query once (with a stand-in vector); None if its SQL does not
+    have the query vector as its only parameter (then the ORM path runs every time)."""
+    stand_in = EmbeddingVersion(column=column, storage=storage, dimensions=dimensions)
+    queryset = _search_queryset(model._default_manager.using(alias).all(), stand_in,
+                                np.zeros(dimensions, dtype=np.float32))[:k]
+    compiler = queryset.query.get_compiler(using=alias)
+    sql, params = compiler.as_sql()
+    if len(params) != 1:
+        return None
+    klass_info = compiler.klass_info
+    if klass_info is None or list(klass_info["select_fields"]) != list(
+            range(len(klass_info["select_fields"]))):
+        return None
+    field_names = tuple(compiler.select[i][0].target.attname for i in klass_info["select_fields"])
+    converters = compiler.get_converters([expr for expr, _, _ in compiler.select])
+    return _CompiledSearch(
+        sql=sql, field_names=field_names,
+        distance_index=compiler.annotation_col_map["distance"],
+        converters=tuple((i, tuple(funcs), expr) for i, (funcs, expr) in converters.items()),
+    )
+
+
+def _run_compiled(db: Any, model: type[models.Model], version: EmbeddingVersion,
+                  vector: np.ndarray, k: int) -> list[Any]:
+    """The plain search without rebuilding the queryset: the SQL the ORM compiled once, the query
+    vector as its one parameter, instances built as Django's own iterable builds them."""
+    compiled = _compiled_search(db.alias, model, version.column, version.storage,
+                                int(version.dimensions), k)
+    if compiled is None:
+        return list(_search_queryset(model._default_manager.using(db.alias).all(), version,
+                                     vector)[:k])
+    with db.cursor() as cursor:
+        cursor.execute(compiled.sql, [vector_literal(vector)])
+        rows = cursor.fetchall()
+    width = len(compiled.field_names)
+    results = []
+    for row in rows:
+        if compiled.converters:
+            row = list(row)
+            for index, funcs, expression in compiled.converters:
+                for func in funcs:
+                    row[index] = func(row[index], expression, db)
+        obj = model.from_db(db.alias, compiled.field_names, row[:width])
+        obj.distance = row[compiled.distance_index]
+        results.append(obj)
+    return results
+
+
+def vector_literal(vector: np.ndarray) -> str:
+    """pgvector's text form of ``vector``, each float32 to 9 significant digits: the fewest that
+    always parse back to the same float32, formatted in one C call (about 3x faster and 40%
+    shorter than ``str()`` of each float)."""
+    values = np.asarray(vector, dtype=np.float32).tolist()
+    return _literal_format(len(values)) % tuple(values)
+
+
+@functools.lru_cache(maxsize=16)
+def _literal_format(dimensions: int) -> str:
+    return "[" + ",".join(["%.9g"] * dimensions) + "]"
 
 
 def _set_search_parameters(db: Any, version: EmbeddingVersion, *, filtered: bool,
