@@ -9,7 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from embeddings_app import backfill, indexes, lifecycle, registry, storage, sync
+from embeddings_app import backfill, indexes, layout, lifecycle, registry, storage, sync
 from embeddings_app.config import get_config
 from embeddings_app.exceptions import EmbeddingError
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
@@ -134,6 +134,14 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
         for v, run in runs:  # the progress record of each version's last backfill (no scan)
             self.stdout.write(_run_line(v, run))
+        # Before a backfill, while the advice can still help.
+        pending = EmbeddingVersion.objects.filter(target__in=targets,
+                                                  state__in=(State.NEW, State.BACKFILLING))
+        for table in sorted({registry.get(name).table for name in
+                             pending.values_list("target", flat=True).distinct()}):
+            advice = layout.backfill_advice(table)
+            if advice:
+                self.stdout.write(self.style.WARNING(advice))
 
     def do_add(self, target: str, version: str, model: str, **_: Any) -> None:
         record = lifecycle.add(target, version, model, actor=ACTOR)
@@ -141,6 +149,9 @@ class Command(BaseCommand):
             f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}); "
             f"column {record.column}. Next: embeddings backfill {target} {version}"
         ))
+        advice = layout.backfill_advice(registry.get(target).table)
+        if advice:
+            self.stdout.write(self.style.WARNING(advice))
 
     def do_backfill(self, target: str, version: str, inline: bool = False,
                     batch_size: int | None = None, no_wait: bool = False, **_: Any) -> None:
