@@ -160,14 +160,38 @@ def write_vectors(
             copy.set_types([pk_type, version.storage, "bytea"])
             for pk, source_hash, vector in rows:
                 copy.write_row((pk, _to_db_vector(version.storage, vector), source_hash))
+        # The keys again, as an array: the staging table has no statistics, and from its size
+        # alone the planner guessed ~20,000 rows for a batch of 1,000 and scanned the whole
+        # table for each batch (measured); with the array it finds the rows by the primary key.
         cursor.execute(
             f"UPDATE {qn(field.table)} AS t "
             f"SET {qn(version.column)} = s.vec, {qn(version.hash_column)} = s.source_hash "
-            f"FROM {qn(staging)} AS s WHERE t.{qn(pk_column)} = s.pk"
+            f"FROM {qn(staging)} AS s WHERE t.{qn(pk_column)} = s.pk "
+            f"AND t.{qn(pk_column)} = ANY(%s::{pk_type}[])",
+            [[pk for pk, _, _ in rows]],
         )
         updated = cursor.rowcount
-        cursor.execute(f"TRUNCATE {qn(staging)}")  # a transaction may write several batches
+        # A transaction may write several batches. DELETE, not TRUNCATE: a TRUNCATE gives the
+        # table a new file each time (measured: the slowest statement of a small batch).
+        cursor.execute(f"DELETE FROM {qn(staging)}")
     return updated
+
+
+def lock_rows(field: VersionedEmbedding, pks: Sequence[Any]) -> dict[Any, str]:
+    """Lock the rows of ``pks`` (``FOR UPDATE``, in primary-key order, so two writers
+    never deadlock) in the caller's transaction: pk -> the row's version (``xmin``) for each row
+    still there. One statement with the keys as one array parameter."""
+    if not pks:
+        return {}
+    pk_column = qn(field.model._meta.pk.column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {pk_column}, xmin::text FROM {qn(field.table)} "
+            f"WHERE {pk_column} = ANY(%s::{_pk_db_type(field)}[]) "
+            f"ORDER BY {pk_column} FOR UPDATE",
+            [list(pks)],
+        )
+        return dict(cursor.fetchall())
 
 
 def read_vector(field: VersionedEmbedding, version: EmbeddingVersion, pk: Any) -> np.ndarray | None:
