@@ -21,20 +21,22 @@ Per-row policy (docs/backfill.md):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
+from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
+from django.db.models.expressions import RawSQL
 
 from . import encoders, storage
+from .fields import SOURCE_SEPARATOR, VersionedEmbedding
 from .models import EmbeddingVersion
 
-if TYPE_CHECKING:
-    from .fields import VersionedEmbedding
-
 MAX_RECORDED_ERRORS = 1000  # per batch; counts stay exact beyond it
+SCAN_CHUNK = 2000  # rows fetched per round trip by the streaming scans
 
 logger = logging.getLogger(__name__)
 
@@ -64,25 +66,57 @@ class _Pending:
     rows: list[tuple[Any, bytes, np.ndarray | None]]  # (pk, source hash, vector or None)
 
 
+# One row as read for a refresh: (pk, source text, stored source hash of each version, the row
+# version it was read from: PostgreSQL's xmin, or None when the text did not come from the table).
+SourceRow = tuple[Any, str, tuple[bytes | None, ...], str | None]
+
+
+@dataclass
+class Prepared:
+    """Rows encoded outside any transaction, waiting for their compare-and-set write."""
+
+    stats: SyncStats
+    pending: list[_Pending]
+    # pk -> the row version (xmin) the encoded text was read from, where known
+    read_versions: dict[Any, str] = field(default_factory=dict)
+
+
 def refresh_rows(
     field: VersionedEmbedding,
     versions: Sequence[EmbeddingVersion],
     instances: Sequence[models.Model],
 ) -> SyncStats:
     """Re-embed, for each of ``versions``, those of ``instances`` that are not fresh."""
-    stats = SyncStats(processed=len(instances))
     if not versions or not instances:
-        return stats
-    encoders_by_version = {version.pk: encoders.for_version(version) for version in versions}
+        return SyncStats(processed=len(instances))
     # Keys as the database returns them: an instance created with a str UUID has a str pk.
     to_key = field.model._meta.pk.to_python
     texts = {to_key(obj.pk): field.source_text(obj) for obj in instances}
-    hashes = {pk: field.source_hash(text) for pk, text in texts.items()}
     stored = storage.stored_hashes(field, versions, list(texts))
+    # A row deleted meanwhile has no stored hashes: it is processed, never written.
+    rows = [(pk, text, stored[pk], None) for pk, text in texts.items() if pk in stored]
+    prepared = prepare(field, versions, rows)
+    prepared.stats.processed = len(instances)
+    if prepared.pending:
+        with transaction.atomic():
+            write_prepared(field, prepared)
+    return prepared.stats
 
-    pending = []
+
+def prepare(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion],
+            rows: Sequence[SourceRow]) -> Prepared:
+    """Encode, for each of ``versions``, the ``rows`` whose stored hash is not their source's
+    (outside any transaction: this is the slow part). ``write_prepared`` writes them."""
+    stats = SyncStats(processed=len(rows))
+    pending: list[_Pending] = []
+    if not versions or not rows:
+        return Prepared(stats, pending)
+    # Every version's model is checked (fingerprint) even when none of its rows is stale.
+    encoders_by_version = {version.pk: encoders.for_version(version) for version in versions}
+    texts = {pk: text for pk, text, _, _ in rows}
+    hashes = {pk: field.source_hash(text) for pk, text, _, _ in rows}
     for index, version in enumerate(versions):
-        stale = [pk for pk, stored_row in stored.items() if stored_row[index] != hashes[pk]]
+        stale = [pk for pk, _, stored_row, _ in rows if stored_row[index] != hashes[pk]]
         if not stale:
             continue
         to_encode = [pk for pk in stale if texts[pk].strip()]
@@ -91,12 +125,11 @@ def refresh_rows(
             stats.failed += 1
             if len(stats.errors) < MAX_RECORDED_ERRORS:
                 stats.errors.append((version.pk, pk, error))
-        rows = [(pk, hashes[pk], by_pk.get(pk)) for pk in stale if pk not in failed]
-        if rows:
-            pending.append(_Pending(version, rows))
-    if pending:
-        _write_guarded(field, pending, stats)
-    return stats
+        written = [(pk, hashes[pk], by_pk.get(pk)) for pk in stale if pk not in failed]
+        if written:
+            pending.append(_Pending(version, written))
+    read_versions = {pk: xmin for pk, _, _, xmin in rows if xmin is not None}
+    return Prepared(stats, pending, read_versions)
 
 
 def _encode_isolating(
@@ -134,20 +167,121 @@ def record_failures(stats: SyncStats, run_id: int | None = None) -> None:
         ])
 
 
-def _write_guarded(field: VersionedEmbedding, pending: list[_Pending], stats: SyncStats) -> None:
-    pks = sorted({pk for item in pending for pk, _, _ in item.rows}, key=_sort_key)
-    with transaction.atomic():
-        # Lock in primary-key order (no deadlock between batches) and re-read the source.
-        current = {
-            obj.pk: field.source_hash(field.source_text(obj))
-            for obj in field.source_queryset().select_for_update().filter(pk__in=pks).order_by("pk")
-        }
-        for item in pending:
-            still_current = [row for row in item.rows if current.get(row[0]) == row[1]]
-            stats.conflicted += len(item.rows) - len(still_current)
-            storage.write_vectors(field, item.version, still_current)
-            stats.skipped += sum(1 for row in still_current if row[2] is None)
-            stats.embedded += sum(1 for row in still_current if row[2] is not None)
+def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> None:
+    """The compare-and-set write of ``prepare``'s rows, in the caller's transaction: lock the rows
+    (primary-key order, so two writers never deadlock), re-read their source and write only the
+    rows whose source is still the text that was encoded. Counts into ``prepared.stats``."""
+    if not prepared.pending:
+        return
+    assert transaction.get_connection().in_atomic_block, "write_prepared needs a transaction"
+    stats = prepared.stats
+    pks = sorted({pk for item in prepared.pending for pk, _, _ in item.rows}, key=_sort_key)
+    hashes = {pk: source_hash for item in prepared.pending for pk, source_hash, _ in item.rows}
+    # Lock in primary-key order and read each row's version (xmin): PostgreSQL gives a row a new
+    # xmin whenever any transaction updates it, so a row whose xmin is the one its text was read
+    # with still has that text. Only the others (changed since, or texts not read from the table,
+    # as in a dual-write) have their source read again and hashed.
+    locked = storage.lock_rows(field, pks)
+    current = {pk: hashes[pk] for pk, row_version in locked.items()
+               if prepared.read_versions.get(pk) == row_version}
+    changed = [pk for pk in locked if pk not in current]
+    if changed:
+        query, decode = _source_query(field, [], field.source_queryset().filter(pk__in=changed))
+        current.update((row[0], field.source_hash(row[1])) for row in map(decode, query))
+    for item in prepared.pending:
+        still_current = [row for row in item.rows if current.get(row[0]) == row[1]]
+        stats.conflicted += len(item.rows) - len(still_current)
+        storage.write_vectors(field, item.version, still_current)
+        stats.skipped += sum(1 for row in still_current if row[2] is None)
+        stats.embedded += sum(1 for row in still_current if row[2] is not None)
+
+
+def _plain_source_fields(field: VersionedEmbedding) -> tuple[str, ...] | None:
+    """The source fields when each is a plain column of the model, so the source text can be
+    built from the column values without model instances; None for a callable or a relation."""
+    if field.source_fields is None:
+        return None
+    for name in field.source_fields:
+        try:
+            model_field = field.model._meta.get_field(name)
+        except FieldDoesNotExist:
+            return None
+        if not model_field.concrete or model_field.is_relation or model_field.attname != name:
+            return None
+    return field.source_fields
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _source_query(
+    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], queryset: models.QuerySet
+) -> tuple[models.QuerySet, Callable[[Any], SourceRow]]:
+    """``queryset`` as one query returning each row's source and its stored hash of every
+    version, and the function turning one of its results into a ``SourceRow``."""
+    table = storage.qn(field.table)
+    aliases = [f"_embeddings_stored_{index}" for index in range(len(versions))]
+    annotated = queryset.annotate(**{
+        alias: RawSQL(f"{table}.{storage.qn(version.hash_column)}", ())
+        for alias, version in zip(aliases, versions, strict=True)
+    }, _embeddings_xmin=RawSQL(f"{table}.xmin::text", ()))
+    plain = _plain_source_fields(field)
+    if plain is None:  # a callable source needs the model instance
+        def decode_instance(obj: Any) -> SourceRow:
+            return (obj.pk, field.source_text(obj),
+                    tuple(_as_bytes(getattr(obj, alias)) for alias in aliases),
+                    obj._embeddings_xmin)
+
+        return annotated, decode_instance
+    width = len(plain)
+    if type(field).source_text is VersionedEmbedding.source_text:
+        # VersionedEmbedding.source_text's join, on the values without an object per row (the
+        # decode was a third of a 100,000-row scan); tests/test_backfill_internals.py checks.
+        def text_of(values: Any) -> str:
+            return SOURCE_SEPARATOR.join(str(part) for part in values if part not in (None, ""))
+    else:  # a subclass with its own source_text gets an object with the source attributes
+        def text_of(values: Any) -> str:
+            return field.source_text(SimpleNamespace(**dict(zip(plain, values, strict=True))))
+
+    def decode_values(values: Any) -> SourceRow:
+        return (values[0], text_of(values[1:width + 1]),
+                tuple(_as_bytes(value) for value in values[width + 1:-1]), values[-1])
+
+    return annotated.values_list("pk", *plain, *aliases, "_embeddings_xmin"), decode_values
+
+
+def iter_source_pages(
+    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], queryset: models.QuerySet,
+    page_size: int,
+) -> Iterator[tuple[list[SourceRow], bool]]:
+    """Walk ``queryset`` by primary key (keyset pagination, never OFFSET), one query per page:
+    (the page's rows with their stored hashes, whether it is the last page)."""
+    query, decode = _source_query(field, versions, queryset.order_by("pk"))
+    last = None
+    while True:
+        page_query = query if last is None else query.filter(pk__gt=last)
+        rows = [decode(result) for result in page_query[:page_size + 1]]  # +1: is there more?
+        more = len(rows) > page_size
+        page = rows[:page_size]
+        yield page, not more
+        if not more:
+            return
+        last = page[-1][0]
+
+
+def scan_unfresh(
+    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], queryset: models.QuerySet,
+) -> Iterator[tuple[Any, bytes, tuple[bytes | None, ...]]]:
+    """Read every row of ``queryset`` in one streamed query (a server-side cursor, nothing
+    proportional to the table held) and yield (pk, hash of its current source, its stored hash
+    of each version) for the rows that are not fresh for one of ``versions``."""
+    query, decode = _source_query(field, versions, queryset.order_by())
+    for result in query.iterator(chunk_size=SCAN_CHUNK):
+        pk, text, stored, _ = decode(result)
+        current = field.source_hash(text)
+        if any(value != current for value in stored):
+            yield pk, current, stored
 
 
 def _sort_key(pk: Any) -> Any:
@@ -184,11 +318,29 @@ def sync_queryset(
     base = field.source_queryset()
     if queryset is not None:
         base = base.filter(pk__in=queryset.values("pk"))
+    page_size = page_size or get_config().batch_size
     stats = SyncStats()
-    for page in iter_pages(base, page_size or get_config().batch_size):
-        page_stats = refresh_rows(field, versions, page)
-        record_failures(page_stats)
-        stats.add(page_stats)
+
+    def refresh(keys: list[Any]) -> None:
+        # Read again: the rows may have changed since the scan saw them.
+        for page, _ in iter_source_pages(field, versions, base.filter(pk__in=keys), page_size):
+            prepared = prepare(field, versions, page)
+            if prepared.pending:
+                with transaction.atomic():
+                    write_prepared(field, prepared)
+            record_failures(prepared.stats)
+            stats.add(prepared.stats)
+
+    # One streamed read of the rows finds the unfresh ones; only those are read again, encoded
+    # and written, a page at a time.
+    keys: list[Any] = []
+    for pk, _, _ in scan_unfresh(field, versions, base):
+        keys.append(pk)
+        if len(keys) >= page_size:
+            refresh(keys)
+            keys = []
+    if keys:
+        refresh(keys)
     return stats.embedded + stats.skipped
 
 
@@ -202,21 +354,13 @@ def unfresh_rows(
 ) -> list[tuple[set[Any], set[Any]]]:
     """Per version: (keys of rows without a vector or hash, keys of stale rows), in one read of
     the table."""
-    from .config import get_config
-
     result: list[tuple[set[Any], set[Any]]] = [(set(), set()) for _ in versions]
     if not versions:
         return result
-    for page in iter_pages(field.source_queryset(), get_config().batch_size * 8):
-        stored = storage.stored_hashes(field, versions, [obj.pk for obj in page])
-        for obj in page:
-            values = stored.get(obj.pk)
-            if values is None:
-                continue  # deleted since the page was read
-            current = field.source_hash(field.source_text(obj))
-            for (missing, stale), value in zip(result, values, strict=True):
-                if value is None:
-                    missing.add(obj.pk)
-                elif value != current:
-                    stale.add(obj.pk)
+    for pk, current, stored in scan_unfresh(field, versions, field.source_queryset()):
+        for (missing, stale), value in zip(result, stored, strict=True):
+            if value is None:
+                missing.add(pk)
+            elif value != current:
+                stale.add(pk)
     return result
