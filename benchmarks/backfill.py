@@ -3,15 +3,20 @@
 1. Encode-bound (MiniLM, real BBC News articles): raw ``model.encode`` on the same texts with the
    same batch size and encode settings, against an inline backfill of a fresh version (planning,
    keyset reads, hashing, encode, locked compare-and-set write, catch-up pass). Target >= 0.9x.
-2. Database-bound (a near-free encoder: a table lookup instead of inference): the backfill's bulk
-   write path against a naive loop that calls ``save()`` on every row (dual-write re-embeds each
-   row on its own, one transaction per row). Target >= 10x.
-3. The bulk write alone: binary COPY into a temp table + one ``UPDATE ... FROM`` (what
+2. Workers: the same MiniLM backfill of the same articles dispatched to real Celery worker
+   processes: 2 processes with 1 torch thread each against 1 process with 2 torch threads (the
+   2 cores either way), and 2 processes with torch's default threads; dispatch to run done.
+3. Database-bound (a near-free encoder: a table lookup instead of inference), 100,000 rows: the
+   app's backfill against (a) a loop of ``save()`` (dual-write re-embeds each row in its own
+   transaction), timed on a sample of the rows, target >= 10x; and (b) the same work by hand as
+   fast as I can write it (one read, one binary COPY, one ``UPDATE ... FROM``), target >= 0.8x.
+4. The bulk write alone: binary COPY into a temp table + one ``UPDATE ... FROM`` (what
    ``storage.write_vectors`` does) against ``UPDATE ... FROM unnest(...)`` with the vectors as
    text, and against one ``UPDATE`` per row (``executemany``).
 
-Run: ``python -m benchmarks.backfill [--docs N] [--rows N] [--batch-size N]``.
+Run: ``python -m benchmarks.backfill --help`` for the sizes.
 """
+
 
 from __future__ import annotations
 
