@@ -276,9 +276,17 @@ def scan_unfresh(
     """Read every row of ``queryset`` in one streamed query (a server-side cursor, nothing
     proportional to the table held) and yield (pk, hash of its current source, its stored hash
     of each version) for the rows that are not fresh for one of ``versions``."""
-    query, decode = _source_query(field, versions, queryset.order_by())
-    for result in query.iterator(chunk_size=SCAN_CHUNK):
-        pk, text, stored, _ = decode(result)
+    connection = transaction.get_connection(queryset.db)
+    if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
+        # Without server-side cursors (transaction pooling) the driver would load the whole
+        # result at once: keyset pages keep the memory bounded instead.
+        rows: Iterable[SourceRow] = (
+            row for page, _ in iter_source_pages(field, versions, queryset, SCAN_CHUNK)
+            for row in page)
+    else:
+        query, decode = _source_query(field, versions, queryset.order_by())
+        rows = map(decode, query.iterator(chunk_size=SCAN_CHUNK))
+    for pk, text, stored, _ in rows:
         current = field.source_hash(text)
         if any(value != current for value in stored):
             yield pk, current, stored

@@ -60,3 +60,20 @@ def test_write_rereads_only_rows_whose_version_changed(make_articles):
     assert stored[changed_text] == (None,)
     for obj in field.source_queryset().exclude(pk=changed_text):
         assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unfresh_scan_without_server_side_cursors_pages_by_key(make_articles, monkeypatch):
+    """With DISABLE_SERVER_SIDE_CURSORS (transaction pooling) the scan reads keyset pages instead
+    of one cursor, and finds the same rows."""
+    from django.db import connection
+
+    articles, version = _version(make_articles, 7)
+    call_command("embeddings", "backfill", TARGET, "v1", "--inline")
+    Article.objects.filter(pk__in=[a.pk for a in articles[:3]]).update(title="Changed by bulk")
+    field = registry.get(TARGET)
+    expected = sync.unfresh_rows(field, [version])
+    monkeypatch.setitem(connection.settings_dict, "DISABLE_SERVER_SIDE_CURSORS", True)
+    monkeypatch.setattr(sync, "SCAN_CHUNK", 2)  # several pages
+    assert sync.unfresh_rows(field, [version]) == expected == [(set(),
+                                                                {a.pk for a in articles[:3]})]
