@@ -103,6 +103,7 @@ def _is_plain(queryset: models.QuerySet) -> bool:
     SQL depends only on the model, the version's column and k, so it can be compiled once."""
     query = queryset.query
     return not (query.has_filters() or query.annotations or query.extra or query.select_related
+                or query.combinator
                 or query.deferred_loading[0] or query.distinct or query.low_mark
                 or query.high_mark is not None or query.order_by)
 
