@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from django.db import connection, connections, models
-from django.db.models.expressions import Expression
+from django.db.models.expressions import Expression, Value
 from django.db.models.lookups import IsNull
 from pgvector.django import CosineDistance, HalfVectorField, VectorField
 
@@ -91,7 +91,8 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
 def _search_queryset(queryset: models.QuerySet, version: EmbeddingVersion,
                      vector: Any) -> models.QuerySet:
     column = _vector_column(version)
-    return (queryset.annotate(distance=CosineDistance(column, vector))
+    # The vector as its text form already (pgvector would format it float by float).
+    return (queryset.annotate(distance=CosineDistance(column, Value(vector_literal(vector))))
             # Rows without a vector for this version. On the column, not on the distance: the
             # query vector is then sent and computed once per row, as in hand-written SQL.
             .filter(IsNull(column, False))
