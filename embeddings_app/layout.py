@@ -3,9 +3,9 @@
 A backfill writes every row of the table anew (PostgreSQL's MVCC). A new row version that fits
 on its page, with no indexed column changed, is a HOT update: no index is touched. One that does
 not fit goes to another page and is inserted into every index of the table again, HNSW included,
-and an HNSW insert is a graph search. ``benchmarks/layout.py`` measured the backfill 5.5x slower
-with an HNSW index on the old version's column at the default fillfactor (100), about half of that
-at fillfactor 70 (docs/benchmarks.md).
+and an HNSW insert is a graph search. ``benchmarks/layout.py`` measured the backfill 3.3x to 5.5x
+slower with an HNSW index on the old version's column at the default fillfactor (100), and 29% to
+46% faster than that at fillfactor 70 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def backfill_advice(table: str) -> str | None:
     return (
         f"Table {table} has fillfactor {layout.fillfactor} and an HNSW index ({names}): a "
         "backfill writes every row anew, and each row that no longer fits on its page is "
-        "inserted into that index again (5.5x slower in docs/benchmarks.md). "
+        "inserted into that index again (3.3x to 5.5x slower in docs/benchmarks.md). "
         f"`ALTER TABLE {storage.qn(table)} SET (fillfactor = {ADVISED_FILLFACTOR})` leaves "
         "room on pages written from now on; rewrite the table (pg_repack, or VACUUM FULL "
         "under an exclusive lock) to give the existing pages that room. "
