@@ -220,46 +220,37 @@ def database_bound(rows: int, batch_size: int, default_batch_size: int,
     ]
 
 
-def _reset_tickets() -> None:
-    from django.db import connection
-
-    from embeddings_app import registry, storage
-    from embeddings_app.models import EmbeddingVersion
-    from project.news.models import Ticket
-
-    field = registry.get("news.Ticket.embedding")
-    columns = storage.existing_columns(field.table) - {f.column for f in Ticket._meta.concrete_fields}
-    with connection.cursor() as cursor:
-        for column in sorted(columns):
-            cursor.execute(f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}")
-    EmbeddingVersion.objects.filter(target=field.target).delete()
-    Ticket.objects.all().delete()
-
-
 def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     """MiniLM backfill of the same real articles on real Celery worker processes (prefork, one
     child each): 1 worker with 2 torch threads against 2 workers with 1 torch thread each (the
     machine's 2 cores either way), wall clock from dispatch to the run's end. Interleaved; the
     workers are started once and warmed up (model loaded in each) before any timed run."""
+    import tempfile
+    from pathlib import Path
+
     from django.conf import settings
 
     from embeddings_app import backfill, lifecycle
     from embeddings_app.models import BackfillRun
     from project.news.models import Ticket
+    from tests.workers import WorkerProcess
 
     harness.reset_articles()
     harness.insert_corpus_articles(docs)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     configs: dict[str, tuple[int, dict[str, str | None]]] = {  # queue -> (workers, env of each)
         "bench-1w": (1, {"OMP_NUM_THREADS": "2"}),
         "bench-2w": (2, {"OMP_NUM_THREADS": "1"}),
         # torch's default: as many threads as cores in each process (2 x 2 on 2 cores)
         "bench-2wd": (2, {"OMP_NUM_THREADS": None}),
     }
-    started: list[harness.Worker] = []
+    started: list[WorkerProcess] = []
     original = settings.EMBEDDINGS
     try:
         for queue, (count, env) in configs.items():
-            started += [harness.Worker(queue, env) for _ in range(count)]
+            started += [WorkerProcess(concurrency=1, extra_env=env, queue=queue, name="bench",
+                                      log_path=log_dir / f"{queue}-{n}.log", ready_timeout=120)
+                        for n in range(count)]
 
         def backfill_on(queue: str, target: str, name: str, size: int) -> tuple[float, Any]:
             settings.EMBEDDINGS = {**original, "QUEUE": queue}
@@ -278,7 +269,7 @@ def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
             return seconds, run
 
         # Warm-up: every worker process loads MiniLM (tickets, one row per batch), untimed.
-        _reset_tickets()
+        harness.reset_target("news.Ticket.embedding")
         Ticket.objects.bulk_create([Ticket(subject=f"Warm-up ticket {i}", raw_body=b"warm up")
                                     for i in range(12)])
         for queue, (count, _) in configs.items():

@@ -40,21 +40,25 @@ def setup_django() -> None:
     build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert-seed1", tokenizer, seed=1)
 
 
-def reset_articles() -> None:
-    """An empty article table without any version column, and no version records."""
+def reset_target(target: str) -> None:
+    """An empty table for ``target`` without any version column, and no version records."""
     from django.db import connection
 
     from embeddings_app import registry, storage
     from embeddings_app.models import EmbeddingVersion
-    from project.news.models import Article
 
-    field = registry.get("news.Article.embedding")
-    model_columns = {f.column for f in Article._meta.concrete_fields}
+    field = registry.get(target)
+    model_columns = {f.column for f in field.model._meta.concrete_fields}
     with connection.cursor() as cursor:
         for column in sorted(storage.existing_columns(field.table) - model_columns):
-            cursor.execute(f"ALTER TABLE news_article DROP COLUMN {storage.qn(column)}")
-        cursor.execute("TRUNCATE news_article RESTART IDENTITY")
-    EmbeddingVersion.objects.filter(target="news.Article.embedding").delete()
+            cursor.execute(f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}")
+        cursor.execute(f"TRUNCATE {storage.qn(field.table)} RESTART IDENTITY")
+    EmbeddingVersion.objects.filter(target=target).delete()
+
+
+def reset_articles() -> None:
+    """An empty article table without any version column, and no version records."""
+    reset_target("news.Article.embedding")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -267,70 +271,3 @@ def relation_sizes(table: str = "news_article") -> dict[str, int]:
         cursor.execute("SELECT pg_table_size(%s), pg_indexes_size(%s)", [table, table])
         heap, index = cursor.fetchone()
     return {"table_bytes": int(heap), "index_bytes": int(index)}
-
-
-def database_url() -> str:
-    """A URL of the database Django uses here, for worker subprocesses."""
-    from urllib.parse import quote
-
-    from django.db import connection
-
-    conf = connection.settings_dict
-    host = quote(conf.get("HOST") or "", safe="")
-    port = f":{conf['PORT']}" if conf.get("PORT") else ""
-    password = f":{quote(conf['PASSWORD'], safe='')}" if conf.get("PASSWORD") else ""
-    return f"postgres://{quote(conf['USER'], safe='')}{password}@{host}{port}/{conf['NAME']}"
-
-
-class Worker:
-    """A real ``celery worker`` process (prefork pool, one child) serving ``queue`` on this
-    process's database and broker; ``env`` adds variables (e.g. ``OMP_NUM_THREADS``)."""
-
-    def __init__(self, queue: str, env: dict[str, str | None] | None = None,
-                 log_dir: Path | None = None, concurrency: int = 1) -> None:
-        import subprocess
-        import sys
-        import tempfile
-
-        from django.conf import settings
-
-        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-workers-"))
-        self.log_path = log_dir / f"worker-{queue}-{time.time_ns()}.log"
-        self._log = self.log_path.open("w")
-        environment = {**os.environ, "DJANGO_SETTINGS_MODULE": os.environ["DJANGO_SETTINGS_MODULE"],
-                       "DATABASE_URL": database_url(),
-                       "CELERY_BROKER_URL": settings.CELERY_BROKER_URL, "HF_HUB_OFFLINE": "1"}
-        for key, value in (env or {}).items():  # None removes the variable
-            if value is None:
-                environment.pop(key, None)
-            else:
-                environment[key] = value
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", queue,
-             "-c", str(concurrency), "--pool", "prefork", "-l", "info", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-n", f"bench-{time.time_ns()}@%h"],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=environment,
-        )
-        deadline = time.monotonic() + 120
-        while " ready." not in self.log():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"celery worker did not start:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()

@@ -3,14 +3,8 @@ real Celery workers on a real broker."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
@@ -20,8 +14,8 @@ from embeddings_app import active, registry, storage
 from project.news.corpus import iter_articles
 from project.news.models import Article
 from tests.tinymodel import build_tiny_model
+from tests.workers import WorkerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET = "news.Article.embedding"
 
 
@@ -79,70 +73,6 @@ def make_articles(db: None) -> Callable[[int], list[Article]]:
         return Article.objects.bulk_create(articles)
 
     return make
-
-
-def database_url() -> str:
-    """A URL of the database this test session uses (the test database), for subprocesses."""
-    conf = connection.settings_dict
-    host = quote(conf.get("HOST") or "", safe="")
-    port = f":{conf['PORT']}" if conf.get("PORT") else ""
-    password = f":{quote(conf['PASSWORD'], safe='')}" if conf.get("PASSWORD") else ""
-    return f"postgres://{quote(conf['USER'], safe='')}{password}@{host}{port}/{conf['NAME']}"
-
-
-class WorkerProcess:
-    """A real `celery worker` process serving the embeddings queue, on the test database."""
-
-    def __init__(self, concurrency: int = 2, extra_env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "DATABASE_URL": database_url(),
-            "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-            "HF_HUB_OFFLINE": "1",
-            **(extra_env or {}),
-        }
-        self.log_path = log_path or ROOT / "test-artifacts" / f"worker-{time.time_ns()}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q",
-             settings.EMBEDDINGS.get("QUEUE", "embeddings"), "-c", str(concurrency),
-             "--pool", "prefork", "-l", "info", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-n", f"test-{time.time_ns()}@%h"],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"celery worker exited early:\n{self.log()}")
-            if " ready." in self.log():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"celery worker not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def child_pids(self) -> list[int]:
-        import psutil
-
-        return [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from embeddings_app import backfill, lifecycle
 from embeddings_app.models import EmbeddingVersion, State
-from tests.conftest import ROOT, TARGET
+from tests.conftest import TARGET
+from tests.workers import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -20,7 +20,8 @@ from embeddings_app import encoders, lifecycle, storage
 from embeddings_app.exceptions import VersionNotReady
 from embeddings_app.models import EmbeddingVersion, State, VersionEvent
 from project.news.models import Article
-from tests.conftest import ROOT, TARGET, database_url
+from tests.conftest import TARGET
+from tests.workers import ROOT, database_url
 
 TTL = 0.5  # EMBEDDINGS["ACTIVE_CACHE_TTL"] of the reading process in this test
 QUERIES = ["stock market shares", "football cup final", "mobile phone networks",

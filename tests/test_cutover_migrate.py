@@ -17,7 +17,8 @@ from embeddings_app import encoders, indexes, lifecycle, storage
 from embeddings_app.config import get_config
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
 from project.news.models import Article
-from tests.conftest import ROOT, TARGET, database_url
+from tests.conftest import TARGET
+from tests.workers import ROOT, database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -21,7 +21,8 @@ from embeddings_app import encoders, lifecycle
 from embeddings_app.exceptions import FingerprintMismatch, VersionMismatch
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State, VersionEvent
 from project.news.models import Article
-from tests.conftest import ROOT, TARGET, database_url
+from tests.conftest import TARGET
+from tests.workers import ROOT, database_url
 
 pytestmark = pytest.mark.django_db
 
