@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from benchmarks import harness
@@ -85,12 +86,24 @@ def column_scenario(rows: int, *, index_old: bool, fillfactor: int | None) -> di
     return result
 
 
+def _pages(queryset: Any, page_size: int) -> Iterator[list[Any]]:
+    """``queryset`` by primary key, a page of model instances at a time (keyset pagination)."""
+    queryset = queryset.order_by("pk")
+    last = None
+    while True:
+        page = list((queryset if last is None else queryset.filter(pk__gt=last))[:page_size])
+        if not page:
+            return
+        yield page
+        last = page[-1].pk
+
+
 def side_table_scenario(rows: int) -> dict[str, Any]:
     """The new version written to its own table (id, vector, source hash) instead."""
     from django.db import connection, transaction
     from pgvector import Vector
 
-    from embeddings_app import encoders, registry, storage, sync
+    from embeddings_app import encoders, registry, storage
     from embeddings_app.config import get_config
 
     _base_table(rows, None, index_old=True)
@@ -101,7 +114,7 @@ def side_table_scenario(rows: int) -> dict[str, Any]:
     encoder = encoders.load(get_config().model("minilm"))
     started = time.perf_counter()
     storage._register_types()
-    for page in sync.iter_pages(field.source_queryset(), get_config().batch_size):
+    for page in _pages(field.source_queryset(), get_config().batch_size):
         texts = [field.source_text(obj) for obj in page]
         vectors = encoder.encode_documents(texts)
         with transaction.atomic(), connection.cursor() as cursor, cursor.cursor.copy(

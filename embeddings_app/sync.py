@@ -296,19 +296,6 @@ def _sort_key(pk: Any) -> Any:
     return str(pk) if not isinstance(pk, int) else pk
 
 
-def iter_pages(queryset: models.QuerySet, page_size: int) -> Iterator[list[models.Model]]:
-    """Walk ``queryset`` by primary key, one page at a time (keyset pagination, never OFFSET)."""
-    queryset = queryset.order_by("pk")
-    last = None
-    while True:
-        page_qs = queryset if last is None else queryset.filter(pk__gt=last)
-        page = list(page_qs[:page_size])
-        if not page:
-            return
-        yield page
-        last = page[-1].pk
-
-
 def sync_queryset(
     field: VersionedEmbedding,
     queryset: models.QuerySet | None = None,
