@@ -79,8 +79,11 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     # settings sent only when they differ from what this connection already has, so a steady
     # stream of searches costs one round trip each, like the raw SQL.
     _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block)
-    if queryset is None and _is_plain(base):
-        results = _run_compiled(db, field.model, version, vector, k)
+    plain = queryset is None and _is_plain(base)
+    compiled = (_compiled_search(db.alias, field.model, version.column, version.storage,
+                                 int(version.dimensions), k) if plain else None)
+    if compiled is not None:
+        results = _run_compiled(db, field.model, compiled, vector)
     else:
         results = list(_search_queryset(base, version, vector)[:k])
     for obj in results:
@@ -144,15 +147,10 @@ def _compiled_search(alias: str, model: type[models.Model], column: str, storage
     )
 
 
-def _run_compiled(db: Any, model: type[models.Model], version: EmbeddingVersion,
-                  vector: np.ndarray, k: int) -> list[Any]:
+def _run_compiled(db: Any, model: type[models.Model], compiled: _CompiledSearch,
+                  vector: np.ndarray) -> list[Any]:
     """The plain search without rebuilding the queryset: the SQL the ORM compiled once, the query
     vector as its one parameter, instances built as Django's own iterable builds them."""
-    compiled = _compiled_search(db.alias, model, version.column, version.storage,
-                                int(version.dimensions), k)
-    if compiled is None:
-        return list(_search_queryset(model._default_manager.using(db.alias).all(), version,
-                                     vector)[:k])
     with db.cursor() as cursor:
         cursor.execute(compiled.sql, [vector_literal(vector)])
         rows = cursor.fetchall()
