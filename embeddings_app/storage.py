@@ -13,7 +13,7 @@ Neither is a Django model field: the ORM never loads them by accident.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -135,31 +135,43 @@ def write_vectors(
     field: VersionedEmbedding,
     version: EmbeddingVersion,
     rows: Sequence[tuple[Any, bytes, np.ndarray | None]],
-) -> int:
-    """Write ``(pk, source_hash, vector)`` rows with one binary COPY and one UPDATE ... FROM.
+    expected: Mapping[Any, str] | None = None,
+) -> dict[Any, str]:
+    """Write ``(pk, source_hash, vector)`` rows with one binary COPY and one UPDATE ... FROM, in
+    the caller's transaction. Returns pk -> the row's new version (``xmin``) of each row written.
 
-    Runs inside the caller's transaction, which must already hold the rows' locks. Rows deleted
-    meanwhile match nothing and stay deleted. Returns the number of rows updated.
+    With ``expected`` (pk -> row version), a compare-and-set: a row is written only if it is
+    still that version, i.e. no transaction has updated it since it was read (PostgreSQL gives
+    a row a new ``xmin`` on every update, and re-checks the condition on the newest version when
+    it waits for a concurrent writer). The others, and rows deleted meanwhile, are left as they
+    are; the caller finds them missing from the result.
     """
     if not rows:
-        return 0
+        return {}
     _register_types()
     pk_type = _pk_db_type(field)
     vec_type = column_type(version.storage, version.dimensions)
-    staging = f"embeddings_incoming_{version.storage}_{version.dimensions}_{pk_type.split('(')[0]}"
+    staging = f"embeddings_staging_{version.storage}_{version.dimensions}_{pk_type.split('(')[0]}"
     pk_column = field.model._meta.pk.column
+    # Rows in key order: the UPDATE then meets (and locks) them in key order in the plans
+    # PostgreSQL picks for it (a hash or nested-loop join driven by the primary-key index or by
+    # this table), so two writers of overlapping rows queue instead of deadlocking.
+    rows = sorted(rows, key=lambda row: sort_key(row[0]))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {qn(staging)} "
-            f"(pk {pk_type} PRIMARY KEY, vec {vec_type}, source_hash bytea) ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE IF NOT EXISTS {qn(staging)} (pk {pk_type} PRIMARY KEY, "
+            f"vec {vec_type}, source_hash bytea, read_version text) ON COMMIT DELETE ROWS"
         )
         raw_cursor = cursor.cursor
         with raw_cursor.copy(
-            f"COPY {qn(staging)} (pk, vec, source_hash) FROM STDIN WITH (FORMAT BINARY)"
+            f"COPY {qn(staging)} (pk, vec, source_hash, read_version) FROM STDIN "
+            "WITH (FORMAT BINARY)"
         ) as copy:
-            copy.set_types([pk_type, version.storage, "bytea"])
+            copy.set_types([pk_type, version.storage, "bytea", "text"])
             for pk, source_hash, vector in rows:
-                copy.write_row((pk, _to_db_vector(version.storage, vector), source_hash))
+                copy.write_row((pk, _to_db_vector(version.storage, vector), source_hash,
+                                None if expected is None else expected.get(pk)))
+        compare = "" if expected is None else "AND t.xmin::text = s.read_version "
         # The keys again, as an array: the staging table has no statistics, and from its size
         # alone the planner guessed ~20,000 rows for a batch of 1,000 and scanned the whole
         # table for each batch (measured); with the array it finds the rows by the primary key.
@@ -167,14 +179,20 @@ def write_vectors(
             f"UPDATE {qn(field.table)} AS t "
             f"SET {qn(version.column)} = s.vec, {qn(version.hash_column)} = s.source_hash "
             f"FROM {qn(staging)} AS s WHERE t.{qn(pk_column)} = s.pk "
-            f"AND t.{qn(pk_column)} = ANY(%s::{pk_type}[])",
+            f"AND t.{qn(pk_column)} = ANY(%s::{pk_type}[]) {compare}"
+            f"RETURNING t.{qn(pk_column)}, t.xmin::text",
             [[pk for pk, _, _ in rows]],
         )
-        updated = cursor.rowcount
+        written = dict(cursor.fetchall())
         # A transaction may write several batches. DELETE, not TRUNCATE: a TRUNCATE gives the
         # table a new file each time (measured: the slowest statement of a small batch).
         cursor.execute(f"DELETE FROM {qn(staging)}")
-    return updated
+    return written
+
+
+def sort_key(pk: Any) -> Any:
+    """Primary keys in the order PostgreSQL sorts them (integers as numbers, UUIDs as text)."""
+    return str(pk) if not isinstance(pk, int) else pk
 
 
 def lock_rows(field: VersionedEmbedding, pks: Sequence[Any]) -> dict[Any, str]:

@@ -167,33 +167,50 @@ def record_failures(stats: SyncStats, run_id: int | None = None) -> None:
         ])
 
 
-def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> None:
-    """The compare-and-set write of ``prepare``'s rows, in the caller's transaction: lock the rows
-    (primary-key order, so two writers never deadlock), re-read their source and write only the
-    rows whose source is still the text that was encoded. Counts into ``prepared.stats``."""
+def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
+    """The compare-and-set write of ``prepare``'s rows, in the caller's transaction: a row is
+    written only while its source is still the text that was encoded. Counts into
+    ``prepared.stats``.
+
+    A row read with its version (``xmin``) is written by one ``UPDATE`` that checks the version
+    did not change: no lock to take first. The rest (changed since the read, or texts not read
+    from the table, as in a dual-write) are locked in key order, their source is read again and
+    hashed, and those whose hash is still the encoded text's are written.
+
+    Returns the transaction ids (xmin, as text) of the rows written: this transaction's, or its
+    savepoint's."""
     if not prepared.pending:
-        return
+        return set()
     assert transaction.get_connection().in_atomic_block, "write_prepared needs a transaction"
-    stats = prepared.stats
-    pks = sorted({pk for item in prepared.pending for pk, _, _ in item.rows}, key=_sort_key)
-    hashes = {pk: source_hash for item in prepared.pending for pk, source_hash, _ in item.rows}
-    # Lock in primary-key order and read each row's version (xmin): PostgreSQL gives a row a new
-    # xmin whenever any transaction updates it, so a row whose xmin is the one its text was read
-    # with still has that text. Only the others (changed since, or texts not read from the table,
-    # as in a dual-write) have their source read again and hashed.
-    locked = storage.lock_rows(field, pks)
-    current = {pk: hashes[pk] for pk, row_version in locked.items()
-               if prepared.read_versions.get(pk) == row_version}
-    changed = [pk for pk in locked if pk not in current]
-    if changed:
-        query, decode = _source_query(field, [], field.source_queryset().filter(pk__in=changed))
-        current.update((row[0], field.source_hash(row[1])) for row in map(decode, query))
+    expected = dict(prepared.read_versions)  # pk -> the row version each write expects
+    written: dict[int, set[Any]] = {id(item): set() for item in prepared.pending}
+    write_xids: set[str] = set()
+
+    def write(item: _Pending, rows: list[tuple[Any, bytes, np.ndarray | None]]) -> None:
+        done = storage.write_vectors(field, item.version, rows, expected)
+        expected.update(done)  # the next version's write of these rows expects our own update
+        written[id(item)].update(done)
+        write_xids.update(done.values())
+
     for item in prepared.pending:
-        still_current = [row for row in item.rows if current.get(row[0]) == row[1]]
-        stats.conflicted += len(item.rows) - len(still_current)
-        storage.write_vectors(field, item.version, still_current)
-        stats.skipped += sum(1 for row in still_current if row[2] is None)
-        stats.embedded += sum(1 for row in still_current if row[2] is not None)
+        write(item, [row for row in item.rows if row[0] in expected])
+    recheck = sorted({row[0] for item in prepared.pending for row in item.rows
+                      if row[0] not in written[id(item)]}, key=storage.sort_key)
+    if recheck:
+        locked = storage.lock_rows(field, recheck)
+        expected.update(locked)
+        query, decode = _source_query(field, [], field.source_queryset().filter(pk__in=list(locked)))
+        current = {row[0]: field.source_hash(row[1]) for row in map(decode, query)}
+        for item in prepared.pending:
+            write(item, [row for row in item.rows if row[0] in locked
+                         and row[0] not in written[id(item)] and current.get(row[0]) == row[1]])
+    stats = prepared.stats
+    for item in prepared.pending:
+        done = [row for row in item.rows if row[0] in written[id(item)]]
+        stats.conflicted += len(item.rows) - len(done)
+        stats.skipped += sum(1 for row in done if row[2] is None)
+        stats.embedded += sum(1 for row in done if row[2] is not None)
+    return write_xids
 
 
 def _plain_source_fields(field: VersionedEmbedding) -> tuple[str, ...] | None:
@@ -290,10 +307,6 @@ def scan_unfresh(
         current = field.source_hash(text)
         if any(value != current for value in stored):
             yield pk, current, stored
-
-
-def _sort_key(pk: Any) -> Any:
-    return str(pk) if not isinstance(pk, int) else pk
 
 
 def sync_queryset(
