@@ -18,7 +18,8 @@ from itertools import pairwise
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import BooleanField, F
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from . import encoders, lifecycle, registry, storage, sync
@@ -126,6 +127,7 @@ def run_batch(run_id: int, number: int) -> sync.SyncStats:
     run = batch.run
     version = run.version
     counted = None
+    write_xids: set[str] = set()
     if version.is_written and run.status == BackfillRun.Status.RUNNING:
         field = registry.get(version.target)
         queryset = field.source_queryset()
@@ -138,13 +140,13 @@ def run_batch(run_id: int, number: int) -> sync.SyncStats:
             with transaction.atomic():
                 # The last page's rows and the batch's completion commit together: one commit
                 # per batch, and a batch is never counted without its rows (nor the reverse).
-                sync.write_prepared(field, prepared)
+                write_xids |= sync.write_prepared(field, prepared)
                 stats.add(prepared.stats)
                 if last:
-                    counted = _count_batch(run_id, number, stats)
+                    counted = _count_batch(run_id, number, stats, write_xids=write_xids)
     if counted is None:
         with transaction.atomic():
-            counted = _count_batch(run_id, number, stats)
+            counted = _count_batch(run_id, number, stats, write_xids=write_xids)
     if counted:
         _finalize_if_last(run_id)
     return stats
@@ -158,7 +160,8 @@ def _complete_batch(run_id: int, number: int, stats: sync.SyncStats, error: str 
         _finalize_if_last(run_id)
 
 
-def _count_batch(run_id: int, number: int, stats: sync.SyncStats, error: str = "") -> bool:
+def _count_batch(run_id: int, number: int, stats: sync.SyncStats, error: str = "",
+                 write_xids: set[str] | None = None) -> bool:
     """In the caller's transaction: mark the batch done (or failed) and add its counts to the
     run, only if it was not counted before. Returns whether it was counted now."""
     status = BackfillBatch.Status.FAILED if error else BackfillBatch.Status.DONE
@@ -168,7 +171,8 @@ def _count_batch(run_id: int, number: int, stats: sync.SyncStats, error: str = "
         status__in=(BackfillBatch.Status.PENDING, BackfillBatch.Status.RUNNING),
     ).update(status=status, rows_processed=stats.processed, rows_embedded=stats.embedded,
              rows_skipped=stats.skipped, rows_conflicted=stats.conflicted,
-             rows_failed=stats.failed, error=error[:2000], finished_at=now)
+             rows_failed=stats.failed, write_xids=sorted(write_xids or ()), error=error[:2000],
+             finished_at=now)
     if not counted:
         return False
     updates: dict[str, Any] = {
@@ -216,12 +220,7 @@ def finalize(run_id: int) -> None:
     field = registry.get(version.target)
     batch_errors = run.batches.filter(status=BackfillBatch.Status.FAILED).count()
     if version.is_written and not batch_errors:
-        # Rows that changed under a batch and were written by a path without dual-write
-        # (bulk_update, QuerySet.update(), raw SQL). Rows that failed in this run are not retried.
-        failed_keys = list(RowFailure.objects.filter(run_id=run_id).values_list("row_key",
-                                                                                flat=True))
-        rows = field.model._base_manager.exclude(pk__in=failed_keys) if failed_keys else None
-        sync.sync_queryset(field, rows, versions=[version], page_size=run.batch_size)
+        _catch_up(run, version, field)
     done, total = storage.coverage(field, version)
     complete = done == total and not batch_errors
     error = ""
@@ -241,6 +240,27 @@ def finalize(run_id: int) -> None:
         if ended and version.state == State.BACKFILLING:  # not if superseded meanwhile
             lifecycle.transition(version, State.READY if complete else State.FAILED,
                                  note=f"backfill run {run_id}: {done}/{total} rows")
+
+
+def _catch_up(run: BackfillRun, version: EmbeddingVersion, field: Any) -> None:
+    """Re-embed the rows that changed under a batch and were written by a path without
+    dual-write (bulk_update, QuerySet.update(), raw SQL).
+
+    Only rows some other transaction has written since (or that no batch wrote) are read: a
+    row whose version (xmin) is the transaction of a batch that wrote it is as that batch left
+    it, fresh. Rows that failed in this run are not retried."""
+    write_xids = sorted({xid for xids in run.batches.values_list("write_xids", flat=True)
+                         for xid in xids})
+    failed_keys = list(RowFailure.objects.filter(run_id=run.pk).values_list("row_key", flat=True))
+    rows = field.model._base_manager.all()
+    if write_xids:
+        # Unqualified: this query becomes a subquery, where Django renames the table.
+        rows = rows.alias(_embeddings_written_by_run=RawSQL(
+            "xmin::text = ANY(%s)", (write_xids,),
+            output_field=BooleanField())).filter(_embeddings_written_by_run=False)
+    if failed_keys:
+        rows = rows.exclude(pk__in=failed_keys)
+    sync.sync_queryset(field, rows, versions=[version], page_size=run.batch_size)
 
 
 def dispatch(run: BackfillRun, ranges: list[Range]) -> None:

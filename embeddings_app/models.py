@@ -225,6 +225,10 @@ class BackfillBatch(models.Model):
     rows_skipped = models.PositiveIntegerField(default=0)
     rows_conflicted = models.PositiveIntegerField(default=0)
     rows_failed = models.PositiveIntegerField(default=0)
+    # The transactions (PostgreSQL xids, as text) that wrote the batch's rows: a row whose
+    # current version (xmin) is one of them has not changed since, so the run's catch-up pass
+    # need not read it.
+    write_xids = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -77,3 +77,102 @@ def test_unfresh_scan_without_server_side_cursors_pages_by_key(make_articles, mo
     monkeypatch.setattr(sync, "SCAN_CHUNK", 2)  # several pages
     assert sync.unfresh_rows(field, [version]) == expected == [(set(),
                                                                 {a.pk for a in articles[:3]})]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monkeypatch):
+    """The run's catch-up pass reads again only the rows whose current version (xmin) is not
+    the write of one of the run's batches: here two rows changed with QuerySet.update() (no
+    dual-write) after their batch had written them. They are re-embedded; the other 28 rows
+    are not read again."""
+    from django.db.models import Value
+    from django.db.models.functions import Concat
+
+    from embeddings_app.models import BackfillRun, State
+    from tests.backfill_helpers import assert_every_row_fresh
+
+    articles, version = _version(make_articles, 30)
+    run, ranges = backfill.start(version, batch_size=10, mode="inline")
+    assert len(ranges) == 3
+    changed = sorted(a.pk for a in articles)[:2]  # in the first batch
+    phase = ["batches"]
+    read_in_catch_up: list = []
+    real_source_query, real_catch_up = sync._source_query, backfill._catch_up
+
+    def counting_source_query(*args):
+        query, decode = real_source_query(*args)
+
+        def decode_and_count(values):
+            row = decode(values)
+            if phase[0] == "catch-up":
+                read_in_catch_up.append(row[0])
+            return row
+
+        return query, decode_and_count
+
+    def catch_up(*args):
+        phase[0] = "catch-up"
+        real_catch_up(*args)
+
+    def after_batch(_processed: int) -> None:
+        if phase[0] == "batches":
+            Article.objects.filter(pk__in=changed).update(title=Concat("title", Value(" (bulk)")))
+            phase[0] = "changed"
+
+    monkeypatch.setattr(sync, "_source_query", counting_source_query)
+    monkeypatch.setattr(backfill, "_catch_up", catch_up)
+    backfill.run_inline(run, ranges, progress=after_batch)
+
+    run.refresh_from_db()
+    version.refresh_from_db()
+    assert (run.status, version.state) == (BackfillRun.Status.DONE, State.READY)
+    assert all(batch.write_xids for batch in run.batches.all())
+    assert set(read_in_catch_up) == set(changed)
+    assert assert_every_row_fresh(TARGET, "v1") == 30
+
+
+@pytest.mark.django_db(transaction=True)
+def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_articles):
+    """The compare-and-set inside the UPDATE, under a real concurrent writer: another connection
+    holds a row while the write runs, then changes its text and commits. The write, which was
+    waiting for that row, finds a newer row version and leaves it (conflicted); the rest of the
+    batch is written."""
+    import threading
+    import time
+
+    from django.db import connections
+
+    from tests.backfill_helpers import blocked_backends, raw_connection
+
+    articles, version = _version(make_articles, 5)
+    field = registry.get(TARGET)
+    ((page, _),) = list(sync.iter_source_pages(field, [version], field.source_queryset(), 10))
+    prepared = sync.prepare(field, [version], page)
+    held = sorted(a.pk for a in articles)[2]
+    writer = raw_connection()
+    writer.execute("UPDATE news_article SET category = category WHERE id = %s", [held])
+
+    def write() -> None:
+        try:
+            with transaction.atomic():
+                sync.write_prepared(field, prepared)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not blocked_backends(writer) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert blocked_backends(writer), "the write never waited for the held row"
+    writer.execute("UPDATE news_article SET title = 'Rewritten while the write waited' "
+                   "WHERE id = %s", [held])
+    writer.commit()
+    thread.join(timeout=30)
+    writer.close()
+    assert not thread.is_alive()
+    assert (prepared.stats.embedded, prepared.stats.conflicted) == (4, 1)
+    stored = storage.stored_hashes(field, [version], [a.pk for a in articles])
+    assert stored[held] == (None,)
+    for obj in field.source_queryset().exclude(pk=held):
+        assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
