@@ -162,6 +162,11 @@ def write_vectors(
             f"CREATE TEMP TABLE IF NOT EXISTS {qn(staging)} (pk {pk_type} PRIMARY KEY, "
             f"vec {vec_type}, source_hash bytea, read_version text) ON COMMIT DELETE ROWS"
         )
+        # Rows an earlier write of this transaction left (the commit empties the table). Here,
+        # not after the UPDATE: a transaction's only write then finds nothing to delete. DELETE,
+        # not TRUNCATE: a TRUNCATE gives the table a new file each time (measured: the slowest
+        # statement of a small batch).
+        cursor.execute(f"DELETE FROM {qn(staging)}")
         raw_cursor = cursor.cursor
         with raw_cursor.copy(
             f"COPY {qn(staging)} (pk, vec, source_hash, read_version) FROM STDIN "
@@ -184,9 +189,6 @@ def write_vectors(
             [[pk for pk, _, _ in rows]],
         )
         written = dict(cursor.fetchall())
-        # A transaction may write several batches. DELETE, not TRUNCATE: a TRUNCATE gives the
-        # table a new file each time (measured: the slowest statement of a small batch).
-        cursor.execute(f"DELETE FROM {qn(staging)}")
     return written
 
 

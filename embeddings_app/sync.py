@@ -251,6 +251,16 @@ def _source_query(
                     obj._embeddings_xmin)
 
         return annotated, decode_instance
+    stored_and_version = (*aliases, "_embeddings_xmin")
+
+    def decode_values(values: Any) -> SourceRow:
+        return (values[0], values[1], tuple(_as_bytes(value) for value in values[2:-1]),
+                values[-1])
+
+    text_sql = _source_text_sql(field, plain)
+    if text_sql is not None:  # the text joined by PostgreSQL: less to transfer and to decode
+        annotated = annotated.annotate(_embeddings_source=text_sql)
+        return annotated.values_list("pk", "_embeddings_source", *stored_and_version), decode_values
     width = len(plain)
     if type(field).source_text is VersionedEmbedding.source_text:
         # VersionedEmbedding.source_text's join, on the values without an object per row (the
@@ -261,11 +271,26 @@ def _source_query(
         def text_of(values: Any) -> str:
             return field.source_text(SimpleNamespace(**dict(zip(plain, values, strict=True))))
 
-    def decode_values(values: Any) -> SourceRow:
-        return (values[0], text_of(values[1:width + 1]),
-                tuple(_as_bytes(value) for value in values[width + 1:-1]), values[-1])
+    def decode_columns(values: Any) -> SourceRow:
+        return decode_values((values[0], text_of(values[1:width + 1]), *values[width + 1:]))
 
-    return annotated.values_list("pk", *plain, *aliases, "_embeddings_xmin"), decode_values
+    return annotated.values_list("pk", *plain, *stored_and_version), decode_columns
+
+
+def _source_text_sql(field: VersionedEmbedding, plain: tuple[str, ...]) -> RawSQL | None:
+    """``VersionedEmbedding.source_text`` as SQL, for source fields that are all text columns
+    (``str()`` of a date or a number is not PostgreSQL's text of it); None otherwise.
+
+    The same text: the non-empty values joined by ``SOURCE_SEPARATOR``, NULL and ``""`` left
+    out (``concat_ws`` skips NULLs; ``NULLIF`` makes ``""`` one)."""
+    if type(field).source_text is not VersionedEmbedding.source_text:
+        return None
+    columns = [field.model._meta.get_field(name) for name in plain]
+    if any(column.get_internal_type() not in ("CharField", "TextField") for column in columns):
+        return None
+    table = storage.qn(field.table)
+    parts = ", ".join(f"NULLIF({table}.{storage.qn(column.column)}, '')" for column in columns)
+    return RawSQL(f"concat_ws(%s, {parts})", (SOURCE_SEPARATOR,), output_field=models.TextField())
 
 
 def iter_source_pages(

@@ -28,15 +28,23 @@ def test_plan_ranges_of_one_row_each(make_articles):
     assert backfill.plan_ranges(version, 3) == [(None, None)]
 
 
+@pytest.mark.parametrize("joined_by", ["postgresql", "python"])
 @pytest.mark.django_db(transaction=True)
-def test_source_read_from_values_is_the_fields_source_text(make_articles):
-    articles, version = _version(make_articles, 3)
+def test_source_read_from_values_is_the_fields_source_text(make_articles, monkeypatch,
+                                                           joined_by):
+    """The source text read without model instances, joined by PostgreSQL (text columns) or
+    by Python (the path for other column types), is exactly ``source_text``'s."""
+    articles, version = _version(make_articles, 4)
     Article.objects.filter(pk=articles[0].pk).update(title="")
     Article.objects.filter(pk=articles[1].pk).update(body="")
     Article.objects.filter(pk=articles[2].pk).update(title=" ", body="x")
+    Article.objects.filter(pk=articles[3].pk).update(title="Café ☕ \u00e9\u0301", body="")
     field = registry.get(TARGET)
+    assert sync._source_text_sql(field, ("title", "body")) is not None
+    if joined_by == "python":
+        monkeypatch.setattr(sync, "_source_text_sql", lambda *args: None)
     ((page, last),) = list(sync.iter_source_pages(field, [version], field.source_queryset(), 10))
-    assert last and len(page) == 3
+    assert last and len(page) == 4
     expected = {obj.pk: field.source_text(obj) for obj in field.source_queryset()}
     assert {pk: text for pk, text, _, _ in page} == expected
     assert all(stored == (None,) and xmin for _, _, stored, xmin in page)
