@@ -144,6 +144,16 @@ def _same_end_state(a: str, b: str) -> int:
         return cursor.fetchone()[0]
 
 
+def _fresh_table(rows: int) -> None:
+    """``rows`` new articles in an emptied, vacuumed table. Every write-path run starts from the
+    same table: a run's column (its 100,000 vectors) and its dead row versions would otherwise
+    make every later run copy wider rows (measured: the first run was up to 1.8x faster than
+    the same run last)."""
+    harness.reset_articles()
+    harness.insert_articles(rows)
+    _vacuum()
+
+
 def database_bound(rows: int, batch_sizes: list[int], default_batch_size: int,
                    naive_rows: int) -> list[harness.Row]:
     """The write path with a near-free encoder over ``rows`` rows: the app's inline backfill at
@@ -162,12 +172,7 @@ def database_bound(rows: int, batch_sizes: list[int], default_batch_size: int,
     field = registry.get(TARGET)
 
     def fresh_table() -> None:
-        # Every run starts from the same table: a run's column (its 100,000 vectors) and its dead
-        # row versions would otherwise make every later run copy wider rows (measured: the first
-        # run was up to 1.8x faster than the same run last).
-        harness.reset_articles()
-        harness.insert_articles(rows)
-        _vacuum()
+        _fresh_table(rows)
 
     # Untimed: the app's end state is the raw SQL's (every row's vector and source hash).
     fresh_table()
@@ -315,6 +320,85 @@ def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     ]
 
 
+def database_workers(rows: int, batch_size: int, repeat: int) -> list[harness.Row]:
+    """The write path with the near-free encoder on real Celery worker processes (prefork, one
+    child each, the encoder replaced in each by ``benchmarks/near_free_worker.py``): 1 process
+    against 2 (the machine's 2 cores), and 2 against the hand-written COPY + UPDATE of
+    ``_raw_copy_update``, a single statement on one connection. Wall clock from planning to the
+    run's end; order raw, 1, 2, 2, 1, raw per repeat, each run on a freshly filled table."""
+    import tempfile
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from embeddings_app import backfill, lifecycle
+    from embeddings_app.models import BackfillRun
+    from tests.workers import WorkerProcess
+
+    harness.use_near_free_encoder(dimensions=384)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-db-workers-"))
+    env: dict[str, str | None] = {"BENCH_NEAR_FREE_DIMENSIONS": "384", "OMP_NUM_THREADS": "1"}
+    configs = {"bench-db-1w": 1, "bench-db-2w": 2}  # queue -> worker processes
+    started: list[WorkerProcess] = []
+    original = settings.EMBEDDINGS
+    counter = iter(range(10**6))
+
+    def backfill_on(queue: str, expected_rows: int) -> tuple[float, BackfillRun]:
+        settings.EMBEDDINGS = {**original, "QUEUE": queue}
+        version = lifecycle.add(TARGET, f"w{next(counter)}", "tiny")
+        with harness.stopwatch() as clock:
+            run, ranges = backfill.start(version, batch_size=batch_size)
+            backfill.dispatch(run, ranges)
+            while True:
+                run.refresh_from_db(fields=["status"])
+                if run.status != BackfillRun.Status.RUNNING:
+                    break
+                time.sleep(0.01)
+        run.refresh_from_db()
+        assert run.status == BackfillRun.Status.DONE and run.rows_embedded == expected_rows, (
+            run.status, run.rows_embedded, run.last_error)
+        return clock["seconds"], run
+
+    times: dict[str, list[float]] = {"raw": [], **{queue: [] for queue in configs}}
+    try:
+        for queue, count in configs.items():
+            started += [WorkerProcess(concurrency=1, extra_env=env, queue=queue, name="bench",
+                                      log_path=log_dir / f"{queue}-{n}.log", ready_timeout=120,
+                                      app="benchmarks.near_free_worker")
+                        for n in range(count)]
+        # Warm-up, untimed: every worker process runs a batch (imports, database connection).
+        warm_rows = 8 * batch_size
+        for queue, count in configs.items():
+            for _ in range(5):
+                _fresh_table(warm_rows)
+                _, run = backfill_on(queue, warm_rows)
+                if len(set(run.batches.values_list("worker", flat=True))) >= count:
+                    break
+            else:
+                raise RuntimeError(f"{queue}: not every worker process ran a warm-up batch")
+        for _ in range(repeat):
+            for side in ("raw", *configs, *reversed(configs), "raw"):
+                _fresh_table(rows)
+                seconds = (_raw_copy_update(f"wraw{next(counter)}") if side == "raw"
+                           else backfill_on(side, rows)[0])
+                times[side].append(seconds)
+                print(f"  {side}: {seconds:.2f} s = {rows / seconds:,.0f} rows/s", flush=True)
+    finally:
+        settings.EMBEDDINGS = original
+        for worker in started:
+            worker.stop()
+    raw, one, two = (rows / min(times[side]) for side in ("raw", *configs))
+    measure = f"write path on 2 worker processes, near-free encoder, {rows:,} rows, batch {batch_size}"
+    extra = {"seconds": times}
+    return [
+        harness.Row("backfill", measure, two, "rows/s", "1 worker process", one, two / one, "",
+                    None, extra),
+        harness.Row("backfill", measure, two, "rows/s",
+                    "raw SQL: one read, one binary COPY, one UPDATE FROM (one connection)", raw,
+                    two / raw, ">= 0.8x", two / raw >= 0.8, extra),
+    ]
+
+
 def write_strategies(rows: int, batch_size: int) -> list[harness.Row]:
     """The bulk write alone, inside one transaction per batch, same rows and vectors."""
     import numpy as np
@@ -391,8 +475,10 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                         help="rows of the save() loop (a sample of --rows)")
     parser.add_argument("--write-rows", type=int, default=5000,
                         help="rows of the write-strategy comparison")
+    parser.add_argument("--db-worker-batch-size", type=int, default=5000,
+                        help="batch size of the database part on worker processes")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["encode", "workers", "database", "writes"])
+                        choices=["encode", "workers", "database", "db-workers", "writes"])
     args = parser.parse_args(argv)
 
     harness.setup_django()
@@ -406,6 +492,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                                min(args.naive_rows, args.rows))
         if "writes" not in args.skip:
             rows += write_strategies(min(args.write_rows, args.rows), args.batch_size)
+    if "db-workers" not in args.skip:  # the near-free encoder too; last, it resets the table
+        rows += database_workers(args.rows, args.db_worker_batch_size, 1)
     harness.print_table(rows)
     print("machine:", harness.machine())
     for row in rows:

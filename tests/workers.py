@@ -30,11 +30,11 @@ def database_url() -> str:
 class WorkerProcess:
     """A real ``celery worker`` process (prefork pool) serving ``queue`` (default: the embeddings
     queue of the settings). ``extra_env`` adds variables; a value of None removes one (e.g.
-    ``OMP_NUM_THREADS``)."""
+    ``OMP_NUM_THREADS``). ``app``: the Celery app module (``celery -A``)."""
 
     def __init__(self, concurrency: int = 2, extra_env: dict[str, str | None] | None = None,
                  log_path: Path | None = None, queue: str | None = None, name: str = "test",
-                 ready_timeout: float = 90) -> None:
+                 ready_timeout: float = 90, app: str = "project") -> None:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "tests.settings"),
@@ -51,7 +51,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q",
+            [sys.executable, "-m", "celery", "-A", app, "worker", "-Q",
              queue or settings.EMBEDDINGS.get("QUEUE", "embeddings"), "-c", str(concurrency),
              "--pool", "prefork", "-l", "info", "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-n", f"{name}-{time.time_ns()}@%h"],
