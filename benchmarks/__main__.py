@@ -4,7 +4,8 @@ write JSON under benchmarks/results/. Each benchmark also runs alone:
 
 from __future__ import annotations
 
-import importlib
+import json
+import subprocess
 import sys
 
 from benchmarks import harness
@@ -20,8 +21,11 @@ def main() -> None:
     rows: list[harness.Row] = []
     for name in names:
         print(f"\n=== {name} ===", flush=True)
-        result = importlib.import_module(f"benchmarks.{name}").main([])
-        rows.extend(result or [])
+        # Each in its own process, as when run alone: a benchmark changes its process (the
+        # near-free encoder replaces inference), which must not leak into the next one.
+        subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], check=True)
+        result = json.loads((harness.RESULTS_DIR / f"{name}.json").read_text())
+        rows.extend(harness.Row(**row) for row in result["rows"])
     print("\n=== summary ===")
     harness.print_table(rows)
     print("results:", harness.write_json("all", rows))

@@ -389,7 +389,9 @@ def database_workers(rows: int, batch_size: int, repeat: int) -> list[harness.Ro
             worker.stop()
     raw, one, two = (rows / min(times[side]) for side in ("raw", *configs))
     measure = f"write path on 2 worker processes, near-free encoder, {rows:,} rows, batch {batch_size}"
-    extra = {"seconds": times}
+    means = {side: sum(seconds) / len(seconds) for side, seconds in times.items()}
+    extra = {"seconds": times, "ratio_of_means_to_1": means["bench-db-1w"] / means["bench-db-2w"],
+             "ratio_of_means_to_raw": means["raw"] / means["bench-db-2w"]}
     return [
         harness.Row("backfill", measure, two, "rows/s", "1 worker process", one, two / one, "",
                     None, extra),
@@ -477,6 +479,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                         help="rows of the write-strategy comparison")
     parser.add_argument("--db-worker-batch-size", type=int, default=5000,
                         help="batch size of the database part on worker processes")
+    parser.add_argument("--db-worker-repeat", type=int, default=2,
+                        help="rounds (raw, 1, 2, 2, 1, raw) of the database part on workers")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["encode", "workers", "database", "db-workers", "writes"])
     args = parser.parse_args(argv)
@@ -493,7 +497,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         if "writes" not in args.skip:
             rows += write_strategies(min(args.write_rows, args.rows), args.batch_size)
     if "db-workers" not in args.skip:  # the near-free encoder too; last, it resets the table
-        rows += database_workers(args.rows, args.db_worker_batch_size, 1)
+        rows += database_workers(args.rows, args.db_worker_batch_size, args.db_worker_repeat)
     harness.print_table(rows)
     print("machine:", harness.machine())
     for row in rows:

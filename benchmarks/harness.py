@@ -139,8 +139,10 @@ def print_table(rows: Sequence[Row]) -> None:
 def write_json(name: str, rows: Sequence[Row], extra: dict[str, Any] | None = None) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows],
-                                **(extra or {})}, indent=2, default=str))
+    # The run's settings under their own key: a setting named "rows" (a table size) once
+    # replaced the results.
+    path.write_text(json.dumps({"machine": machine(), "settings": extra or {},
+                                "rows": [asdict(r) for r in rows]}, indent=2, default=str))
     return path
 
 
