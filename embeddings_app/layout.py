@@ -5,7 +5,7 @@ on its page, with no indexed column changed, is a HOT update: no index is touche
 not fit goes to another page and is inserted into every index of the table again, HNSW included,
 and an HNSW insert is a graph search. ``benchmarks/layout.py`` measured the backfill 3.3x to 5.5x
 slower with an HNSW index on the old version's column at the default fillfactor (100), and 29% to
-46% faster than that at fillfactor 70 (docs/benchmarks.md).
+82% faster than that at fillfactor 70, depending on the room left on the pages (docs/benchmarks.md).
 """
 
 from __future__ import annotations
