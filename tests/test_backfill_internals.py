@@ -184,3 +184,33 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
     assert stored[held] == (None,)
     for obj in field.source_queryset().exclude(pk=held):
         assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles, monkeypatch):
+    """Rows read with their version and unchanged since: each version's write checks the row
+    version the previous write of this transaction left, so no row is locked or re-read, and
+    both versions end up fresh."""
+    articles, v1 = _version(make_articles, 6)
+    call_command("embeddings", "add", TARGET, "v2", "--model", "tiny_other")
+    v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
+    field = registry.get(TARGET)
+    ((page, _),) = list(sync.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
+    prepared = sync.prepare(field, [v1, v2], page)
+    locked: list = []
+    real_lock_rows = storage.lock_rows
+
+    def recording_lock_rows(field, pks):
+        locked.append(list(pks))
+        return real_lock_rows(field, pks)
+
+    monkeypatch.setattr(storage, "lock_rows", recording_lock_rows)
+    with transaction.atomic():
+        write_xids = sync.write_prepared(field, prepared)
+    assert locked == []
+    assert len(write_xids) == 1  # one transaction wrote them all
+    assert (prepared.stats.embedded, prepared.stats.conflicted) == (12, 0)
+    stored = storage.stored_hashes(field, [v1, v2], [a.pk for a in articles])
+    for obj in field.source_queryset():
+        expected = field.source_hash(field.source_text(obj))
+        assert stored[obj.pk] == (expected, expected)
