@@ -8,8 +8,6 @@ message is shown as it is, exactly as the command prints it. Views are wrapped b
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.views import View
 
-from . import backfill, indexes, lifecycle, progress, registry, storage
+from . import backfill, lifecycle, progress, registry, storage
 from .config import get_config
 from .exceptions import EmbeddingError
 from .models import BackfillRun, EmbeddingVersion, State
@@ -57,15 +55,6 @@ def can(request: HttpRequest, step: Step) -> bool:
     return request.user.has_perm(f"embeddings_app.{PERMISSIONS[step.group]}")
 
 
-def _accepts(function: Callable[..., Any], name: str) -> bool:
-    return name in inspect.signature(function).parameters
-
-
-def verify_function() -> Callable[..., Any] | None:
-    """The cutover's recorded verify step (``lifecycle.verify``); None until it exists."""
-    return getattr(lifecycle, "verify", None)
-
-
 class StepFailed(Exception):
     """A step ran but its verdict is negative (a failed verify): shown as an error, like the
     command's non-zero exit."""
@@ -91,14 +80,10 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
                 f"'{get_config().queue}'; progress below."]
     if step.name == "index":
         record = _record(version)
-        build_index = getattr(lifecycle, "build_index", None)
-        index = build_index(target, name) if build_index else indexes.build(record)
+        index = lifecycle.build_index(target, name)
         return [f"Index {index} on {record.column} is valid."]
     if step.name == "verify":
-        verify = verify_function()
-        if verify is None:
-            raise StepFailed("Verify is not available in this version of embeddings_app.")
-        report = verify(registry.get(target).target, name, actor=who)
+        report = lifecycle.verify(registry.get(target).target, name, actor=who)
         if not report.passed:
             raise StepFailed(report.summary())
         return [report.summary()]
@@ -115,13 +100,8 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
         # As `embeddings drop` does: the refusal rules first (the grace period after the version
         # was last active is only waived when the confirmation page's box is ticked, like --yes).
         record = _record(version)
-        yes = request.POST.get("yes") == "on"
-        if _accepts(lifecycle.check_droppable, "yes"):
-            lifecycle.check_droppable(record, yes=yes)
-            dropped = lifecycle.drop(target, name, actor=who, yes=True)
-        else:
-            lifecycle.check_droppable(record)
-            dropped = lifecycle.drop(target, name, actor=who)
+        lifecycle.check_droppable(record, yes=request.POST.get("yes") == "on")
+        dropped = lifecycle.drop(target, name, actor=who, yes=True)
         return [f"{target}@{name} dropped: column {version.column}"
                 + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."]
     raise Http404(step.name)
@@ -233,7 +213,7 @@ class LifecycleView(AdminView):
             "step": step,
             "title": f"{step.label} {version}?",
             "consequences": consequences(step, version),
-            "offers_yes": step.name == "drop" and _accepts(lifecycle.check_droppable, "yes"),
+            "offers_yes": step.name == "drop",
             "change_url": self._change_url(version),
         }
         return TemplateResponse(
@@ -289,9 +269,7 @@ def detail_context(request: HttpRequest, version: EmbeddingVersion, admin_site: 
             readiness = None
     failures = [(failure, row_admin_url(admin_site, version, failure.row_key))
                 for failure in version.failures.select_related("run")[:200]]
-    steps = [{"step": step, "allowed": can(request, step),
-              "available": step.name != "verify" or verify_function() is not None}
-             for step in STEPS.values()]
+    steps = [{"step": step, "allowed": can(request, step)} for step in STEPS.values()]
     return {
         "ev_status": progress.statuses([version])[version.pk],
         "ev_readiness": readiness,
