@@ -250,7 +250,7 @@ def _catch_up(run: BackfillRun, version: EmbeddingVersion, field: Any) -> None:
     row whose version (xmin) is the transaction of a batch that wrote it is as that batch left
     it, fresh. Rows that failed in this run are not retried."""
     write_xids = sorted({xid for xids in run.batches.values_list("write_xids", flat=True)
-                         for xid in xids})
+                         for xid in xids or ()})
     failed_keys = list(RowFailure.objects.filter(run_id=run.pk).values_list("row_key", flat=True))
     rows = field.model._base_manager.all()
     if write_xids:

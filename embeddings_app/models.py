@@ -227,8 +227,9 @@ class BackfillBatch(models.Model):
     rows_failed = models.PositiveIntegerField(default=0)
     # The transactions (PostgreSQL xids, as text) that wrote the batch's rows: a row whose
     # current version (xmin) is one of them has not changed since, so the run's catch-up pass
-    # need not read it.
-    write_xids = models.JSONField(default=list, blank=True)
+    # need not read it. Nullable: code from before this column keeps inserting batches while a
+    # rolling deploy is under way (NULL reads as "unknown": those rows are read).
+    write_xids = models.JSONField(null=True, blank=True, default=list)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

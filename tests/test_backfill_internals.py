@@ -140,6 +140,34 @@ def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monk
 
 
 @pytest.mark.django_db(transaction=True)
+def test_catch_up_reads_the_rows_of_a_batch_without_recorded_writes(make_articles, monkeypatch):
+    """A batch counted by code from before ``write_xids`` (NULL, during a rolling deploy) gives
+    the catch-up pass nothing to skip: its rows are read; the other batches' are not."""
+    articles, version = _version(make_articles, 30)
+    call_command("embeddings", "backfill", TARGET, "v1", "--inline", "--batch-size", "10")
+    run = version.runs.get()
+    first_batch = run.batches.get(number=0)
+    first_batch.write_xids = None
+    first_batch.save(update_fields=["write_xids"])
+    read: list = []
+    real_source_query = sync._source_query
+
+    def counting_source_query(*args):
+        query, decode = real_source_query(*args)
+
+        def decode_and_count(values):
+            row = decode(values)
+            read.append(row[0])
+            return row
+
+        return query, decode_and_count
+
+    monkeypatch.setattr(sync, "_source_query", counting_source_query)
+    backfill._catch_up(run, version, registry.get(TARGET))
+    assert set(read) == set(sorted(a.pk for a in articles)[:10])
+
+
+@pytest.mark.django_db(transaction=True)
 def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_articles):
     """The compare-and-set inside the UPDATE, under a real concurrent writer: another connection
     holds a row while the write runs, then changes its text and commits. The write, which was
