@@ -15,7 +15,7 @@ import os
 import socket
 import uuid
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import connection, transaction
 from django.db.models import BooleanField, F
@@ -26,6 +26,9 @@ from . import encoders, lifecycle, registry, storage, sync
 from .config import get_config
 from .exceptions import Refused
 from .models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
+
+if TYPE_CHECKING:
+    from .fields import VersionedEmbedding
 
 Range = tuple[Any, Any]  # [low, high): None means unbounded
 
@@ -242,7 +245,7 @@ def finalize(run_id: int) -> None:
                                  note=f"backfill run {run_id}: {done}/{total} rows")
 
 
-def _catch_up(run: BackfillRun, version: EmbeddingVersion, field: Any) -> None:
+def _catch_up(run: BackfillRun, version: EmbeddingVersion, field: VersionedEmbedding) -> None:
     """Re-embed the rows that changed under a batch and were written by a path without
     dual-write (bulk_update, QuerySet.update(), raw SQL).
 

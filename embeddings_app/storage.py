@@ -156,7 +156,7 @@ def write_vectors(
     # Rows in key order: the UPDATE then meets (and locks) them in key order in the plans
     # PostgreSQL picks for it (a hash or nested-loop join driven by the primary-key index or by
     # this table), so two writers of overlapping rows queue instead of deadlocking.
-    rows = sorted(rows, key=lambda row: sort_key(row[0]))
+    rows = sorted(rows, key=lambda row: _sort_key(row[0]))
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {qn(staging)} (pk {pk_type} PRIMARY KEY, "
@@ -192,7 +192,7 @@ def write_vectors(
     return written
 
 
-def sort_key(pk: Any) -> Any:
+def _sort_key(pk: Any) -> Any:
     """Primary keys in the order PostgreSQL sorts them (integers as numbers, UUIDs as text)."""
     return str(pk) if not isinstance(pk, int) else pk
 

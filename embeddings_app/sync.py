@@ -183,30 +183,30 @@ def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
         return set()
     assert transaction.get_connection().in_atomic_block, "write_prepared needs a transaction"
     expected = dict(prepared.read_versions)  # pk -> the row version each write expects
-    written: dict[int, set[Any]] = {id(item): set() for item in prepared.pending}
+    written: list[set[Any]] = [set() for _ in prepared.pending]  # per item: the keys written
     write_xids: set[str] = set()
 
-    def write(item: _Pending, rows: list[tuple[Any, bytes, np.ndarray | None]]) -> None:
-        done = storage.write_vectors(field, item.version, rows, expected)
+    def write(index: int, rows: list[tuple[Any, bytes, np.ndarray | None]]) -> None:
+        done = storage.write_vectors(field, prepared.pending[index].version, rows, expected)
         expected.update(done)  # the next version's write of these rows expects our own update
-        written[id(item)].update(done)
+        written[index].update(done)
         write_xids.update(done.values())
 
-    for item in prepared.pending:
-        write(item, [row for row in item.rows if row[0] in expected])
-    recheck = sorted({row[0] for item in prepared.pending for row in item.rows
-                      if row[0] not in written[id(item)]}, key=storage.sort_key)
+    for index, item in enumerate(prepared.pending):
+        write(index, [row for row in item.rows if row[0] in expected])
+    recheck = list({row[0] for item, done in zip(prepared.pending, written, strict=True)
+                    for row in item.rows if row[0] not in done})
     if recheck:
-        locked = storage.lock_rows(field, recheck)
+        locked = storage.lock_rows(field, recheck)  # in key order
         expected.update(locked)
         query, decode = _source_query(field, [], field.source_queryset().filter(pk__in=list(locked)))
         current = {row[0]: field.source_hash(row[1]) for row in map(decode, query)}
-        for item in prepared.pending:
-            write(item, [row for row in item.rows if row[0] in locked
-                         and row[0] not in written[id(item)] and current.get(row[0]) == row[1]])
+        for index, item in enumerate(prepared.pending):
+            write(index, [row for row in item.rows if row[0] in locked
+                          and row[0] not in written[index] and current.get(row[0]) == row[1]])
     stats = prepared.stats
-    for item in prepared.pending:
-        done = [row for row in item.rows if row[0] in written[id(item)]]
+    for item, done_keys in zip(prepared.pending, written, strict=True):
+        done = [row for row in item.rows if row[0] in done_keys]
         stats.conflicted += len(item.rows) - len(done)
         stats.skipped += sum(1 for row in done if row[2] is None)
         stats.embedded += sum(1 for row in done if row[2] is not None)
@@ -257,12 +257,13 @@ def _source_query(
         return (values[0], values[1], tuple(_as_bytes(value) for value in values[2:-1]),
                 values[-1])
 
-    text_sql = _source_text_sql(field, plain)
+    default_join = type(field).source_text is VersionedEmbedding.source_text
+    text_sql = _source_text_sql(field, plain) if default_join else None
     if text_sql is not None:  # the text joined by PostgreSQL: less to transfer and to decode
         annotated = annotated.annotate(_embeddings_source=text_sql)
         return annotated.values_list("pk", "_embeddings_source", *stored_and_version), decode_values
     width = len(plain)
-    if type(field).source_text is VersionedEmbedding.source_text:
+    if default_join:
         # VersionedEmbedding.source_text's join, on the values without an object per row (the
         # decode was a third of a 100,000-row scan); tests/test_backfill_internals.py checks.
         def text_of(values: Any) -> str:
@@ -278,13 +279,11 @@ def _source_query(
 
 
 def _source_text_sql(field: VersionedEmbedding, plain: tuple[str, ...]) -> RawSQL | None:
-    """``VersionedEmbedding.source_text`` as SQL, for source fields that are all text columns
-    (``str()`` of a date or a number is not PostgreSQL's text of it); None otherwise.
+    """``VersionedEmbedding.source_text``'s join as SQL, for source fields that are all text
+    columns (``str()`` of a date or a number is not PostgreSQL's text of it); None otherwise.
 
     The same text: the non-empty values joined by ``SOURCE_SEPARATOR``, NULL and ``""`` left
     out (``concat_ws`` skips NULLs; ``NULLIF`` makes ``""`` one)."""
-    if type(field).source_text is not VersionedEmbedding.source_text:
-        return None
     columns = [field.model._meta.get_field(name) for name in plain]
     if any(column.get_internal_type() not in ("CharField", "TextField") for column in columns):
         return None
