@@ -2,14 +2,15 @@
 
 1. Encode-bound (MiniLM, real BBC News articles): raw ``model.encode`` on the same texts with the
    same batch size and encode settings, against an inline backfill of a fresh version (planning,
-   keyset reads, hashing, encode, locked compare-and-set write, catch-up pass). Target >= 0.9x.
+   keyset reads, hashing, encode, compare-and-set write, catch-up pass). Target >= 0.9x.
 2. Workers: the same MiniLM backfill of the same articles dispatched to real Celery worker
    processes: 2 processes with 1 torch thread each against 1 process with 2 torch threads (the
    2 cores either way), and 2 processes with torch's default threads; dispatch to run done.
 3. Database-bound (a near-free encoder: a table lookup instead of inference), 100,000 rows: the
    app's backfill against (a) a loop of ``save()`` (dual-write re-embeds each row in its own
    transaction), timed on a sample of the rows, target >= 10x; and (b) the same work by hand as
-   fast as I can write it (one read, one binary COPY, one ``UPDATE ... FROM``), target >= 0.8x.
+   fast as I can write it (one read, one binary COPY, one ``UPDATE ... FROM``), target >= 0.8x;
+   inline at several batch sizes, and on real worker processes (1 against 2, 2 against (b)).
 4. The bulk write alone: binary COPY into a temp table + one ``UPDATE ... FROM`` (what
    ``storage.write_vectors`` does) against ``UPDATE ... FROM unnest(...)`` with the vectors as
    text, and against one ``UPDATE`` per row (``executemany``).
@@ -245,7 +246,7 @@ def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     from embeddings_app import backfill, lifecycle
     from embeddings_app.models import BackfillRun
     from project.news.models import Ticket
-    from tests.workers import WorkerProcess
+    from tests.workers import WorkerProcess, wait_for_run
 
     harness.reset_articles()
     harness.insert_corpus_articles(docs)
@@ -270,13 +271,8 @@ def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
             run, ranges = backfill.start(version, batch_size=size)
             started_at = time.perf_counter()
             backfill.dispatch(run, ranges)
-            while True:
-                run.refresh_from_db(fields=["status"])
-                if run.status != BackfillRun.Status.RUNNING:
-                    break
-                time.sleep(0.05)
+            run = wait_for_run(run.pk, timeout=600, poll=0.05)
             seconds = time.perf_counter() - started_at
-            run.refresh_from_db()
             assert run.status == BackfillRun.Status.DONE, run.last_error
             return seconds, run
 
@@ -333,7 +329,7 @@ def database_workers(rows: int, batch_size: int, repeat: int) -> list[harness.Ro
 
     from embeddings_app import backfill, lifecycle
     from embeddings_app.models import BackfillRun
-    from tests.workers import WorkerProcess
+    from tests.workers import WorkerProcess, wait_for_run
 
     harness.use_near_free_encoder(dimensions=384)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-db-workers-"))
@@ -349,12 +345,7 @@ def database_workers(rows: int, batch_size: int, repeat: int) -> list[harness.Ro
         with harness.stopwatch() as clock:
             run, ranges = backfill.start(version, batch_size=batch_size)
             backfill.dispatch(run, ranges)
-            while True:
-                run.refresh_from_db(fields=["status"])
-                if run.status != BackfillRun.Status.RUNNING:
-                    break
-                time.sleep(0.01)
-        run.refresh_from_db()
+            run = wait_for_run(run.pk, timeout=600, poll=0.01)
         assert run.status == BackfillRun.Status.DONE and run.rows_embedded == expected_rows, (
             run.status, run.rows_embedded, run.last_error)
         return clock["seconds"], run

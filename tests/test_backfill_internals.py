@@ -50,6 +50,18 @@ def test_source_read_from_values_is_the_fields_source_text(make_articles, monkey
     assert all(stored == (None,) and xmin for _, _, stored, xmin in page)
 
 
+def _assert_written_all_but(left: object, prepared: sync.Prepared, version: EmbeddingVersion,
+                            articles: list[Article]) -> None:
+    """The write left row ``left`` alone (conflicted: no hash) and wrote every other row with
+    the hash of its current text."""
+    field = registry.get(TARGET)
+    assert (prepared.stats.embedded, prepared.stats.conflicted) == (len(articles) - 1, 1)
+    stored = storage.stored_hashes(field, [version], [a.pk for a in articles])
+    assert stored[left] == (None,)
+    for obj in field.source_queryset().exclude(pk=left):
+        assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_write_rereads_only_rows_whose_version_changed(make_articles):
     """After the read: one row's text changes without a signal (not written: conflicted), one
@@ -63,11 +75,7 @@ def test_write_rereads_only_rows_whose_version_changed(make_articles):
     Article.objects.filter(pk=changed_other).update(category="moved")
     with transaction.atomic():
         sync.write_prepared(field, prepared)
-    assert (prepared.stats.embedded, prepared.stats.conflicted) == (4, 1)
-    stored = storage.stored_hashes(field, [version], [a.pk for a in articles])
-    assert stored[changed_text] == (None,)
-    for obj in field.source_queryset().exclude(pk=changed_text):
-        assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
+    _assert_written_all_but(changed_text, prepared, version, articles)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -87,6 +95,25 @@ def test_unfresh_scan_without_server_side_cursors_pages_by_key(make_articles, mo
                                                                 {a.pk for a in articles[:3]})]
 
 
+def _rows_read(monkeypatch) -> list:
+    """From now on, the key of every row a source read decodes (batch pages, scans, re-reads)."""
+    read: list = []
+    real_source_query = sync._source_query
+
+    def recording_source_query(*args):
+        query, decode = real_source_query(*args)
+
+        def decode_and_record(values):
+            row = decode(values)
+            read.append(row[0])
+            return row
+
+        return query, decode_and_record
+
+    monkeypatch.setattr(sync, "_source_query", recording_source_query)
+    return read
+
+
 @pytest.mark.django_db(transaction=True)
 def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monkeypatch):
     """The run's catch-up pass reads again only the rows whose current version (xmin) is not
@@ -103,31 +130,19 @@ def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monk
     run, ranges = backfill.start(version, batch_size=10, mode="inline")
     assert len(ranges) == 3
     changed = sorted(a.pk for a in articles)[:2]  # in the first batch
-    phase = ["batches"]
-    read_in_catch_up: list = []
-    real_source_query, real_catch_up = sync._source_query, backfill._catch_up
-
-    def counting_source_query(*args):
-        query, decode = real_source_query(*args)
-
-        def decode_and_count(values):
-            row = decode(values)
-            if phase[0] == "catch-up":
-                read_in_catch_up.append(row[0])
-            return row
-
-        return query, decode_and_count
+    read = _rows_read(monkeypatch)
+    real_catch_up = backfill._catch_up
+    bulk_updated: list[bool] = []
 
     def catch_up(*args):
-        phase[0] = "catch-up"
+        read.clear()  # from here on: what the catch-up pass reads
         real_catch_up(*args)
 
     def after_batch(_processed: int) -> None:
-        if phase[0] == "batches":
+        if not bulk_updated:
             Article.objects.filter(pk__in=changed).update(title=Concat("title", Value(" (bulk)")))
-            phase[0] = "changed"
+            bulk_updated.append(True)
 
-    monkeypatch.setattr(sync, "_source_query", counting_source_query)
     monkeypatch.setattr(backfill, "_catch_up", catch_up)
     backfill.run_inline(run, ranges, progress=after_batch)
 
@@ -135,7 +150,7 @@ def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monk
     version.refresh_from_db()
     assert (run.status, version.state) == (BackfillRun.Status.DONE, State.READY)
     assert all(batch.write_xids for batch in run.batches.all())
-    assert set(read_in_catch_up) == set(changed)
+    assert set(read) == set(changed)
     assert assert_every_row_fresh(TARGET, "v1") == 30
 
 
@@ -149,20 +164,7 @@ def test_catch_up_reads_the_rows_of_a_batch_without_recorded_writes(make_article
     first_batch = run.batches.get(number=0)
     first_batch.write_xids = None
     first_batch.save(update_fields=["write_xids"])
-    read: list = []
-    real_source_query = sync._source_query
-
-    def counting_source_query(*args):
-        query, decode = real_source_query(*args)
-
-        def decode_and_count(values):
-            row = decode(values)
-            read.append(row[0])
-            return row
-
-        return query, decode_and_count
-
-    monkeypatch.setattr(sync, "_source_query", counting_source_query)
+    read = _rows_read(monkeypatch)
     backfill._catch_up(run, version, registry.get(TARGET))
     assert set(read) == set(sorted(a.pk for a in articles)[:10])
 
@@ -174,11 +176,10 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
     waiting for that row, finds a newer row version and leaves it (conflicted); the rest of the
     batch is written."""
     import threading
-    import time
 
     from django.db import connections
 
-    from tests.backfill_helpers import blocked_backends, raw_connection
+    from tests.backfill_helpers import blocked_backends, raw_connection, wait_until
 
     articles, version = _version(make_articles, 5)
     field = registry.get(TARGET)
@@ -197,21 +198,14 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
 
     thread = threading.Thread(target=write)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not blocked_backends(writer) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert blocked_backends(writer), "the write never waited for the held row"
+    wait_until(lambda: blocked_backends(writer), timeout=30, what="the write to wait for the row")
     writer.execute("UPDATE news_article SET title = 'Rewritten while the write waited' "
                    "WHERE id = %s", [held])
     writer.commit()
     thread.join(timeout=30)
     writer.close()
     assert not thread.is_alive()
-    assert (prepared.stats.embedded, prepared.stats.conflicted) == (4, 1)
-    stored = storage.stored_hashes(field, [version], [a.pk for a in articles])
-    assert stored[held] == (None,)
-    for obj in field.source_queryset().exclude(pk=held):
-        assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
+    _assert_written_all_but(held, prepared, version, articles)
 
 
 @pytest.mark.django_db(transaction=True)

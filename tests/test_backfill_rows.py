@@ -16,9 +16,9 @@ from tests.backfill_helpers import (
     all_vectors,
     assert_every_row_fresh,
     create_articles,
-    wait_for_run,
 )
 from tests.conftest import TARGET
+from tests.workers import wait_for_run
 
 TICKETS = "news.Ticket.embedding"
 

@@ -21,10 +21,10 @@ from tests.backfill_helpers import (
     broker,  # noqa: F401  (fixture)
     create_articles,
     raw_connection,
-    wait_for_run,
     wait_until,
 )
 from tests.conftest import TARGET
+from tests.workers import wait_for_run
 
 # Rows of the concurrency test: 5,000 on the default broker; the same test runs on the other
 # brokers of the matrix with fewer rows to keep the suite's time reasonable on 2 cores.

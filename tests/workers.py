@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from django.conf import settings
@@ -91,3 +92,16 @@ class WorkerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+def wait_for_run(run_id: int, timeout: float = 300, poll: float = 0.3) -> Any:
+    """The ``BackfillRun`` once it is no longer running (its batches done, finalized)."""
+    from embeddings_app.models import BackfillRun  # Django is set up by the time this runs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = BackfillRun.objects.get(pk=run_id)
+        if run.status != BackfillRun.Status.RUNNING:
+            return run
+        time.sleep(poll)
+    raise AssertionError(f"backfill run {run_id} still running after {timeout}s")
