@@ -7,10 +7,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The OpenAI-compatible embedding server the provider tests run (infinity-emb): its own
+# virtualenv, since it needs sentence-transformers < 4.
+INFINITY_VENV ?= .venv-infinity
+INFINITY_STAMP := $(INFINITY_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv browser demo test lint bench clean-data
+.PHONY: venv infinity browser demo test lint bench clean-data
 
 $(STAMP): requirements/base.txt requirements/data.txt requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +23,13 @@ $(STAMP): requirements/base.txt requirements/data.txt requirements/dev.txt pypro
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(INFINITY_STAMP): requirements/infinity.txt
+	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install -q -r requirements/infinity.txt
+	touch $(INFINITY_STAMP)
+
+infinity: $(INFINITY_STAMP)
 
 demo: venv
 	$(PY) manage.py demo $(ARGS)
@@ -32,7 +43,7 @@ browser:
 	    || echo "WARNING: could not install chromium; the browser tests will fail"; \
 	fi
 
-test: venv browser
+test: venv infinity browser
 	$(PY) -m pytest $(ARGS)
 
 lint: venv

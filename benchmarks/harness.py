@@ -220,9 +220,9 @@ def use_near_free_encoder(dimensions: int | None = None) -> None:
     tables: dict[int, Any] = {}
 
     def lookup(self: encoders.Encoder, texts: list[str], prompt: str | None) -> Any:
-        # Without ``dimensions``, the loading encoder's probe (before ``self.dimensions`` exists)
+        # Without ``dimensions``, the loading encoder's probe (before ``self._dimensions`` is set)
         # gets 32: pass the model's real width when the column type matters.
-        dims = dimensions or getattr(self, "dimensions", None) or 32
+        dims = dimensions or getattr(self, "_dimensions", None) or 32
         if dims not in tables:
             rng = np.random.default_rng(dims)
             table = rng.normal(size=(1024, dims)).astype(np.float32)
@@ -230,7 +230,7 @@ def use_near_free_encoder(dimensions: int | None = None) -> None:
         self.calls += 1
         return tables[dims][[zlib.crc32(t.encode("utf-8", "surrogatepass")) % 1024 for t in texts]]
 
-    encoders.Encoder._encode = lookup  # type: ignore[method-assign]
+    encoders.SentenceTransformersEncoder._encode = lookup  # type: ignore[method-assign]
     encoders.clear_cache()
 
 

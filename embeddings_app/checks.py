@@ -21,13 +21,15 @@ def check_embeddings_setting(app_configs: Any = None, **kwargs: Any) -> list[che
 
 @checks.register("embeddings", deploy=True)
 def check_active_fingerprints(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """``manage.py check --deploy``: the model files behind every active version still match the
+    """``manage.py check --deploy``: the model behind every active version still matches the
     fingerprint pinned when the version was added (a changed file would silently change the
-    query vectors, which would then be searched against vectors of the old model)."""
+    query vectors, which would then be searched against vectors of the old model), and still
+    computes the version's probe vectors (an API or a library may change under the name)."""
     if config.validate(getattr(settings, "EMBEDDINGS", None)):
         return []  # reported by check_embeddings_setting
     from django.db import DatabaseError
 
+    from . import probes
     from .encoders import fingerprint, resolve_model_path
     from .exceptions import EmbeddingError
     from .models import EmbeddingVersion, State
@@ -45,7 +47,12 @@ def check_active_fingerprints(app_configs: Any = None, **kwargs: Any) -> list[ch
     for version in active_versions:
         try:
             spec = parsed.model(version.model_alias)
-            current = fingerprint(resolve_model_path(spec), spec)
+            if spec.is_api:
+                from .api import api_fingerprint  # lazy: the SDK only where an API is used
+
+                current = api_fingerprint(spec)
+            else:
+                current = fingerprint(resolve_model_path(spec), spec)
         except EmbeddingError as exc:
             messages.append(checks.Error(
                 f"The model of active version {version} cannot be checked: {exc}",
@@ -62,5 +69,15 @@ def check_active_fingerprints(app_configs: Any = None, **kwargs: Any) -> list[ch
                 "vectors. Restore the pinned files, or add a new version for the new files "
                 "and migrate to it.",
                 id="embeddings.E101",
+            ))
+            continue
+        report = probes.run(version)  # an API's model can change behind an unchanged identity
+        if not report.passed:
+            messages.append(checks.Error(
+                f"Active version {version} (alias \"{version.model_alias}\"): "
+                + "; ".join(report.problems) + ".",
+                hint="Searches would embed queries with another model than the stored vectors. "
+                "Pin the provider or libraries back, or add a new version and migrate to it.",
+                id="embeddings.E103",
             ))
     return messages

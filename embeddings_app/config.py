@@ -6,6 +6,7 @@ parsed setting or raises ``ConfigurationError`` with the first problem.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,8 +44,31 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "document_prompt": ((str,), "a string"),
     "max_seq_length": ((int,), "a positive integer"),
     "storage": ((str,), '"vector" or "halfvec"'),
+    "provider": ((str,), '"sentence-transformers" or "openai"'),
+    "verify_threshold": ((int, float), "a cosine similarity between -1 and 1"),
+    # OpenAI-compatible APIs only (docs/providers.md)
+    "base_url": ((str,), 'the API\'s base URL, e.g. "https://api.openai.com/v1"'),
+    "api_key_env": ((str,), "the name of an environment variable holding the API key"),
+    "max_batch_inputs": ((int,), "a positive integer"),
+    "max_batch_tokens": ((int,), "a positive integer"),
+    "max_input_tokens": ((int,), "a positive integer"),
+    "tokens_per_minute": ((int,), "a positive integer"),
+    "requests_per_minute": ((int,), "a positive integer"),
+    "timeout": ((int, float), "a number of seconds > 0"),
+    "price_per_million_tokens": ((int, float), "a price >= 0 (your currency per 1M tokens)"),
 }
 REQUIRED_MODEL_KEYS = ("model", "revision")
+PROVIDERS = ("sentence-transformers", "openai")
+# Keys that only mean something for one provider.
+LOCAL_ONLY_KEYS = frozenset({"max_seq_length"})
+API_ONLY_KEYS = frozenset({"base_url", "api_key_env", "max_batch_inputs", "max_batch_tokens",
+                           "max_input_tokens", "tokens_per_minute", "requests_per_minute",
+                           "timeout", "price_per_million_tokens"})
+# OpenAI's own request limits: 2,048 inputs and 300,000 tokens per /v1/embeddings request.
+API_DEFAULTS: dict[str, Any] = {"max_batch_inputs": 2048, "max_batch_tokens": 300_000,
+                                "timeout": 60.0}
+# An environment variable name; anything else in api_key_env is taken for a literal key.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -61,13 +85,34 @@ class ModelSpec:
     document_prompt: str | None = None
     max_seq_length: int | None = None
     storage: str | None = None
+    provider: str = "sentence-transformers"
+    verify_threshold: float | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_batch_inputs: int = API_DEFAULTS["max_batch_inputs"]
+    max_batch_tokens: int = API_DEFAULTS["max_batch_tokens"]
+    max_input_tokens: int | None = None
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+    timeout: float = API_DEFAULTS["timeout"]
+    price_per_million_tokens: float | None = None
+
+    @property
+    def is_api(self) -> bool:
+        return self.provider != "sentence-transformers"
 
     def encode_settings(self) -> dict[str, Any]:
-        """The settings that change the vectors a model produces (part of the fingerprint)."""
+        """The settings that change the vectors a model produces (part of the fingerprint).
+
+        A local model's are exactly those of before providers existed (so existing fingerprints
+        stay valid); an API's add what it sends and how inputs are cut."""
         data = asdict(self)
-        for key in ("alias", "model", "revision", "dimensions", "storage"):
-            data.pop(key)
-        return data
+        keep = ["normalize", "truncate_dim", "query_prompt", "document_prompt"]
+        if self.is_api:
+            keep += ["provider", "base_url", "dimensions", "max_input_tokens"]
+        else:
+            keep.append("max_seq_length")
+        return {key: data[key] for key in keep}
 
 
 @dataclass(frozen=True)
@@ -191,8 +236,12 @@ def _validate_model(alias: Any, spec: Any) -> list[Problem]:
         types, description = MODEL_KEYS[key]
         is_int = types == (int,)
         ok = _positive_int(value) if is_int else isinstance(value, types)
+        if types == (int, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key in ("query_prompt", "document_prompt", "truncate_dim", "dimensions",
-                   "max_seq_length") and value is None:
+                   "max_seq_length", "max_input_tokens", "tokens_per_minute",
+                   "requests_per_minute", "price_per_million_tokens",
+                   "verify_threshold") and value is None:
             ok = True
         if not ok:
             problems.append(Problem("embeddings.E008",
@@ -207,11 +256,58 @@ def _validate_model(alias: Any, spec: Any) -> list[Problem]:
                                 f'{where}["revision"] is "{revision}", a moving branch, not a pin.',
                                 "Use the commit hash of the exact model files, so a change of the "
                                 "files cannot silently change the vectors."))
+    problems.extend(_validate_provider(where, spec))
     storage = spec.get("storage")
     if isinstance(storage, str) and storage not in STORAGES:
         problems.append(Problem("embeddings.E008",
                                 f'{where}["storage"] must be "vector" or "halfvec", not {storage!r}.',
                                 'Leave it out to choose automatically (halfvec above 2,000 dims).'))
+    return problems
+
+
+def _validate_provider(where: str, spec: dict[str, Any]) -> list[Problem]:
+    """Per-provider keys: which apply, what an API needs, and never a literal API key."""
+    problems = []
+    provider = spec.get("provider", "sentence-transformers")
+    if provider not in PROVIDERS:
+        return [Problem("embeddings.E016",
+                        f'{where}["provider"] must be one of {", ".join(PROVIDERS)}, not {provider!r}.',
+                        'Use "openai" for any OpenAI-compatible /v1/embeddings endpoint (OpenAI, '
+                        "Azure OpenAI, vLLM, TEI, infinity, Ollama).")]
+    wrong = sorted(set(spec) & (LOCAL_ONLY_KEYS if provider == "openai" else API_ONLY_KEYS))
+    for key in wrong:
+        problems.append(Problem(
+            "embeddings.E017", f'{where}["{key}"] does not apply to provider "{provider}".',
+            "Remove it; docs/providers.md lists the keys of each provider."))
+    if provider == "openai":
+        base_url = spec.get("base_url")
+        if not (isinstance(base_url, str) and base_url.startswith(("http://", "https://"))):
+            problems.append(Problem(
+                "embeddings.E018", f'{where} needs "base_url", an http(s) URL, not {base_url!r}.',
+                'e.g. "https://api.openai.com/v1" or "http://127.0.0.1:7997" for a local server.'))
+        key_env = spec.get("api_key_env")
+        if isinstance(key_env, str) and not ENV_NAME.fullmatch(key_env):
+            # Never echo the value: it is most likely a secret.
+            problems.append(Problem(
+                "embeddings.E019",
+                f'{where}["api_key_env"] is not an environment variable name; it looks like a '
+                "literal API key, which must never be in settings.",
+                'Put the key in an environment variable and name it: "api_key_env": '
+                '"OPENAI_API_KEY". Rotate the key if this file was shared.'))
+    threshold = spec.get("verify_threshold")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and not (
+            -1 <= threshold <= 1):
+        problems.append(Problem("embeddings.E014",
+                                f'{where}["verify_threshold"] must be a cosine similarity between '
+                                f"-1 and 1, not {threshold!r}.",
+                                "e.g. 0.999 for a deterministic local model, 0.98 for a hosted API"))
+    for key in ("timeout", "price_per_million_tokens"):
+        value = spec.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value < 0 or (key == "timeout" and value == 0)):
+            problems.append(Problem("embeddings.E008",
+                                    f'{where}["{key}"] must be {MODEL_KEYS[key][1]}, not {value!r}.',
+                                    f'Fix the value of "{key}".'))
     return problems
 
 

@@ -1,12 +1,20 @@
-"""Pinned models: offline loading (once per process), fingerprints and encoding.
+"""Pinned models: the provider seam, offline loading (once per process), fingerprints, encoding.
 
-A fingerprint is a SHA-256 over every file of the model folder (weights, tokenizer, configs) and
-the encode settings. It is stored when a version is added and compared on every use, so vectors
-are never written or searched with model files other than those the version was built with.
+``Encoder`` is the base of every provider: ``SentenceTransformersEncoder`` (a local folder) here,
+``api.OpenAIEncoder`` (any OpenAI-compatible ``/v1/embeddings``) beside it. ``load(spec)`` picks
+the provider named by the alias.
+
+A local model's fingerprint is a SHA-256 over every file of the model folder (weights, tokenizer,
+configs) and the encode settings; an API's, over its pinned identity (provider, base URL, model,
+revision, dimensions, encode settings), since its files cannot be hashed: probe vectors stored
+with the version (``probes``) catch a change behind an unchanged name. The fingerprint is stored
+when a version is added and compared on every use, so vectors are never written or searched with
+another model than the one the version was built with.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,12 +22,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from .config import ModelSpec
-from .exceptions import FingerprintMismatch, ModelLoadError
+from .exceptions import FingerprintMismatch, ModelLoadError, ProbeMismatch
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -95,22 +103,88 @@ def fingerprint(folder: Path, spec: ModelSpec) -> str:
 
 
 class Encoder:
-    """A loaded, fingerprinted model with the encode settings of its alias."""
+    """One pinned model of one provider: documents, queries, dimensions, fingerprint.
 
-    def __init__(self, spec: ModelSpec, folder: Path, model: SentenceTransformer, fingerprint: str,
-                 stats: tuple[FileStat, ...]) -> None:
+    The base keeps what every provider shares (the query cache, post-processing, counting);
+    a provider subclass overrides one hook, ``_encode`` (texts and a prompt in, float32 vectors
+    out), and says which of its errors are transient (``transient_errors``). Invariant: a
+    fingerprint names everything that changes the vectors, so equal fingerprints mean equal
+    vectors (up to the provider's determinism, which probes measure)."""
+
+    provider: ClassVar[str] = ""
+    # Errors that mean "try again later", not "this input is bad" (see sync._encode_isolating).
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, spec: ModelSpec, fingerprint: str) -> None:
         self.spec = spec
-        self.folder = folder
-        self.model = model
         self.fingerprint = fingerprint
-        self.stats = stats
-        self.calls = 0  # encode calls, for tests and benchmarks
-        self._lock = threading.Lock()  # torch modules are not safe to run from many threads
+        self.calls = 0  # encode calls (API: requests), for tests and benchmarks
+        self._dimensions: int | None = None
+        self._cache_lock = threading.Lock()
         # Query text -> vector. Per encoder, so per fingerprint: a cached vector can only ever
         # be reused with the exact model files and settings that produced it.
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        probe = self._encode([_DIMENSION_PROBE], None)
-        self.dimensions = int(probe.shape[1])
+
+    def _encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
+        """The provider hook: the vectors of ``texts`` (with ``prompt`` put before each)."""
+        raise NotImplementedError
+
+    def _encode_query(self, text: str) -> np.ndarray:
+        """The vector of one query (a provider may retry it differently from documents)."""
+        return self._encode([text], self.spec.query_prompt)[0]
+
+    @property
+    def dimensions(self) -> int:
+        if self._dimensions is None:
+            self._dimensions = int(self._encode([_DIMENSION_PROBE], None).shape[1])
+        return self._dimensions
+
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries that compute the vectors in this process (recorded at
+        ``add``; a change triggers the probe comparison)."""
+        return {}
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, self.dimensions), dtype=np.float32)
+        return self._encode(texts, self.spec.document_prompt)
+
+    def clear_query_cache(self) -> None:
+        with self._cache_lock:
+            self._query_cache.clear()
+
+    def encode_query(self, text: str) -> np.ndarray:
+        from .config import get_config
+
+        size = get_config().query_cache_size
+        with self._cache_lock:
+            cached = self._query_cache.get(text)
+            if cached is not None:
+                self._query_cache.move_to_end(text)
+                return cached.copy()
+        vector = self._encode_query(text)
+        if size:
+            with self._cache_lock:
+                self._query_cache[text] = vector.copy()
+                while len(self._query_cache) > size:
+                    self._query_cache.popitem(last=False)
+        return vector
+
+
+class SentenceTransformersEncoder(Encoder):
+    """A local sentence-transformers folder, loaded once per process; its fingerprint hashes the
+    model files."""
+
+    provider = "sentence-transformers"
+
+    def __init__(self, spec: ModelSpec, folder: Path, model: SentenceTransformer, fingerprint: str,
+                 stats: tuple[FileStat, ...]) -> None:
+        super().__init__(spec, fingerprint)
+        self.folder = folder
+        self.model = model
+        self.stats = stats
+        self._lock = threading.Lock()  # torch modules are not safe to run from many threads
+        self.dimensions  # noqa: B018 -- measured at load, as before providers existed
 
     def _encode(self, texts: list[str], prompt: str | None) -> np.ndarray:
         with self._lock:
@@ -126,31 +200,21 @@ class Encoder:
             )
         return np.asarray(vectors, dtype=np.float32)
 
-    def encode_documents(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.empty((0, self.dimensions), dtype=np.float32)
-        return self._encode(texts, self.spec.document_prompt)
+    def library_versions(self) -> dict[str, str]:
+        return dict(local_library_versions())
 
-    def clear_query_cache(self) -> None:
-        with self._lock:
-            self._query_cache.clear()
 
-    def encode_query(self, text: str) -> np.ndarray:
-        from .config import get_config
+@functools.cache  # installed packages do not change under a running process
+def local_library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
 
-        size = get_config().query_cache_size
-        with self._lock:
-            cached = self._query_cache.get(text)
-            if cached is not None:
-                self._query_cache.move_to_end(text)
-                return cached.copy()
-        vector = self._encode([text], self.spec.query_prompt)[0]
-        if size:
-            with self._lock:
-                self._query_cache[text] = vector.copy()
-                while len(self._query_cache) > size:
-                    self._query_cache.popitem(last=False)
-        return vector
+    found = {}
+    for name in ("sentence-transformers", "transformers", "torch"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 _cache: dict[str, Encoder] = {}
@@ -158,20 +222,30 @@ _cache_lock = threading.Lock()
 
 
 def load(spec: ModelSpec) -> Encoder:
-    """The encoder of ``spec``, loaded once per process and reloaded if its files change."""
+    """The encoder of ``spec``, loaded once per process and reloaded if its files (or, for an
+    API, its settings) change."""
+    if spec.is_api:
+        from .api import OpenAIEncoder  # lazy: the SDK is loaded only where an API is used
+
+        with _cache_lock:
+            cached = _cache.get(spec.alias)
+            if cached is None or cached.spec != spec:
+                cached = _cache[spec.alias] = OpenAIEncoder(spec)
+            return cached
     folder = resolve_model_path(spec)
     stats = _stats(folder)
     with _cache_lock:
         cached = _cache.get(spec.alias)
-        if (cached is not None and cached.spec == spec and cached.folder == folder
-                and cached.stats == stats):
+        if (isinstance(cached, SentenceTransformersEncoder) and cached.spec == spec
+                and cached.folder == folder and cached.stats == stats):
             return cached
         encoder = _load_uncached(spec, folder, stats)
         _cache[spec.alias] = encoder
         return encoder
 
 
-def _load_uncached(spec: ModelSpec, folder: Path, stats: tuple[FileStat, ...]) -> Encoder:
+def _load_uncached(spec: ModelSpec, folder: Path,
+                   stats: tuple[FileStat, ...]) -> SentenceTransformersEncoder:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
@@ -186,7 +260,7 @@ def _load_uncached(spec: ModelSpec, folder: Path, stats: tuple[FileStat, ...]) -
         ) from exc
     if spec.max_seq_length is not None:
         model.max_seq_length = spec.max_seq_length
-    return Encoder(spec, folder, model, fingerprint(folder, spec), stats)
+    return SentenceTransformersEncoder(spec, folder, model, fingerprint(folder, spec), stats)
 
 
 def clear_cache() -> None:
@@ -207,4 +281,24 @@ def for_version(version: EmbeddingVersion) -> Encoder:
             f"version was added (fingerprint {encoder.fingerprint[:12]} != pinned "
             f"{version.fingerprint[:12]}); restore them, or add a new version for the new files."
         )
+    if version.library_versions and encoder.library_versions() != version.library_versions:
+        _check_probes_once(version, encoder)
     return encoder
+
+
+_probed: set[tuple[int, str]] = set()  # (version, fingerprint) whose probes passed here
+
+
+def _check_probes_once(version: EmbeddingVersion, encoder: Encoder) -> None:
+    """Libraries that compute the vectors changed since ``add`` (an upgrade of torch or
+    sentence-transformers): not a refusal, a probe comparison, once per process; only a changed
+    output refuses."""
+    from . import probes
+
+    key = (version.pk, encoder.fingerprint)
+    if key in _probed:
+        return
+    report = probes.run(version, encoder)
+    if not report.passed:
+        raise ProbeMismatch(report.summary())
+    _probed.add(key)

@@ -36,3 +36,17 @@ class FingerprintMismatch(EmbeddingError):
 
 class ModelLoadError(EmbeddingError):
     """The pinned model could not be found or loaded offline."""
+
+
+class ProviderError(EmbeddingError):
+    """The embedding provider failed a request as a whole (a bad key, an unknown model, an
+    outage): no row is to blame, so none is marked failed."""
+
+
+class ProviderUnavailable(ProviderError):
+    """A transient provider failure (429, 5xx, a timeout, a dropped connection) that outlasted
+    the retries: a backfill batch is retried later; a search reports it. Never a fallback."""
+
+
+class ProbeMismatch(EmbeddingError):
+    """The model no longer computes the probe vectors stored when the version was added."""

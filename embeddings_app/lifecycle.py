@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import active, encoders, registry, storage, sync
+from . import active, encoders, probes, registry, storage, sync
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, get_config
 from .exceptions import Refused, VersionNotReady
 from .models import EmbeddingVersion, State, VersionEvent
@@ -74,6 +74,9 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
             f'{MAX_INDEXED_VECTOR_DIMENSIONS}); use "storage": "halfvec" for alias "{alias}".'
         )
     storage.check_new_columns(field, version_name)
+    # The probe set, embedded now (outside the transaction: an API call can be slow).
+    probe_texts = [*probes.PROBE_TEXTS, *probes.sample_texts(target)]
+    probe_vectors = probes.embed(encoder, probe_texts)
     with transaction.atomic():
         version = EmbeddingVersion.objects.create(
             target=target, version=version_name, model_alias=alias, model_name=spec.model,
@@ -81,6 +84,8 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
             encode_settings=spec.encode_settings(), dimensions=encoder.dimensions,
             storage=storage_type, column=field.column(version_name),
             hash_column=field.hash_column(version_name), state=State.NEW,
+            probe_texts=probe_texts, probe_vectors=probe_vectors,
+            library_versions=encoder.library_versions(),
         )
         VersionEvent.objects.create(version=version, to_state=State.NEW, actor=actor,
                                     note=f"added with {spec.model}@{spec.revision}")
@@ -177,6 +182,12 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
     elif version.verify_report.get("fingerprint_now") != version.fingerprint:
         problems.append(f"{version} was verified with other model files; run "
                         f"`manage.py embeddings verify {target} {name}` again.")
+    if version.probe_passed is False:
+        problems.append(f"{version}'s model no longer computes its probe vectors (last probe "
+                        f"{version.probed_at:%Y-%m-%d %H:%M} UTC: "
+                        f"{'; '.join(version.probe_report.get('problems', []))[:300]}); run "
+                        f"`manage.py embeddings probe {target}` once the model is restored, "
+                        "or add a new version.")
     if indexes.index_state(version) != "valid":
         problems.append(f"{version} has no valid HNSW index; run "
                         f"`manage.py embeddings index {target} {name}` first.")
@@ -273,9 +284,14 @@ def verify(target: str, version_name: str, *, sample: int | None = None,
     version = EmbeddingVersion.objects.get_version(target, version_name)
     report = run_verify(version, sample=sample, threshold=threshold, alias=model)
     if model is None or model == version.model_alias:
+        probe_fields = {}
+        if report.probe.get("recorded"):
+            probe_fields = {"probed_at": timezone.now(),
+                            "probe_passed": bool(report.probe.get("passed")),
+                            "probe_report": report.probe}
         EmbeddingVersion.objects.filter(pk=version.pk).update(
             verified_at=timezone.now(), verify_passed=report.passed,
-            verify_report=report.as_dict(),
+            verify_report=report.as_dict(), **probe_fields,
         )
         VersionEvent.objects.create(
             version=version, from_state=version.state, to_state=version.state, actor=actor,

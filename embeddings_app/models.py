@@ -83,6 +83,16 @@ class EmbeddingVersion(models.Model):
     hnsw_ef_construction = models.PositiveIntegerField(default=64)
     hnsw_ef_search = models.PositiveIntegerField(default=40)
 
+    # Probes (embeddings_app.probes): fixed texts embedded at `add`, float32 vectors row-major,
+    # re-embedded by verify, check --deploy and `probe` to catch a model that changed under its
+    # name; the libraries that computed them (local models); the last comparison.
+    probe_texts = models.JSONField(default=list, blank=True)
+    probe_vectors = models.BinaryField(null=True, blank=True, editable=False)
+    library_versions = models.JSONField(default=dict, blank=True)
+    probed_at = models.DateTimeField(null=True, blank=True)
+    probe_passed = models.BooleanField(null=True, blank=True)
+    probe_report = models.JSONField(default=dict, blank=True)
+
     objects = EmbeddingVersionQuerySet.as_manager()
 
     class Meta:
@@ -242,3 +252,21 @@ class BackfillBatch(models.Model):
 
     def __str__(self) -> str:
         return f"batch {self.number} of run {self.run_id} ({self.status})"
+
+
+class ProviderUsage(models.Model):
+    """A request sent to an embedding API: the shared rate limiter's log (``ratelimit``)."""
+
+    key = models.CharField(max_length=64)  # endpoint and model, hashed
+    at = models.FloatField()  # the database clock, epoch seconds
+    tokens = models.PositiveIntegerField()
+
+    class Meta:
+        indexes = [models.Index(fields=["key", "at"], name="embeddings_usage_key_at")]
+
+
+class ProviderPause(models.Model):
+    """Until when every process waits before its next request to an API (a 429's Retry-After)."""
+
+    key = models.CharField(max_length=64, unique=True)
+    until = models.FloatField()

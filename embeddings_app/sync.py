@@ -12,7 +12,10 @@ Per-row policy (docs/backfill.md):
   is recorded so the row counts as covered; counted as *skipped*. Search leaves the row out.
 * over-long source: the tokenizer truncates it to the model's ``max_seq_length`` tokens, as every
   sentence-transformers encode does; embedded normally.
-* a row the encoder rejects (e.g. lone surrogates from a callable source): the batch is re-encoded
+* a provider failing as a whole (``ProviderError``: an API outage after its retries, a bad key) is
+  no row's fault: it propagates, nothing is written or marked failed, and the batch is retried.
+* a row the encoder rejects (e.g. lone surrogates from a callable source, an API's 400 for one
+  input): the batch is re-encoded
   row by row to isolate it; the row gets no vector and no hash (so it stays *missing* and a
   resumed backfill retries it), is counted as *failed* and recorded (``RowFailure``: row key and
   error). The rest of the batch is written.
@@ -32,6 +35,7 @@ from django.db import models, transaction
 from django.db.models.expressions import RawSQL
 
 from . import encoders, storage
+from .exceptions import ProviderError
 from .fields import SOURCE_SEPARATOR, VersionedEmbedding
 from .models import EmbeddingVersion
 
@@ -142,7 +146,9 @@ def _encode_isolating(
     try:
         vectors = encoder.encode_documents([texts[pk] for pk in pks])
         return dict(zip(pks, vectors, strict=True)), {}
-    except Exception as exc:  # the encoder's error types are many (tokenizer, torch, ...)
+    except ProviderError:
+        raise  # the provider failed as a whole (an outage, a bad key): no row is to blame
+    except Exception as exc:  # the encoder's error types are many (tokenizer, torch, HTTP 400)
         if len(pks) == 1:
             return {}, {pks[0]: f"{type(exc).__name__}: {exc}"[:2000]}
         logger.warning("encoding %d rows failed (%s); isolating the failing rows",

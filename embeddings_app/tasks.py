@@ -16,11 +16,13 @@ from typing import Any
 from celery import Task, shared_task
 from django.db import DatabaseError, InterfaceError, OperationalError
 
-from . import backfill, registry, sync
+from . import backfill, probes, registry, sync
+from .exceptions import ProviderUnavailable
 from .models import EmbeddingVersion
 
-# Transient: a dropped connection, a deadlock or serialization failure, a restarting server.
-RETRYABLE = (OperationalError, InterfaceError)
+# Transient: a dropped connection, a deadlock or serialization failure, a restarting server; an
+# embedding API still unavailable after its own retries (429, 5xx, timeouts: embeddings_app.api).
+RETRYABLE = (OperationalError, InterfaceError, ProviderUnavailable)
 
 # Seconds. A batch of BATCH_SIZE rows takes seconds to a few minutes on CPU; the hard limit must
 # stay below the broker's visibility timeout (Redis/SQS default 3600 s).
@@ -95,3 +97,20 @@ def sweep(target: str | None = None) -> dict[str, int]:
     """
     targets = [target] if target else registry.all_targets()
     return {name: sync.sync_queryset(registry.get(name)) for name in targets}
+
+
+@shared_task(name="embeddings_app.probe", ignore_result=True)
+def probe(target: str | None = None) -> dict[str, bool]:
+    """Re-embed the probes of every stored version (of one target or all) and record the result
+    (``status``, the admin, ``activate``): catches a model changed under its name. Schedule it
+    with Celery beat, e.g.::
+
+        CELERY_BEAT_SCHEDULE = {"embeddings-probe": {
+            "task": "embeddings_app.probe", "schedule": 3600, "options": {"queue": "embeddings"}}}
+    """
+    from .models import STORED_STATES
+
+    versions = EmbeddingVersion.objects.filter(state__in=STORED_STATES)
+    if target:
+        versions = versions.filter(target=registry.get(target).target)
+    return {str(version): probes.run(version).passed for version in versions}

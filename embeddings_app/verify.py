@@ -1,6 +1,7 @@
 """``verify``: are a version's stored vectors still what its pinned model computes?
 
-Checks, in order: the model files behind the alias against the version's fingerprint; coverage
+Checks, in order: the model files behind the alias against the version's fingerprint; the
+probes stored at ``add`` re-embedded (``probes``: a model changed under its name); coverage
 (rows without a vector); stale rows (source changed since the vector was computed, e.g. by
 ``QuerySet.update()``); and a random sample of fresh rows re-embedded and compared with the stored
 vectors by cosine similarity. Any problem is drift: the report's ``passed`` is False.
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from django.db import connection
 
-from . import encoders, registry, storage, sync
+from . import encoders, probes, registry, storage, sync
 from .config import get_config
 from .exceptions import EmbeddingError, Refused
 from .models import EmbeddingVersion, State
@@ -41,6 +42,7 @@ class VerifyReport:
     min_cosine: float | None = None
     mean_cosine: float | None = None
     worst: list[tuple[str, float]] = field(default_factory=list)  # (row key, cosine)
+    probe: dict[str, Any] = field(default_factory=dict)  # probes.ProbeReport.as_dict()
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -69,11 +71,11 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
         raise Refused(f"{version} is dropped; there are no stored vectors to verify.")
     config = get_config()
     sample = config.verify_sample if sample is None else sample
-    threshold = config.verify_threshold if threshold is None else threshold
     if sample < 1:
         raise Refused("--sample must be a positive integer.")
     own_alias = alias is None or alias == version.model_alias
     spec = config.model(alias or version.model_alias)
+    threshold = probes.threshold_for(spec) if threshold is None else threshold
     field_ = registry.get(version.target)
     report = VerifyReport(version=str(version), alias=spec.alias, threshold=threshold,
                           fingerprint_pinned=version.fingerprint)
@@ -96,6 +98,11 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
             f"{version.dimensions}"
         )
         encoder = None
+
+    if encoder is not None and own_alias:
+        probe = probes.compare(version, encoder)
+        report.probe = probe.as_dict()
+        report.problems.extend(f"probes: {problem}" for problem in probe.problems)
 
     report.covered, report.total = storage.coverage(field_, version)
     if report.covered < report.total:

@@ -9,7 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from embeddings_app import backfill, indexes, layout, lifecycle, registry, storage, sync
+from embeddings_app import backfill, indexes, layout, lifecycle, probes, registry, storage, sync
 from embeddings_app.config import get_config
 from embeddings_app.exceptions import EmbeddingError
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
@@ -54,6 +54,10 @@ class Command(BaseCommand):
         p.add_argument("--model", metavar="ALIAS",
                        help="compare the stored vectors with another alias (e.g. a patch release)")
 
+        p = sub.add_parser("probe", help="re-embed each version's probe texts and compare; "
+                           "exit 1 if a model's output changed under its name")
+        p.add_argument("target", nargs="?")
+
         p = sub.add_parser("compare", help="shadow reads: the same queries against two versions")
         p.add_argument("target")
         p.add_argument("version_a")
@@ -97,7 +101,7 @@ class Command(BaseCommand):
     def do_status(self, target: str | None = None, **_: Any) -> None:
         targets = [registry.get(target).target] if target else registry.all_targets()
         header = ("target", "version", "model@revision", "dims", "state", "", "coverage",
-                  "stale", "index", "failures")
+                  "stale", "index", "probe", "failures")
         rows = []
         runs: list[tuple[EmbeddingVersion, BackfillRun]] = []
         for name in targets:
@@ -124,7 +128,8 @@ class Command(BaseCommand):
                     failures = f"{failures}; {run.last_error}".lstrip("; ")[:80]
                 rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
                              v.state, "*" if v.state == State.ACTIVE else "", coverage,
-                             str(stale.get(v.pk, "-")), indexes.index_state(v), failures))
+                             str(stale.get(v.pk, "-")), indexes.index_state(v), _probe_cell(v),
+                             failures))
         if not rows:
             self.stdout.write("No embedding versions yet; add one with "
                               "`manage.py embeddings add TARGET VERSION --model ALIAS`.")
@@ -213,6 +218,27 @@ class Command(BaseCommand):
                           f"{report.below_threshold} below {report.threshold} ({cosine})")
         if report.passed:
             self.stdout.write(self.style.SUCCESS(report.summary()))
+
+    def do_probe(self, target: str | None = None, **_: Any) -> None:
+        from embeddings_app.models import STORED_STATES
+
+        versions = EmbeddingVersion.objects.filter(state__in=STORED_STATES)
+        if target:
+            versions = versions.filter(target=registry.get(target).target)
+        failed = []
+        for version in versions:
+            report = probes.run(version)
+            line = report.summary()
+            if report.passed:
+                self.stdout.write(line)
+            else:
+                self.stdout.write(self.style.ERROR(line))
+                failed.append(str(version))
+            if report.cosines:
+                self.stdout.write("  cosines " + " ".join(f"{c:.5f}" for c in report.cosines))
+        if failed:
+            raise CommandError(f"probes failed for {', '.join(failed)}: the model's output "
+                               "changed under its name (see above).")
 
     def do_compare(self, target: str, version_a: str, version_b: str, queries: str | None = None,
                    k: int = 10, sample: int = 100, seed: int = 0, **_: Any) -> None:
@@ -345,6 +371,16 @@ def _run_line(version: EmbeddingVersion, run: BackfillRun) -> str:
             f"(embedded {run.rows_embedded}, empty {run.rows_skipped}, failed {run.rows_failed}, "
             f"changed under a batch {run.rows_conflicted}), {rate}{eta}")
     return line + (f"; last error: {run.last_error[:200]}" if run.last_error else "")
+
+
+def _probe_cell(version: EmbeddingVersion) -> str:
+    """The last probe comparison: "ok", or "CHANGED (min cosine)" when the output changed."""
+    if version.probe_passed is None:
+        return "-"
+    if version.probe_passed:
+        return "ok"
+    minimum = version.probe_report.get("min_cosine")
+    return "CHANGED" + (f" ({minimum:.4f})" if minimum is not None else "")
 
 
 def _short(label: str, width: int = 60) -> str:
