@@ -75,8 +75,7 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
         )
     storage.check_new_columns(field, version_name)
     # The probe set, embedded now (outside the transaction: an API call can be slow).
-    probe_texts = [*probes.PROBE_TEXTS, *probes.sample_texts(target)]
-    probe_vectors = probes.embed(encoder, probe_texts)
+    probe_texts, probe_vectors = probes.initial(encoder, target)
     with transaction.atomic():
         version = EmbeddingVersion.objects.create(
             target=target, version=version_name, model_alias=alias, model_name=spec.model,

@@ -64,6 +64,20 @@ def sample_texts(target: str, count: int = SAMPLED_ROWS) -> list[str]:
     return texts
 
 
+def initial(encoder: Encoder, target: str) -> tuple[list[str], bytes]:
+    """The probe texts of a new version and their vectors: the built-in texts and a few sampled
+    rows (left out if the model rejects one of them: a bad row must not block ``add``)."""
+    from .exceptions import ProviderError
+
+    texts = [*PROBE_TEXTS, *sample_texts(target)]
+    try:
+        return texts, embed(encoder, texts)
+    except ProviderError:
+        raise
+    except Exception:  # a sampled row the model rejects (an API's 400, a tokenizer error)
+        return list(PROBE_TEXTS), embed(encoder, list(PROBE_TEXTS))
+
+
 def embed(encoder: Encoder, texts: list[str]) -> bytes:
     return np.ascontiguousarray(encoder.encode_documents(texts), dtype=np.float32).tobytes()
 

@@ -3,6 +3,9 @@ real Celery workers on a real broker."""
 
 from __future__ import annotations
 
+import copy
+import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +16,9 @@ from django.db import connection
 from embeddings_app import active, registry, storage
 from project.news.corpus import iter_articles
 from project.news.models import Article
+from tests.embedding_servers import FaultServer, InfinityServer
 from tests.tinymodel import build_tiny_model
-from tests.workers import WorkerProcess
+from tests.workers import ROOT, WorkerProcess
 
 TARGET = "news.Article.embedding"
 
@@ -25,6 +29,16 @@ def tiny_models() -> None:
     tokenizer = Path(settings.EMBEDDINGS["MODELS"]["minilm"]["model"])
     build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert", tokenizer, seed=0)
     build_tiny_model(settings.TEST_MODELS_DIR / "tiny-bert-seed1", tokenizer, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def close_rate_limiter_connection() -> Iterator[None]:
+    """The API rate limiter's own database connection (embeddings_app.ratelimit) is closed after
+    each test, so the test database can be dropped at the end."""
+    yield
+    from embeddings_app import ratelimit
+
+    ratelimit.close()
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +102,62 @@ def celery_worker(transactional_db: None) -> Iterator[Callable[..., WorkerProces
     yield start
     for worker in workers:
         worker.stop()
+
+
+def _point_aliases_at(url: str, env_name: str, aliases: tuple[str, ...],
+                      extra_env: dict[str, str] | None = None) -> Callable[[], None]:
+    """Point ``aliases`` at a server started by the session: this process's settings and the
+    environment that worker processes started later read (tests/settings.py). Returns undo."""
+    from django.test.utils import override_settings
+
+    saved = {name: os.environ.get(name) for name in [env_name, *(extra_env or {})]}
+    os.environ.update({env_name: url, **(extra_env or {})})
+    value = copy.deepcopy(settings.EMBEDDINGS)
+    for alias in aliases:
+        value["MODELS"][alias]["base_url"] = url
+    override = override_settings(EMBEDDINGS=value)
+    override.enable()
+
+    def undo() -> None:
+        override.disable()
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+    return undo
+
+
+@pytest.fixture(scope="session")
+def infinity_server() -> Iterator[InfinityServer]:
+    """infinity-emb serving the packaged all-MiniLM-L6-v2, started once (alias "api_minilm").
+    Without its virtualenv the tests fail (never skip): `make test` builds it."""
+    server = InfinityServer(settings.EMBEDDINGS["MODELS"]["minilm"]["model"],
+                            ROOT / "test-artifacts" / "infinity.log")
+    undo = _point_aliases_at(server.url, "EMBEDDINGS_TEST_INFINITY_URL", ("api_minilm",))
+    yield server
+    undo()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_server_session() -> Iterator[FaultServer]:
+    key = f"sk-test-{secrets.token_hex(16)}"
+    server = FaultServer(api_key=key)
+    undo = _point_aliases_at(server.url, "EMBEDDINGS_TEST_FAULT_URL", ("api_fault", "api_limited"),
+                             {"EMBEDDINGS_TEST_FAULT_KEY": key})
+    yield server
+    undo()
+    server.stop()
+
+
+@pytest.fixture
+def fault_server(fault_server_session: FaultServer) -> Iterator[FaultServer]:
+    """The fault server (aliases "api_fault" and "api_limited"), its log and script cleared."""
+    from embeddings_app import encoders
+
+    fault_server_session.reset()
+    encoders.clear_cache()
+    yield fault_server_session
+    fault_server_session.reset()

@@ -1,7 +1,9 @@
 """Test settings: the example project plus a tiny, locally made model for fast tests."""
 
+import os
+
 from project.settings import *  # noqa: F403
-from project.settings import DATA_DIR, EMBEDDINGS
+from project.settings import DATA_DIR, EMBEDDINGS, _packaged_minilm
 
 TEST_MODELS_DIR = DATA_DIR / "test-models"
 
@@ -12,6 +14,28 @@ EMBEDDINGS = {
         # A random-initialised 2-layer BERT with the MiniLM tokenizer (tests/tinymodel.py).
         "tiny": {"model": str(TEST_MODELS_DIR / "tiny-bert"), "revision": "tiny-seed-0"},
         "tiny_other": {"model": str(TEST_MODELS_DIR / "tiny-bert-seed1"), "revision": "tiny-seed-1"},
+        # Embedding APIs (tests/embedding_servers.py): the session fixtures start the servers and
+        # set these URLs (worker processes read them from the environment).
+        # infinity-emb serving the packaged MiniLM folder; the folder's tokenizer counts tokens.
+        "api_minilm": {
+            "provider": "openai", "model": _packaged_minilm(),
+            "revision": "c9745ed1d9f207416be6d2e6f8de32d1f16199bf",
+            "base_url": os.environ.get("EMBEDDINGS_TEST_INFINITY_URL", "http://127.0.0.1:9"),
+        },
+        # The fault-injecting server; a key it checks; a short timeout for its "timeout" fault.
+        "api_fault": {
+            "provider": "openai", "model": "fault-embed-1", "revision": "2026-12-01",
+            "base_url": os.environ.get("EMBEDDINGS_TEST_FAULT_URL", "http://127.0.0.1:9"),
+            "api_key_env": "EMBEDDINGS_TEST_FAULT_KEY", "timeout": 1.0, "max_batch_inputs": 4,
+        },
+        # The same server under rate limits small enough to bind within seconds.
+        "api_limited": {
+            "provider": "openai", "model": "fault-embed-limited", "revision": "2026-12-01",
+            "base_url": os.environ.get("EMBEDDINGS_TEST_FAULT_URL", "http://127.0.0.1:9"),
+            "api_key_env": "EMBEDDINGS_TEST_FAULT_KEY", "timeout": 1.0, "max_batch_inputs": 2,
+            "tokens_per_minute": 12000, "requests_per_minute": 120,
+            "price_per_million_tokens": 0.02,
+        },
     },
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
