@@ -47,6 +47,21 @@ STEPS = {step.name: step for step in (
 )}
 
 
+def confirms(step: Step, version: EmbeddingVersion) -> bool:
+    """Whether ``step`` goes through a confirmation page: a backfill does when it spends money
+    (its model is an API), to show the estimate first."""
+    if step.confirm:
+        return True
+    if step.name != "backfill":
+        return False
+    from .config import get_config
+
+    try:
+        return get_config().model(version.model_alias).is_api
+    except EmbeddingError:
+        return False
+
+
 def actor(request: HttpRequest) -> str:
     return f"admin:{request.user.get_username()}"[:150]
 
@@ -93,6 +108,15 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
     if step.name == "rollback":
         previous = lifecycle.rollback(target, actor=who)
         return [f"{target}: rolled back; reads now use version {previous.version}."]
+    if step.name == "backfill":
+        from . import estimate
+
+        try:
+            found = estimate.for_backfill(version)
+        except EmbeddingError as exc:
+            return [f"No estimate: {exc}"]
+        return [f"Embeds every missing or stale row of {version} with {version.model_label} on "
+                "the workers of the embeddings queue.", *found.lines()]
     if step.name == "retire":
         lifecycle.retire(target, name, actor=who)
         return [f"{target}@{name} retired: no longer written."]
@@ -142,6 +166,15 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
                 "the most recently active version kept fresh.",
                 f"{active} becomes standby." if active else f"{version.target} has no active "
                 "version now."]
+    if step.name == "backfill":
+        from . import estimate
+
+        try:
+            found = estimate.for_backfill(version)
+        except EmbeddingError as exc:
+            return [f"No estimate: {exc}"]
+        return [f"Embeds every missing or stale row of {version} with {version.model_label} on "
+                "the workers of the embeddings queue.", *found.lines()]
     if step.name == "retire":
         return [f"{version} stops being written on every save: it can no longer be activated "
                 "or rolled back to.",
@@ -174,13 +207,13 @@ class LifecycleView(AdminView):
 
     def get(self, request: HttpRequest, object_id: str, step: str) -> HttpResponse:
         version, found = self._prepare(request, object_id, step)
-        if not found.confirm:
+        if not confirms(found, version):
             return HttpResponseRedirect(self._change_url(version))
         return self._confirm_page(request, version, found)
 
     def post(self, request: HttpRequest, object_id: str, step: str) -> HttpResponse:
         version, found = self._prepare(request, object_id, step)
-        if found.confirm and request.POST.get("confirm") != "yes":
+        if confirms(found, version) and request.POST.get("confirm") != "yes":
             return self._confirm_page(request, version, found)
         try:
             lines = run_step(found, version, request)
@@ -269,7 +302,8 @@ def detail_context(request: HttpRequest, version: EmbeddingVersion, admin_site: 
             readiness = None
     failures = [(failure, row_admin_url(admin_site, version, failure.row_key))
                 for failure in version.failures.select_related("run")[:200]]
-    steps = [{"step": step, "allowed": can(request, step)} for step in STEPS.values()]
+    steps = [{"step": step, "allowed": can(request, step), "confirm": confirms(step, version)}
+             for step in STEPS.values()]
     return {
         "ev_status": progress.statuses([version])[version.pk],
         "ev_readiness": readiness,

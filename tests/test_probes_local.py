@@ -92,3 +92,13 @@ def test_a_changed_output_fails_probe_verify_activate_status_and_check_deploy(ve
         lifecycle.activate(TARGET, "v1")
     problems = lifecycle.activation_problems(EmbeddingVersion.objects.get(pk=version.pk))
     assert any("no longer computes its probe vectors" in problem for problem in problems)
+
+
+def test_the_probe_task_for_celery_beat_records_each_versions_result(version):
+    from embeddings_app import tasks
+
+    assert tasks.probe.apply(args=[TARGET]).get() == {f"{TARGET}@v1": True}
+    EmbeddingVersion.objects.filter(pk=version.pk).update(
+        probe_vectors=other_models_probe_vectors(version))
+    assert tasks.probe.apply().get() == {f"{TARGET}@v1": False}
+    assert EmbeddingVersion.objects.get(pk=version.pk).probe_passed is False

@@ -37,6 +37,8 @@ class Command(BaseCommand):
         p.add_argument("--inline", action="store_true", help="run the batches in this process")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--no-wait", action="store_true", help="dispatch and return")
+        p.add_argument("--estimate", action="store_true",
+                       help="print rows, tokens, requests, time and cost; embed nothing")
 
         p = sub.add_parser("index", help="build the HNSW index (CREATE INDEX CONCURRENTLY)")
         p.add_argument("target")
@@ -90,6 +92,8 @@ class Command(BaseCommand):
         p.add_argument("--version", dest="version_name", metavar="NAME")
         p.add_argument("--inline", action="store_true")
         p.add_argument("--batch-size", type=int)
+        p.add_argument("--estimate", action="store_true",
+                       help="print rows, tokens, requests, time and cost; change nothing")
 
     def handle(self, *args: Any, subcommand: str, **options: Any) -> None:
         try:
@@ -159,8 +163,15 @@ class Command(BaseCommand):
             self.stdout.write(self.style.WARNING(advice))
 
     def do_backfill(self, target: str, version: str, inline: bool = False,
-                    batch_size: int | None = None, no_wait: bool = False, **_: Any) -> None:
+                    batch_size: int | None = None, no_wait: bool = False, estimate: bool = False,
+                    **_: Any) -> None:
         record = EmbeddingVersion.objects.get_version(registry.get(target).target, version)
+        if estimate:
+            from embeddings_app import estimate as estimates
+
+            for line in estimates.for_backfill(record, batch_size).lines():
+                self.stdout.write(line)
+            return
         self._backfill(record, inline=inline, batch_size=batch_size, wait=not no_wait)
 
     def do_index(self, target: str, version: str, m: int | None = None,
@@ -285,7 +296,8 @@ class Command(BaseCommand):
         ))
 
     def do_migrate(self, target: str, to: str, version_name: str | None = None,
-                   inline: bool = False, batch_size: int | None = None, **_: Any) -> None:
+                   inline: bool = False, batch_size: int | None = None, estimate: bool = False,
+                   **_: Any) -> None:
         field = registry.get(target)
         existing = EmbeddingVersion.objects.for_target(field.target)
         resumable = existing.filter(model_alias=to).exclude(
@@ -293,6 +305,14 @@ class Command(BaseCommand):
         )
         record = (resumable.filter(version=version_name).first() if version_name
                   else resumable.order_by("-created_at").first())
+        if estimate:  # what a resumed or new migration would embed; nothing is added
+            from embeddings_app import estimate as estimates
+
+            found = (estimates.for_backfill(record, batch_size) if record is not None
+                     else estimates.for_migration(field.target, to, batch_size))
+            for line in found.lines():
+                self.stdout.write(line)
+            return
         if existing.filter(model_alias=to, state=State.ACTIVE).exists() and record is None:
             raise CommandError(f"{field.target} already reads from a version of model {to}.")
         steps = 5
