@@ -37,7 +37,7 @@ import openai
 
 from . import ratelimit
 from .config import ModelSpec
-from .encoders import Encoder
+from .encoders import RETRY_BUDGET, Encoder
 from .exceptions import ProviderError, ProviderUnavailable
 
 logger = logging.getLogger(__name__)
@@ -183,11 +183,12 @@ class OpenAIEncoder(Encoder):
         return self._encode([text], self.spec.query_prompt, query=True)[0]
 
     def _request(self, inputs: list[str], tokens: int, *, query: bool) -> np.ndarray:
-        budget = QUERY_RETRY_BUDGET if query else DOCUMENT_RETRY_BUDGET
+        budget = QUERY_RETRY_BUDGET if query else (RETRY_BUDGET.get() or DOCUMENT_RETRY_BUDGET)
         waited = 0.0
         extra = {"dimensions": self.spec.dimensions} if self.spec.dimensions else {}
         for attempt in range(MAX_ATTEMPTS):
-            waited += self.limiter.acquire(tokens, max_wait=None if not query else budget)
+            waited += self.limiter.acquire(tokens, max_wait=budget if budget < DOCUMENT_RETRY_BUDGET
+                                           else None)
             self.calls += 1
             try:
                 response = self.client.embeddings.create(

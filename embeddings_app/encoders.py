@@ -20,6 +20,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 # Files that do not change what the model computes.
 _IGNORED_SUFFIXES = (".md", ".gitattributes", ".lock", ".incomplete")
+# Seconds a provider may spend retrying transient failures (an API's 429s, 5xx, timeouts) within
+# one encode call made in this context; None: the provider's default for documents. A save's
+# dual-write sets a short one: a user is waiting, and a stale row is re-embedded by the sweep.
+RETRY_BUDGET: ContextVar[float | None] = ContextVar("embeddings_retry_budget", default=None)
 _ENCODE_BATCH_SIZE = 32
 _DIMENSION_PROBE = "dimension probe"
 

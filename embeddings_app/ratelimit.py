@@ -17,10 +17,12 @@ nor is rolled back with, the caller's transaction (a dual-write inside ``save()`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,18 @@ def _connection() -> Any:
         _local.wrapper, _local.pid, _local.alias = wrapper, os.getpid(), alias
     wrapper.ensure_connection()
     return wrapper
+
+
+@contextlib.contextmanager
+def _reconnecting() -> Iterator[Any]:
+    """This thread's connection; closed on any error, so the next call connects afresh (a
+    restarted database server never leaves a worker with a broken limiter)."""
+    wrapper = _connection()
+    try:
+        yield wrapper
+    except Exception:
+        close()
+        raise
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,10 @@ class SharedRateLimiter:
 
     def _try(self, tokens: int) -> float:
         """Record the request and return 0 if it fits now, else the seconds to wait."""
-        wrapper = _connection()
+        with _reconnecting() as wrapper:
+            return self._try_on(wrapper, tokens)
+
+    def _try_on(self, wrapper: Any, tokens: int) -> float:
         token_window, request_window = self.token_window, self.request_window
         horizon = max(token_window[0] if token_window else 0,
                       request_window[0] if request_window else 0) + MARGIN
@@ -142,8 +159,7 @@ class SharedRateLimiter:
 
     def pause(self, seconds: float) -> None:
         """Make every process wait ``seconds`` before its next request (a 429's Retry-After)."""
-        wrapper = _connection()
-        with wrapper.connection.cursor() as cursor:
+        with _reconnecting() as wrapper, wrapper.connection.cursor() as cursor:
             cursor.execute(
                 "INSERT INTO embeddings_app_providerpause (key, until) VALUES "
                 "(%s, extract(epoch FROM clock_timestamp()) + %s) ON CONFLICT (key) DO UPDATE "
@@ -173,5 +189,6 @@ def close() -> None:
     """Close this thread's limiter connection (tests: before the test database is dropped)."""
     wrapper = getattr(_local, "wrapper", None)
     if wrapper is not None and _local.pid == os.getpid():
-        wrapper.close()
+        with contextlib.suppress(Exception):  # closing a broken connection may fail too
+            wrapper.close()
     _local.wrapper = None

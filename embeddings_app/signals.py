@@ -12,11 +12,13 @@
 A stale row keeps its previous vector and source hash: search still finds it by its previous
 text (the vector is never mixed with another version's). ``status`` counts it as stale, and the
 sweep task or ``sync()`` refreshes it if the dual-write was lost. A row the encoder rejects is
-recorded as a ``RowFailure``; the save itself never fails because of embedding.
+recorded as a ``RowFailure``; the save itself never fails because of embedding (an embedding API
+that cannot answer leaves the row stale, for the sweep).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.db import models, transaction
@@ -24,7 +26,12 @@ from django.db.models.signals import post_save
 
 from . import registry
 from .config import get_config
+from .encoders import RETRY_BUDGET
 from .models import EmbeddingVersion
+
+logger = logging.getLogger(__name__)
+# Seconds a save's dual-write may wait for an embedding API that fails transiently.
+SAVE_RETRY_BUDGET = 5.0
 
 
 def embed_saved_row(sender: type[models.Model], instance: models.Model, raw: bool = False,
@@ -51,12 +58,21 @@ def embed_saved_row(sender: type[models.Model], instance: models.Model, raw: boo
 
 
 def refresh_saved(target: str, instance: models.Model) -> None:
+    from .exceptions import ProviderError
     from .sync import record_failures, refresh_rows
 
     field = registry.get(target)
     versions = list(EmbeddingVersion.objects.for_target(target).written())
     if versions:
-        record_failures(refresh_rows(field, versions, [instance]))
+        budget = RETRY_BUDGET.set(SAVE_RETRY_BUDGET)
+        try:
+            record_failures(refresh_rows(field, versions, [instance]))
+        except ProviderError as exc:
+            # An embedding API that cannot answer now: the row stays stale (its previous vector
+            # keeps serving) until the sweep or sync() re-embeds it; the save goes through.
+            logger.warning("dual-write of %s row %s left stale: %s", target, instance.pk, exc)
+        finally:
+            RETRY_BUDGET.reset(budget)
 
 
 def connect() -> None:

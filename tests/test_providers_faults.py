@@ -168,3 +168,25 @@ def test_a_changed_output_under_the_same_name_fails_probe_verify_and_check_deplo
         call_command("check", "--deploy")
     call_command("embeddings", "status", TARGET)
     assert "CHANGED (" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_a_save_during_an_api_outage_goes_through_and_leaves_the_row_stale_for_the_sweep(
+        fault_server):
+    short_articles(4)
+    call_command("embeddings", "add", TARGET, "v1", "--model", "api_fault")
+    call_command("embeddings", "backfill", TARGET, "v1", "--inline")
+    version = EmbeddingVersion.objects.get(target=TARGET, version="v1")
+    article = Article.objects.get(title="Story 1")
+    fault_server.outage = True
+    article.body = "A new text written while the embedding API is down."
+    article.save()  # the dual-write ("sync") cannot embed it: the save still succeeds
+    assert Article.objects.get(pk=article.pk).body == article.body
+    field = registry.get(TARGET)
+    from embeddings_app import sync
+
+    assert sync.count_stale(field, [version]) == [1]
+    assert not RowFailure.objects.exists()  # an outage is no row's fault
+    fault_server.outage = False
+    assert sync.sync_queryset(field) == 1  # what the sweep task runs
+    assert_every_row_is_the_servers_vector(version)
