@@ -64,13 +64,13 @@ def encode_bound(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
         for start in range(0, len(texts), batch_size):
             vectors = encoder.model.encode(
                 texts[start:start + batch_size], prompt=encoder.spec.document_prompt,
-                batch_size=encoders._ENCODE_BATCH_SIZE, normalize_embeddings=encoder.spec.normalize,
+                batch_size=encoder.encode_batch_size, normalize_embeddings=encoder.spec.normalize,
                 truncate_dim=encoder.spec.truncate_dim, convert_to_numpy=True,
                 show_progress_bar=False)
             assert np.asarray(vectors).shape[0] == len(texts[start:start + batch_size])
         return time.perf_counter() - started
 
-    encoder.model.encode(texts[:batch_size], batch_size=encoders._ENCODE_BATCH_SIZE)  # warm-up
+    encoder.model.encode(texts[:batch_size], batch_size=encoder.encode_batch_size)  # warm-up
     raw_runs, backfill_runs = [], []
     for attempt in range(repeat):  # interleaved, so a load change on the machine hits both
         raw_runs.append(raw())

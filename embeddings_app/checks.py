@@ -19,6 +19,23 @@ def check_embeddings_setting(app_configs: Any = None, **kwargs: Any) -> list[che
     ]
 
 
+@checks.register("embeddings")
+def check_process_devices(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """This process's ``EMBEDDINGS_DEVICE`` / ``EMBEDDINGS_PRECISION`` /
+    ``EMBEDDINGS_ENCODE_BATCH_SIZE`` (its environment, not the settings): run ``manage.py check``
+    with a worker's environment to check that worker's options (docs/devices.md)."""
+    from . import devices
+    from .exceptions import DeviceError
+
+    try:
+        devices.current()
+    except DeviceError as exc:
+        return [checks.Error(str(exc), hint="These are per-process environment variables; fix "
+                             "them where this process (a worker) is started.",
+                             id="embeddings.E033")]
+    return []
+
+
 @checks.register("embeddings", deploy=True)
 def check_active_fingerprints(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """``manage.py check --deploy``: the model behind every active version still matches the

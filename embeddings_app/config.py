@@ -16,6 +16,14 @@ from .exceptions import ConfigurationError
 
 DUAL_WRITE_MODES = ("sync", "on_commit", "celery")
 STORAGES = ("vector", "halfvec")
+# Floating-point precisions a local model computes at (docs/devices.md); float32 is the default
+# and is left out of the pinned encode settings, so versions added before it keep their
+# fingerprint.
+PRECISIONS = ("float32", "float16", "bfloat16")
+DEFAULT_PRECISION = "float32"
+# Texts per forward pass by device type, unless the alias or the worker says otherwise: a GPU
+# wants hundreds (a starting point: measure yours with `python -m benchmarks.backfill --device`).
+DEFAULT_ENCODE_BATCH_SIZES = {"cpu": 32, "cuda": 256}
 FLOATING_REVISIONS = frozenset({"main", "master", "latest", "head", "default"})
 # pgvector cannot index a `vector` column above 2,000 dimensions; halfvec goes to 4,000.
 MAX_INDEXED_VECTOR_DIMENSIONS = 2000
@@ -44,6 +52,12 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "document_prompt": ((str,), "a string"),
     "max_seq_length": ((int,), "a positive integer"),
     "storage": ((str,), '"vector" or "halfvec"'),
+    # Local models (docs/devices.md): the pinned precision, the precisions a worker may compute
+    # this alias's versions at instead (probes must agree), texts per forward pass.
+    "precision": ((str,), '"float32", "float16" or "bfloat16"'),
+    "compatible_precisions": ((list, tuple), 'a list of precisions, e.g. ["bfloat16"]'),
+    "encode_batch_size": ((int, dict), 'a positive integer, or a dict by device type, e.g. '
+                          '{"cpu": 32, "cuda": 256}'),
     "provider": ((str,), '"sentence-transformers" or "openai"'),
     "verify_threshold": ((int, float), "a cosine similarity between -1 and 1"),
     # OpenAI-compatible APIs only (docs/providers.md)
@@ -60,7 +74,8 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 REQUIRED_MODEL_KEYS = ("model", "revision")
 PROVIDERS = ("sentence-transformers", "openai")
 # Keys that only mean something for one provider.
-LOCAL_ONLY_KEYS = frozenset({"max_seq_length"})
+LOCAL_ONLY_KEYS = frozenset({"max_seq_length", "precision", "compatible_precisions",
+                             "encode_batch_size"})
 API_ONLY_KEYS = frozenset({"base_url", "api_key_env", "max_batch_inputs", "max_batch_tokens",
                            "max_input_tokens", "tokens_per_minute", "requests_per_minute",
                            "timeout", "price_per_million_tokens"})
@@ -96,10 +111,29 @@ class ModelSpec:
     requests_per_minute: int | None = None
     timeout: float = API_DEFAULTS["timeout"]
     price_per_million_tokens: float | None = None
+    precision: str = DEFAULT_PRECISION
+    compatible_precisions: tuple[str, ...] = ()
+    encode_batch_size: int | dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        # Hashable and comparable whatever the setting's container types (the encoder cache
+        # compares specs).
+        object.__setattr__(self, "compatible_precisions", tuple(self.compatible_precisions))
+        if isinstance(self.encode_batch_size, dict):
+            object.__setattr__(self, "encode_batch_size",
+                               tuple(sorted(self.encode_batch_size.items())))
 
     @property
     def is_api(self) -> bool:
         return self.provider != "sentence-transformers"
+
+    def encode_batch_size_for(self, device_type: str) -> int:
+        """Texts per forward pass on ``device_type`` ("cpu", "cuda")."""
+        size = self.encode_batch_size
+        if isinstance(size, int):
+            return size
+        by_device = {**DEFAULT_ENCODE_BATCH_SIZES, **dict(size or ())}
+        return by_device.get(device_type, DEFAULT_ENCODE_BATCH_SIZES["cpu"])
 
     def encode_settings(self) -> dict[str, Any]:
         """The settings that change the vectors a model produces (part of the fingerprint).
@@ -112,6 +146,8 @@ class ModelSpec:
             keep += ["provider", "base_url", "dimensions", "max_input_tokens"]
         else:
             keep.append("max_seq_length")
+            if self.precision != DEFAULT_PRECISION:  # float32 pins stay as they always were
+                keep.append("precision")
         return {key: data[key] for key in keep}
 
 
@@ -257,11 +293,47 @@ def _validate_model(alias: Any, spec: Any) -> list[Problem]:
                                 "Use the commit hash of the exact model files, so a change of the "
                                 "files cannot silently change the vectors."))
     problems.extend(_validate_provider(where, spec))
+    problems.extend(_validate_device_keys(where, spec))
     storage = spec.get("storage")
     if isinstance(storage, str) and storage not in STORAGES:
         problems.append(Problem("embeddings.E008",
                                 f'{where}["storage"] must be "vector" or "halfvec", not {storage!r}.',
                                 'Leave it out to choose automatically (halfvec above 2,000 dims).'))
+    return problems
+
+
+def _validate_device_keys(where: str, spec: dict[str, Any]) -> list[Problem]:
+    """``precision``, ``compatible_precisions`` and ``encode_batch_size`` (docs/devices.md)."""
+    problems = []
+    precision = spec.get("precision", DEFAULT_PRECISION)
+    if isinstance(precision, str) and precision not in PRECISIONS:
+        problems.append(Problem("embeddings.E030",
+                                f'{where}["precision"] must be one of {", ".join(PRECISIONS)}, '
+                                f"not {precision!r}.",
+                                'Leave it out for "float32"; "float16"/"bfloat16" halve the '
+                                "memory on a GPU (docs/devices.md lists the measured cosines)."))
+    compatible = spec.get("compatible_precisions", ())
+    if isinstance(compatible, (list, tuple)):
+        bad = [value for value in compatible if value not in PRECISIONS]
+        if bad:
+            problems.append(Problem("embeddings.E031",
+                                    f'{where}["compatible_precisions"] may only list '
+                                    f'{", ".join(PRECISIONS)}, not {bad[0]!r}.',
+                                    'e.g. ["bfloat16"] to let bfloat16 GPU workers write float32 '
+                                    "versions whose probes agree."))
+    size = spec.get("encode_batch_size")
+    if isinstance(size, dict):
+        for device_type, value in size.items():
+            if device_type not in DEFAULT_ENCODE_BATCH_SIZES or not _positive_int(value):
+                problems.append(Problem(
+                    "embeddings.E032",
+                    f'{where}["encode_batch_size"][{device_type!r}] must be a positive integer '
+                    f'for a device type ({", ".join(DEFAULT_ENCODE_BATCH_SIZES)}), not {value!r}.',
+                    'e.g. {"cpu": 32, "cuda": 256}'))
+    elif isinstance(size, int) and not _positive_int(size):
+        problems.append(Problem("embeddings.E032",
+                                f'{where}["encode_batch_size"] must be a positive integer, '
+                                f"not {size!r}.", "e.g. 32 (texts per forward pass)"))
     return problems
 
 

@@ -50,3 +50,18 @@ class ProviderUnavailable(ProviderError):
 
 class ProbeMismatch(EmbeddingError):
     """The model no longer computes the probe vectors stored when the version was added."""
+
+
+class DeviceError(ConfigurationError):
+    """This process's device options (``EMBEDDINGS_DEVICE``, ``EMBEDDINGS_PRECISION``,
+    ``EMBEDDINGS_ENCODE_BATCH_SIZE``) name an unknown or unavailable device or value."""
+
+
+class DeviceUnavailable(ProviderUnavailable):
+    """The device failed a whole encode (out of memory even one text at a time, a lost GPU): a
+    backfill batch is retried later, no row is marked failed, nothing is written."""
+
+
+class PrecisionMismatch(EmbeddingError):
+    """This process computes at another precision than the version pins (and the alias does not
+    accept that precision for it): its vectors are refused, never written."""
