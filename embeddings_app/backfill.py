@@ -60,18 +60,16 @@ def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str
 
     Any earlier run of the version still marked running (its workers died, or it is being
     replaced) is closed as superseded: its remaining batches do nothing when they arrive."""
-    if version.state not in BACKFILLABLE_STATES:
-        raise Refused(
-            f"{version} is {version.state}: only new, failed, ready, active or standby versions "
-            "can be backfilled; add a new version instead."
-        )
+    _check_backfillable(version)
     encoders.for_version(version)  # refuse now, not in every worker, if the model files changed
     batch_size = batch_size or get_config().batch_size
     if batch_size < 1:
         raise Refused("--batch-size must be a positive integer.")
     ranges = plan_ranges(version, batch_size)
     field = registry.get(version.target)
-    with transaction.atomic():
+    with lifecycle.locked_versions(version.target) as versions:
+        version = lifecycle.locked_version(version.target, versions, version)
+        _check_backfillable(version)  # again, under the lock
         if version.state in (State.NEW, State.FAILED, State.READY):
             lifecycle.transition(version, State.BACKFILLING, actor=actor, note=f"backfill ({mode})")
         run = BackfillRun.objects.create(
@@ -89,6 +87,14 @@ def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str
     if not ranges:
         finalize(run.pk)
     return run, ranges
+
+
+def _check_backfillable(version: EmbeddingVersion) -> None:
+    if version.state not in BACKFILLABLE_STATES:
+        raise Refused(
+            f"{version} is {version.state}: only new, failed, ready, active or standby versions "
+            "can be backfilled; add a new version instead."
+        )
 
 
 def _json_key(value: Any) -> Any:
@@ -233,8 +239,9 @@ def finalize(run_id: int) -> None:
         failed_rows = RowFailure.objects.filter(run_id=run_id).count()
         error = (f"{total - done} rows have no vector ({failed_rows} could not be embedded, "
                  "see failures); fix them and re-run backfill to resume")
-    with transaction.atomic():  # the run's status and the version's state change together
-        version = EmbeddingVersion.objects.select_for_update().get(pk=version.pk)
+    # The run's status and the version's state change together, under the lifecycle lock.
+    with lifecycle.locked_versions(version.target) as versions:
+        version = lifecycle.locked_version(version.target, versions, version)
         ended = BackfillRun.objects.filter(pk=run_id, status=BackfillRun.Status.RUNNING).update(
             status=BackfillRun.Status.DONE if complete else BackfillRun.Status.FAILED,
             finished_at=timezone.now(), updated_at=timezone.now(),

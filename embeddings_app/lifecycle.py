@@ -2,18 +2,32 @@
 
 Every step either completes or raises an ``EmbeddingError`` (``Refused`` and its subclasses) with
 one line saying why and what to do, having changed nothing.
+
+The locking rule: every state change of a target's versions (add, backfill start and finish,
+activate, rollback, retire, drop; the ``migrate`` command and the admin call these same
+functions) runs inside ``locked_versions(target)``, which locks all of the target's
+``EmbeddingVersion`` rows in primary-key order (``SELECT ... FOR UPDATE``) after a transaction
+advisory lock of the target (so that ``add``, which creates a row, and a target without versions
+serialize too). Preconditions are checked again on the locked rows, never on an earlier read: two
+operators' steps on one target run one after the other, and whatever their interleaving a retired
+or dropped version never becomes active, and the active and standby versions are always written.
+Slow work (``activate``'s readiness scan, ``drop``'s DDL, a backfill's batches) runs outside the
+lock; ``drop`` commits ``dropped`` first, so a version never serves or is written once its columns
+start to go. The database keeps enforcing one active version per target (a unique index).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from . import active, encoders, probes, registry, storage, sync
@@ -26,6 +40,37 @@ if TYPE_CHECKING:
     from .verify import VerifyReport
 
 VERSION_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
+
+
+@contextmanager
+def locked_versions(target: str) -> Iterator[dict[int, EmbeddingVersion]]:
+    """A transaction holding the target's lifecycle lock: every version of ``target`` (pk ->
+    the row as locked, freshly read), locked ``FOR UPDATE`` in primary-key order. Check a step's
+    preconditions on these rows, then change them with ``transition()``."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            # Two 32-bit keys: a constant for this app, a hash of the target.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                           [LOCK_NAMESPACE, _signed32(zlib.crc32(target.encode()))])
+        yield {v.pk: v for v in EmbeddingVersion.objects.for_target(target)
+               .select_for_update().order_by("pk")}
+
+
+LOCK_NAMESPACE = 0x656D62  # "emb": the first key of the targets' advisory locks
+
+
+def _signed32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def locked_version(target: str, versions: dict[int, EmbeddingVersion],
+                   version: EmbeddingVersion) -> EmbeddingVersion:
+    """``version`` as locked by ``locked_versions`` (refused if it was deleted meanwhile)."""
+    try:
+        return versions[version.pk]
+    except KeyError:
+        raise Refused(f"{version} no longer exists; see `manage.py embeddings status "
+                      f"{target}`.") from None
 
 
 def transition(version: EmbeddingVersion, to_state: str, *, actor: str = "", note: str = "") -> None:
@@ -76,16 +121,27 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
     storage.check_new_columns(field, version_name)
     # The probe set, embedded now (outside the transaction: an API call can be slow).
     probe_texts, probe_vectors = probes.initial(encoder, target)
-    with transaction.atomic():
-        version = EmbeddingVersion.objects.create(
-            target=target, version=version_name, model_alias=alias, model_name=spec.model,
-            revision=spec.revision, fingerprint=encoder.fingerprint,
-            encode_settings=spec.encode_settings(), dimensions=encoder.dimensions,
-            storage=storage_type, column=field.column(version_name),
-            hash_column=field.hash_column(version_name), state=State.NEW,
-            probe_texts=probe_texts, probe_vectors=probe_vectors,
-            library_versions=encoder.library_versions(),
-        )
+    taken = Refused(
+        f'{target} already has a version "{version_name}" (names are never reused, even '
+        "after drop); choose another name."
+    )
+    with locked_versions(target) as versions:
+        # Again under the lock: a concurrent `add` of the same name has committed by now.
+        if any(v.version == version_name for v in versions.values()):
+            raise taken
+        storage.check_new_columns(field, version_name)
+        try:
+            version = EmbeddingVersion.objects.create(
+                target=target, version=version_name, model_alias=alias, model_name=spec.model,
+                revision=spec.revision, fingerprint=encoder.fingerprint,
+                encode_settings=spec.encode_settings(), dimensions=encoder.dimensions,
+                storage=storage_type, column=field.column(version_name),
+                hash_column=field.hash_column(version_name), state=State.NEW,
+                probe_texts=probe_texts, probe_vectors=probe_vectors,
+                library_versions=encoder.library_versions(),
+            )
+        except IntegrityError:  # a writer that bypassed the lock: still one clear line
+            raise taken from None
         VersionEvent.objects.create(version=version, to_state=State.NEW, actor=actor,
                                     note=f"added with {spec.model}@{spec.revision}")
         storage.add_columns(field, version_name, storage_type, encoder.dimensions)
@@ -134,6 +190,29 @@ FORCIBLE_STATES = (State.NEW, State.BACKFILLING, State.FAILED, State.READY, Stat
 def activate(target: str, version_name: str, *, force: bool = False, actor: str = "") -> list[str]:
     """The atomic flip of reads to ``version_name``. Returns warnings (``--force`` overrides)."""
     version = EmbeddingVersion.objects.get_version(target, version_name)
+    _check_activatable(version, force=force)
+    # The readiness checks read the whole table: outside the lock. The state is checked again
+    # under it, and the flip refused if the version changed state meanwhile.
+    warnings = []
+    for message in activation_problems(version):
+        if not force:
+            raise VersionNotReady(message)
+        warnings.append(f"--force: activating anyway, although {message}")
+    seen = version.state
+
+    def recheck(locked: EmbeddingVersion) -> None:
+        _check_activatable(locked, force=force)
+        if locked.state != seen:
+            raise Refused(f"{locked} changed from {seen} to {locked.state} while it was being "
+                          f"checked; run activate again.")
+
+    _flip(target, version, actor=actor, note="activate" + (" (forced)" if force else ""),
+          recheck=recheck)
+    return warnings
+
+
+def _check_activatable(version: EmbeddingVersion, *, force: bool) -> None:
+    target, version_name = version.target, version.version
     if version.state == State.ACTIVE:
         raise Refused(f"{version} is already active.")
     allowed = FORCIBLE_STATES if force else ACTIVATABLE_STATES
@@ -145,13 +224,6 @@ def activate(target: str, version_name: str, *, force: bool = False, actor: str 
             + (f" Run `manage.py embeddings backfill {target} {version_name}` first."
                if version.state in FORCIBLE_STATES else "")
         )
-    warnings = []
-    for message in activation_problems(version):
-        if not force:
-            raise VersionNotReady(message)
-        warnings.append(f"--force: activating anyway, although {message}")
-    _flip(target, version, actor=actor, note="activate" + (" (forced)" if force else ""))
-    return warnings
 
 
 def activation_problems(version: EmbeddingVersion) -> list[str]:
@@ -196,23 +268,30 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
 def rollback(target: str, *, actor: str = "") -> EmbeddingVersion:
     """Reactivate the most recently active version that was kept fresh (standby)."""
     registry.get(target)
-    previous = (EmbeddingVersion.objects.for_target(target).filter(state=State.STANDBY)
-                .order_by("-deactivated_at", "-id").first())
-    if previous is None:
-        raise Refused(
-            f"{target} has no standby version to roll back to (a retired version is no longer "
-            "kept fresh); activate a ready version instead."
-        )
-    _flip(target, previous, actor=actor, note="rollback")
+    with locked_versions(target) as versions:
+        previous = _rollback_target(versions.values())
+        if previous is None:
+            raise Refused(
+                f"{target} has no standby version to roll back to (a retired version is no "
+                "longer kept fresh); activate a ready version instead."
+            )
+        _flip(target, previous, actor=actor, note="rollback")
     return previous
 
 
-def _flip(target: str, version: EmbeddingVersion, *, actor: str, note: str) -> None:
-    with transaction.atomic():
-        # Lock every version of the target: concurrent flips serialize here.
-        versions = {v.pk: v for v in EmbeddingVersion.objects.for_target(target)
-                    .select_for_update().order_by("pk")}
-        version = versions[version.pk]
+def _rollback_target(versions: Iterable[EmbeddingVersion]) -> EmbeddingVersion | None:
+    """The most recently deactivated standby version."""
+    standby = [v for v in versions if v.state == State.STANDBY]
+    return max(standby, key=lambda v: (v.deactivated_at is not None, v.deactivated_at, v.pk),
+               default=None)
+
+
+def _flip(target: str, version: EmbeddingVersion, *, actor: str, note: str,
+          recheck: Callable[[EmbeddingVersion], None] | None = None) -> None:
+    with locked_versions(target) as versions:  # concurrent steps serialize here
+        version = locked_version(target, versions, version)
+        if recheck is not None:
+            recheck(version)
         for other in versions.values():
             if other.state == State.ACTIVE:
                 transition(other, State.STANDBY, actor=actor, note=f"{note}: replaced by {version}")
@@ -227,13 +306,14 @@ def _flip(target: str, version: EmbeddingVersion, *, actor: str, note: str) -> N
 def retire(target: str, version_name: str, *, actor: str = "") -> EmbeddingVersion:
     """Stop writing a non-active version."""
     version = EmbeddingVersion.objects.get_version(target, version_name)
-    if version.state == State.ACTIVE:
-        raise Refused(
-            f"{version} is active and cannot be retired; activate another version first."
-        )
-    if version.state in (State.RETIRED, State.DROPPED):
-        raise Refused(f"{version} is already {version.state}.")
-    with transaction.atomic():
+    with locked_versions(target) as versions:
+        version = locked_version(target, versions, version)
+        if version.state == State.ACTIVE:
+            raise Refused(
+                f"{version} is active and cannot be retired; activate another version first."
+            )
+        if version.state in (State.RETIRED, State.DROPPED):
+            raise Refused(f"{version} is already {version.state}.")
         transition(version, State.RETIRED, actor=actor, note="retire")
     return version
 
@@ -244,6 +324,10 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
     and it is the way back."""
     if version.state == State.ACTIVE:
         raise Refused(f"{version} is active and cannot be dropped; activate another version first.")
+    if version.state == State.DROPPED:
+        if _leftover_columns(version):
+            return  # a drop interrupted after its state change: finishing it is allowed
+        raise Refused(f"{version} is already dropped.")
     if version.state != State.RETIRED:
         raise Refused(
             f"{version} is {version.state}; only a retired version can be dropped: run "
@@ -257,18 +341,34 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
         )
 
 
+def _leftover_columns(version: EmbeddingVersion) -> bool:
+    field = registry.get(version.target)
+    return bool({version.column, version.hash_column} & storage.existing_columns(field.table))
+
+
 def drop(target: str, version_name: str, *, actor: str = "", yes: bool = False) -> list[str]:
     """Drop a retired version's indexes and columns; the version row stays as history.
-    ``yes`` confirms a drop within the grace period after the version was last active."""
+    ``yes`` confirms a drop within the grace period after the version was last active.
+
+    The version becomes ``dropped`` (committed, under the lifecycle lock) before its storage is
+    removed: from then on nothing reads or writes it. If the removal is interrupted, ``drop``
+    again finishes it."""
     version = EmbeddingVersion.objects.get_version(target, version_name)
     field = registry.get(target)
     check_droppable(version, yes=yes)
     if connection.in_atomic_block:
         raise Refused("drop cannot run inside a transaction (it drops indexes concurrently).")
+    with locked_versions(target) as versions:
+        version = locked_version(target, versions, version)
+        check_droppable(version, yes=yes)  # again, on the locked row
+        if version.state != State.DROPPED:
+            transition(version, State.DROPPED, actor=actor, note="drop")
+    active.invalidate(target)
     dropped_indexes = storage.drop_columns(version, field)
-    with transaction.atomic():
-        transition(version, State.DROPPED, actor=actor,
-                   note="drop: columns and indexes " + (", ".join(dropped_indexes) or "(none)"))
+    event = version.events.filter(to_state=State.DROPPED).order_by("-at", "-id").first()
+    if event is not None:
+        VersionEvent.objects.filter(pk=event.pk).update(
+            note="drop: columns and indexes " + (", ".join(dropped_indexes) or "(none)"))
     return dropped_indexes
 
 

@@ -96,7 +96,11 @@ def refresh_rows(
     # Keys as the database returns them: an instance created with a str UUID has a str pk.
     to_key = field.model._meta.pk.to_python
     texts = {to_key(obj.pk): field.source_text(obj) for obj in instances}
-    stored = storage.stored_hashes(field, versions, list(texts))
+    with transaction.atomic():
+        versions = still_written(field, versions)  # retired or dropped since they were read
+        stored = storage.stored_hashes(field, versions, list(texts))
+    if not versions:
+        return SyncStats(processed=len(instances))
     # A row deleted meanwhile has no stored hashes: it is processed, never written.
     rows = [(pk, text, stored[pk], None) for pk, text in texts.items() if pk in stored]
     prepared = prepare(field, versions, rows)
@@ -105,6 +109,24 @@ def refresh_rows(
         with transaction.atomic():
             write_prepared(field, prepared)
     return prepared.stats
+
+
+def still_written(field: VersionedEmbedding,
+                  versions: Sequence[EmbeddingVersion]) -> list[EmbeddingVersion]:
+    """Those of ``versions`` that are still written, read in the caller's transaction after
+    locking ``field``'s table against DDL (``ROW EXCLUSIVE``, what the write takes anyway).
+
+    A version's columns exist for as long as the caller's transaction lasts: ``drop`` commits
+    the ``dropped`` state before it removes them (and its ``ALTER TABLE`` waits for this lock),
+    ``add`` commits a version and its columns together."""
+    assert transaction.get_connection().in_atomic_block, "still_written needs a transaction"
+    if not versions:
+        return []
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(f"LOCK TABLE {storage.qn(field.table)} IN ROW EXCLUSIVE MODE")
+    written = set(EmbeddingVersion.objects.filter(pk__in=[v.pk for v in versions])
+                  .written().values_list("pk", flat=True))
+    return [version for version in versions if version.pk in written]
 
 
 def prepare(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion],
@@ -188,6 +210,11 @@ def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
     if not prepared.pending:
         return set()
     assert transaction.get_connection().in_atomic_block, "write_prepared needs a transaction"
+    # Versions retired or dropped while the rows were encoded are no longer written.
+    kept = {v.pk for v in still_written(field, [item.version for item in prepared.pending])}
+    prepared.pending = [item for item in prepared.pending if item.version.pk in kept]
+    if not prepared.pending:
+        return set()
     expected = dict(prepared.read_versions)  # pk -> the row version each write expects
     written: list[set[Any]] = [set() for _ in prepared.pending]  # per item: the keys written
     write_xids: set[str] = set()
