@@ -10,7 +10,7 @@ import sys
 
 from benchmarks import harness
 
-ALL = ["backfill", "search", "layout", "dualwrite", "memory", "cutover"]
+ALL = ["backfill", "search", "layout", "dualwrite", "memory", "cutover", "precision"]
 
 
 def main() -> None:

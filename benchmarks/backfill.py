@@ -3,6 +3,10 @@
 1. Encode-bound (MiniLM, real BBC News articles): raw ``model.encode`` on the same texts with the
    same batch size and encode settings, against an inline backfill of a fresh version (planning,
    keyset reads, hashing, encode, compare-and-set write, catch-up pass). Target >= 0.9x.
+   ``--device DEVICE`` (and ``--encode-batch-size N``, ``--alias ALIAS``) runs this process, and
+   the worker processes of part 2, as a worker started with ``EMBEDDINGS_DEVICE=DEVICE``: both
+   sides on that device with the same texts per forward pass (docs/devices.md). On a GPU:
+   ``--device cuda --docs 2000 --batch-size 1024 --skip workers database db-workers``.
 2. Workers: the same MiniLM backfill of the same articles dispatched to real Celery worker
    processes: 2 processes with 1 torch thread each against 1 process with 2 torch threads (the
    2 cores either way), and 2 processes with torch's default threads; dispatch to run done.
@@ -22,6 +26,7 @@ Run: ``python -m benchmarks.backfill --help`` for the sizes.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -44,7 +49,8 @@ def _inline_backfill(version_name: str, alias: str, batch_size: int) -> float:
     return clock["seconds"]
 
 
-def encode_bound(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
+def encode_bound(docs: int, batch_size: int, repeat: int, alias: str = "minilm"
+                 ) -> list[harness.Row]:
     import numpy as np
 
     from embeddings_app import encoders, registry
@@ -55,7 +61,7 @@ def encode_bound(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     harness.insert_corpus_articles(docs)
     field = registry.get(TARGET)
     texts = [field.source_text(a) for a in field.source_queryset().order_by("pk")]
-    encoder = encoders.load(get_config().model("minilm"))
+    encoder = encoders.load(get_config().model(alias))  # this process's device and pass size
 
     def raw() -> float:
         # The same call the backfill makes per batch: model.encode on batch_size texts at a time,
@@ -74,7 +80,7 @@ def encode_bound(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     raw_runs, backfill_runs = [], []
     for attempt in range(repeat):  # interleaved, so a load change on the machine hits both
         raw_runs.append(raw())
-        backfill_runs.append(_inline_backfill(f"b{attempt}", "minilm", batch_size))
+        backfill_runs.append(_inline_backfill(f"b{attempt}", alias, batch_size))
     # The fastest run of each side: on a shared machine other processes only ever slow a run
     # down, so the minimum is the least disturbed figure (the means are kept in the JSON).
     raw_rate = docs / min(raw_runs)
@@ -82,11 +88,15 @@ def encode_bound(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
     assert Article.objects.count() == docs
     ratio = backfill_rate / raw_rate
     mean_ratio = (sum(raw_runs) / len(raw_runs)) / (sum(backfill_runs) / len(backfill_runs))
-    return [harness.Row("backfill", f"MiniLM backfill, {docs} articles, batch {batch_size}",
-                        backfill_rate, "rows/s", "raw model.encode", raw_rate, ratio,
+    where = f"on {encoder.device}, {encoder.encode_batch_size} texts per forward pass"
+    return [harness.Row("backfill", f"{alias} backfill, {docs} articles, batch {batch_size}, "
+                        f"{where}", backfill_rate, "rows/s",
+                        f"raw model.encode on {encoder.device}", raw_rate, ratio,
                         ">= 0.9x", ratio >= 0.9,
                         {"raw_s": raw_runs, "backfill_s": backfill_runs,
-                         "ratio_of_means": mean_ratio})]
+                         "ratio_of_means": mean_ratio, "device": encoder.device,
+                         "encode_batch_size": encoder.encode_batch_size,
+                         "precision": encoder.precision})]
 
 
 def _vacuum() -> None:
@@ -457,6 +467,12 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--batch-size", type=int, default=128,
                         help="batch size of the MiniLM part (the default BATCH_SIZE)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each side")
+    parser.add_argument("--device", default="cpu",
+                        help="EMBEDDINGS_DEVICE of this process and of its worker processes: "
+                        "cpu, cuda, cuda:N or auto")
+    parser.add_argument("--encode-batch-size", type=int, default=None,
+                        help="EMBEDDINGS_ENCODE_BATCH_SIZE (default: the alias's for the device)")
+    parser.add_argument("--alias", default="minilm", help="model alias of the encode-bound part")
     parser.add_argument("--worker-docs", type=int, default=256,
                         help="articles for 1 vs 2 workers (0 skips it)")
     parser.add_argument("--worker-batch-size", type=int, default=32)
@@ -475,11 +491,15 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["encode", "workers", "database", "db-workers", "writes"])
     args = parser.parse_args(argv)
+    # As a worker started with these variables (worker processes inherit them).
+    os.environ["EMBEDDINGS_DEVICE"] = args.device
+    if args.encode_batch_size:
+        os.environ["EMBEDDINGS_ENCODE_BATCH_SIZE"] = str(args.encode_batch_size)
 
     harness.setup_django()
     rows: list[harness.Row] = []
     if "encode" not in args.skip:
-        rows += encode_bound(args.docs, args.batch_size, args.repeat)
+        rows += encode_bound(args.docs, args.batch_size, args.repeat, args.alias)
     if "workers" not in args.skip and args.worker_docs:
         rows += workers(args.worker_docs, args.worker_batch_size, args.worker_repeat)
     if "database" not in args.skip:  # replaces the encoder: runs after the MiniLM parts

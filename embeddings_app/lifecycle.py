@@ -105,6 +105,12 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
         )
     spec = get_config().model(alias)
     encoder = encoders.load(spec)
+    if encoder.precision not in (None, spec.precision):
+        # The probes stored now must be the pinned precision's (docs/devices.md).
+        raise Refused(
+            f'Model alias "{alias}" pins precision {spec.precision} but this process computes at '
+            f"{encoder.precision} (EMBEDDINGS_PRECISION); add the version where it is unset."
+        )
     if spec.dimensions is not None and spec.dimensions != encoder.dimensions:
         raise Refused(
             f'Model alias "{alias}" declares {spec.dimensions} dimensions but the model outputs '

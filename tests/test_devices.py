@@ -20,8 +20,9 @@ from embeddings_app.exceptions import (
     DeviceUnavailable,
     PrecisionMismatch,
     ProbeMismatch,
+    Refused,
 )
-from embeddings_app.models import BackfillRun, RowFailure
+from embeddings_app.models import BackfillRun, EmbeddingVersion, RowFailure
 from embeddings_app.verify import verify
 from project.news.models import Article
 from tests.backfill_helpers import WORKER_ENV, create_articles
@@ -183,6 +184,16 @@ def test_float32_keeps_the_fingerprints_of_versions_added_before_precision_exist
     assert half.encode_settings()["precision"] == "bfloat16"
     assert encoders.fingerprint(encoders.resolve_model_path(spec), half) != (
         FINGERPRINTS_BEFORE_PRECISION["minilm"])
+
+
+def test_add_refuses_in_a_process_computing_at_another_precision_than_the_alias_pins(
+        make_articles, monkeypatch: pytest.MonkeyPatch):
+    make_articles(2)
+    monkeypatch.setenv(devices.PRECISION_ENV, "bfloat16")
+    with pytest.raises(Refused, match="pins precision float32 but this process computes at "
+                       "bfloat16"):
+        lifecycle.add(TARGET, "v2", "tiny")
+    assert not EmbeddingVersion.objects.filter(target=TARGET, version="v2").exists()
 
 
 @pytest.mark.worker
