@@ -4,6 +4,8 @@ encoder (``encoders.load``, as a worker with ``EMBEDDINGS_PRECISION=P`` on ``--d
 float32, bfloat16 and float16; each precision's vectors against float32's on the same device
 (cosine per article: minimum, 1st percentile, mean) and its rows/s against float32's (raw encode
 of the same texts with the same texts per forward pass, fastest of ``--repeat`` interleaved runs).
+On another device than the CPU, every precision's vectors are also compared with CPU float32's
+(what a CPU worker or the web process computes for a float32 version).
 
 Run: ``python -m benchmarks.precision [--device cuda] [--docs N]``.
 """
@@ -51,18 +53,27 @@ def measure(alias: str, docs: int, repeat: int) -> list[harness.Row]:
     per_pass = loaded["float32"].encode_batch_size
     base_rate = docs / min(seconds["float32"])
     rows = []
-    for precision in PRECISIONS[1:]:
+
+    def agreement(precision: str, against: np.ndarray, name: str) -> harness.Row:
         other = vectors[precision]
-        cosines = np.einsum("ij,ij->i", reference, other) / (
-            np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1))
-        rate = docs / min(seconds[precision])
+        cosines = np.einsum("ij,ij->i", against, other) / (
+            np.linalg.norm(against, axis=1) * np.linalg.norm(other, axis=1))
         figures = {"min": float(cosines.min()), "p01": float(np.percentile(cosines, 1)),
                    "mean": float(cosines.mean()), "seconds": seconds[precision],
                    "float32_seconds": seconds["float32"]}
-        rows.append(harness.Row(
-            "precision", f"{alias} at {precision} on {device}: min cosine with float32, "
+        return harness.Row(
+            "precision", f"{alias} at {precision} on {device}: min cosine with {name}, "
             f"{docs} articles", figures["min"], "cosine", "VERIFY_THRESHOLD", 0.999, None,
-            ">= 0.999", figures["min"] >= 0.999, figures))
+            ">= 0.999", figures["min"] >= 0.999, figures)
+
+    if device != "cpu":
+        os.environ[devices.DEVICE_ENV] = "cpu"
+        os.environ[devices.PRECISION_ENV] = "float32"
+        on_cpu = encoders.load(spec).encode_documents(texts)
+        rows += [agreement(precision, on_cpu, "CPU float32") for precision in PRECISIONS]
+    for precision in PRECISIONS[1:]:
+        rate = docs / min(seconds[precision])
+        rows.append(agreement(precision, reference, f"float32 on {device}"))
         rows.append(harness.Row(
             "precision", f"{alias} at {precision} on {device}, raw encode, {per_pass} texts "
             "per pass", rate, "rows/s", f"float32 on {device}", base_rate, rate / base_rate))
@@ -84,7 +95,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     print("machine:", harness.machine())
     for row in rows:
         if row.unit == "cosine":
-            print(f"{row.measure}: p01 {row.extra['p01']:.6f}, mean {row.extra['mean']:.7f}")
+            print(f"{row.measure}: min {row.value:.7f}, p01 {row.extra['p01']:.7f}, "
+                  f"mean {row.extra['mean']:.7f}")
     print("results:", harness.write_json("precision", rows, vars(args)))
     return rows
 

@@ -261,12 +261,18 @@ def _limit_passes(encoder: encoders.SentenceTransformersEncoder, largest: int,
     return encoder.model.register_forward_hook(hook)
 
 
-def test_out_of_memory_halves_the_forward_pass_and_writes_every_row_at_the_pinned_precision(
-        make_articles, monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture
+def ten_rows_16_per_pass(make_articles, monkeypatch: pytest.MonkeyPatch):
+    """A tiny version of 10 articles and its encoder, in a process of 16 texts per pass."""
     make_articles(10)
     version = lifecycle.add(TARGET, "v2", "tiny")
     monkeypatch.setenv(devices.ENCODE_BATCH_SIZE_ENV, "16")
-    encoder = encoders.for_version(version)
+    return version, encoders.for_version(version)
+
+
+def test_out_of_memory_halves_the_forward_pass_and_writes_every_row_at_the_pinned_precision(
+        ten_rows_16_per_pass):
+    version, encoder = ten_rows_16_per_pass
     expected = encoder.encode_documents(texts_of(10))
     passes: list[int] = []
     handle = _limit_passes(encoder, 4, passes)
@@ -284,42 +290,40 @@ def test_out_of_memory_halves_the_forward_pass_and_writes_every_row_at_the_pinne
     assert np.allclose(stored, expected, atol=1e-6)  # float32, as pinned: never another precision
 
 
-def test_out_of_memory_on_one_text_fails_the_batch_for_a_retry_without_failing_a_row(
-        make_articles, monkeypatch: pytest.MonkeyPatch):
-    make_articles(10)
-    version = lifecycle.add(TARGET, "v2", "tiny")
-    monkeypatch.setenv(devices.ENCODE_BATCH_SIZE_ENV, "16")
-    encoder = encoders.for_version(version)
-    passes: list[int] = []
-    handle = _limit_passes(encoder, 0, passes)
+def _first_batch_fails_for_a_retry(version, encoder, hook, match: str) -> None:
+    """Run batch 0 of a new inline run with ``hook`` on the model: it raises DeviceUnavailable
+    (``match``), which Celery retries; no row is failed or written."""
+    handle = encoder.model.register_forward_hook(hook)
     try:
         run, _ = backfill.start(version, batch_size=10, mode="inline")
-        with pytest.raises(DeviceUnavailable, match="ran out of memory encoding one text") as exc:
+        with pytest.raises(DeviceUnavailable, match=match) as exc:
             backfill.run_batch(run.pk, 0)
     finally:
         handle.remove()
-    assert passes == [10, 8, 4, 2, 1]
     assert isinstance(exc.value, tasks.RETRYABLE)  # Celery retries the batch later
     assert not RowFailure.objects.exists()
     assert storage.coverage(registry.get(TARGET), version) == (0, 10)
 
 
-def test_a_lost_device_is_transient_and_the_model_is_loaded_again(
-        make_articles, monkeypatch: pytest.MonkeyPatch):
-    make_articles(3)
-    version = lifecycle.add(TARGET, "v2", "tiny")
-    encoder = encoders.for_version(version)
+def test_out_of_memory_on_one_text_fails_the_batch_for_a_retry_without_failing_a_row(
+        ten_rows_16_per_pass):
+    version, encoder = ten_rows_16_per_pass
+    passes: list[int] = []
+
+    def out_of_memory(module, inputs, output):
+        passes.append(output["sentence_embedding"].shape[0])
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    _first_batch_fails_for_a_retry(version, encoder, out_of_memory,
+                                   "ran out of memory encoding one text")
+    assert passes == [10, 8, 4, 2, 1]
+
+
+def test_a_lost_device_is_transient_and_the_model_is_loaded_again(ten_rows_16_per_pass):
+    version, encoder = ten_rows_16_per_pass
 
     def lost(module, inputs, output):
         raise torch.AcceleratorError("CUDA error: unspecified launch failure")
 
-    handle = encoder.model.register_forward_hook(lost)
-    try:
-        run, _ = backfill.start(version, batch_size=10, mode="inline")
-        with pytest.raises(DeviceUnavailable, match="unspecified launch failure") as exc:
-            backfill.run_batch(run.pk, 0)
-    finally:
-        handle.remove()
-    assert isinstance(exc.value, tasks.RETRYABLE)
-    assert not RowFailure.objects.exists()
+    _first_batch_fails_for_a_retry(version, encoder, lost, "unspecified launch failure")
     assert encoders.for_version(version) is not encoder  # a fresh model for the retry
