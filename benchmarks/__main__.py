@@ -10,7 +10,8 @@ import sys
 
 from benchmarks import harness
 
-ALL = ["backfill", "search", "layout", "dualwrite", "memory", "cutover", "precision"]
+ALL = ["backfill", "search", "layout", "dualwrite", "memory", "cutover", "precision",
+       "api_backfill"]
 
 
 def main() -> None:

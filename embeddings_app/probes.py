@@ -94,6 +94,7 @@ class ProbeReport:
     version: str
     threshold: float
     recorded: bool = True  # False: the version was added before probes existed
+    reachable: bool = True  # False: the model could not be asked (an outage): no verdict
     texts: int = 0
     min_cosine: float | None = None
     cosines: list[float] = field(default_factory=list)
@@ -136,6 +137,7 @@ def compare(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeR
         report.library_versions_now = encoder.library_versions()
         fresh = encoder.encode_documents(list(version.probe_texts))
     except EmbeddingError as exc:
+        report.reachable = False
         report.problems.append(f"the probes could not be embedded: {exc}")
         return report
     if fresh.shape != stored.shape:
@@ -168,7 +170,7 @@ def run(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeRepor
     from .models import EmbeddingVersion
 
     report = compare(version, encoder)
-    if report.recorded:
+    if report.recorded and report.reachable:  # an outage says nothing about the output
         EmbeddingVersion.objects.filter(pk=version.pk).update(
             probed_at=timezone.now(), probe_passed=report.passed, probe_report=report.as_dict())
         version.probed_at, version.probe_passed = timezone.now(), report.passed

@@ -29,7 +29,7 @@ from typing import Any
 from .config import ModelSpec
 
 MAX_DIVISIONS = 10
-MARGIN = 0.5  # seconds
+MARGIN = 0.3  # seconds
 
 
 def _divisions(limit: int) -> int:

@@ -109,10 +109,16 @@ def bound_tokens(text: str) -> int:
 class FaultServer:
     """An OpenAI-compatible ``/embeddings`` endpoint on 127.0.0.1 that fails on demand."""
 
-    def __init__(self, api_key: str, timeout_sleep: float = 2.0) -> None:
+    def __init__(self, api_key: str, timeout_sleep: float = 2.0,
+                 tokens_per_minute: int | None = None) -> None:
         self.api_key = api_key
+        # Enforced as a provider does: a request that would take the tokens answered in the last
+        # 60 seconds above this gets a 429 with Retry-After (seconds until it would fit).
+        self.tokens_per_minute = tokens_per_minute
         self.timeout_sleep = timeout_sleep
         self.requests: list[Request] = []
+        self._accepted: deque[tuple[float, int]] = deque()  # (time, tokens) of the last minute
+        self._accepted_tokens = 0
         self.faults: deque[str] = deque()
         self.drift = False
         self.outage = False
@@ -177,6 +183,10 @@ class FaultServer:
         elif fault == "timeout":
             time.sleep(self.timeout_sleep)  # longer than the client's timeout
             status, payload = 200, self._answer(body, inputs, tokens)
+        elif (wait := self._over_limit(arrived, tokens)) is not None:
+            status, fault = 429, f"tpm:{wait}"
+            payload = {"error": {"message": "Rate limit reached for tokens per minute",
+                                 "type": "tokens"}}
         elif fault in ("429", "500", "503"):
             status = int(fault)
             payload = {"error": {"message": f"injected {fault}", "type": "server_error"}}
@@ -194,10 +204,30 @@ class FaultServer:
         handler.send_header("content-type", "application/json")
         handler.send_header("content-length", str(len(data)))
         if status == 429:
-            handler.send_header("retry-after", "1")
+            handler.send_header("retry-after", fault[4:] if fault.startswith("tpm:") else "1")
         handler.end_headers()
         with contextlib.suppress(OSError):  # the client gave up (a timeout)
             handler.wfile.write(data)
+
+    def _over_limit(self, now: float, tokens: int) -> int | None:
+        """None if ``tokens`` more fit in the last minute's accepted tokens (and then they are
+        counted), else the whole seconds until they would."""
+        if self.tokens_per_minute is None:
+            return None
+        with self._lock:
+            window = self._accepted
+            while window and window[0][0] <= now - 60:
+                self._accepted_tokens -= window.popleft()[1]
+            if self._accepted_tokens + tokens <= self.tokens_per_minute:
+                window.append((now, tokens))
+                self._accepted_tokens += tokens
+                return None
+            used = self._accepted_tokens
+            for at, count in window:
+                used -= count
+                if used + tokens <= self.tokens_per_minute:
+                    return max(1, int(at + 60 - now + 0.999))
+            return 60
 
     def _answer(self, body: dict[str, Any], inputs: list[str], tokens: int) -> dict[str, Any]:
         return {"object": "list", "model": body["model"],

@@ -32,8 +32,12 @@ EMBEDDINGS = {
         "api_limited": {
             "provider": "openai", "model": "fault-embed-limited", "revision": "2026-12-01",
             "base_url": os.environ.get("EMBEDDINGS_TEST_FAULT_URL", "http://127.0.0.1:9"),
-            "api_key_env": "EMBEDDINGS_TEST_FAULT_KEY", "timeout": 1.0, "max_batch_inputs": 2,
-            "tokens_per_minute": 12000, "requests_per_minute": 120,
+            # The benchmark (benchmarks/api_backfill.py) sets its own limits and batch size.
+            "api_key_env": "EMBEDDINGS_TEST_FAULT_KEY",
+            "timeout": float(os.environ.get("EMBEDDINGS_TEST_LIMITED_TIMEOUT", "1")),
+            "max_batch_inputs": int(os.environ.get("EMBEDDINGS_TEST_LIMITED_INPUTS", "2")),
+            "tokens_per_minute": int(os.environ.get("EMBEDDINGS_TEST_LIMITED_TPM", "12000")),
+            "requests_per_minute": int(os.environ.get("EMBEDDINGS_TEST_LIMITED_RPM", "120")),
             "price_per_million_tokens": 0.02,
         },
     },
