@@ -187,12 +187,16 @@ class OpenAIEncoder(Encoder):
         waited = 0.0
         extra = {"dimensions": self.spec.dimensions} if self.spec.dimensions else {}
         for attempt in range(MAX_ATTEMPTS):
-            waited += self.limiter.acquire(tokens, max_wait=budget if budget < DOCUMENT_RETRY_BUDGET
-                                           else None)
+            slept, entry = self.limiter.acquire(
+                tokens, max_wait=budget if budget < DOCUMENT_RETRY_BUDGET else None)
+            waited += slept
             self.calls += 1
             try:
-                response = self.client.embeddings.create(
-                    model=self.spec.model, input=inputs, encoding_format="float", **extra)
+                try:
+                    response = self.client.embeddings.create(
+                        model=self.spec.model, input=inputs, encoding_format="float", **extra)
+                finally:
+                    self.limiter.finish(entry)
             except openai.RateLimitError as exc:
                 delay = _retry_after(exc) or self._backoff(attempt)
                 self.limiter.pause(delay)  # every process waits, not only this one

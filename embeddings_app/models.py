@@ -258,7 +258,8 @@ class ProviderUsage(models.Model):
     """A request sent to an embedding API: the shared rate limiter's log (``ratelimit``)."""
 
     key = models.CharField(max_length=64)  # endpoint and model, hashed
-    at = models.FloatField()  # the database clock, epoch seconds
+    at = models.FloatField()  # admitted, the database clock in epoch seconds
+    done = models.FloatField(null=True)  # when its answer came back (None: in flight)
     tokens = models.PositiveIntegerField()
 
     class Meta:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .models import EmbeddingVersion
 
 SAMPLED_ROWS = 3
+# Seconds an API may spend retrying transient failures of one probe comparison: a probe run by
+# check --deploy or beat reports an outage quickly instead of waiting out the backfill budget.
+RETRY_BUDGET = 10.0
 PROBE_TEXTS = (
     "ok",
     "The quick brown fox jumps over the lazy dog.",
@@ -132,6 +135,7 @@ def compare(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeR
         report.recorded = False
         return report
     report.texts = len(version.probe_texts)
+    budget = encoders.RETRY_BUDGET.set(RETRY_BUDGET)
     try:
         encoder = encoder or encoders.load(spec)
         report.library_versions_now = encoder.library_versions()
@@ -140,6 +144,8 @@ def compare(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeR
         report.reachable = False
         report.problems.append(f"the probes could not be embedded: {exc}")
         return report
+    finally:
+        encoders.RETRY_BUDGET.reset(budget)
     if fresh.shape != stored.shape:
         report.problems.append(f"the model now outputs {fresh.shape[1]} dimensions, the probes "
                                f"were {stored.shape[1]}")

@@ -5,11 +5,12 @@ The state is in PostgreSQL (the database every worker already uses): a log of th
 (``ProviderPause``). A request is admitted under a transaction-scoped advisory lock on its key,
 so two processes never both take the last of a budget.
 
-Invariant: in every window of ``60 / n`` seconds at most ``limit / n`` tokens and requests are
-sent (``n`` up to 10: a sliding window over a tenth of a minute, like the providers' own per-second
-enforcement), so *any* 60-second window holds at most the per-minute limit. Entries count for
-``MARGIN`` seconds longer than their window, so a request that reaches the server a little late
-never lands in a window the server counts as full.
+Invariant: in every window of ``60 / n`` seconds at most ``limit / n`` tokens and requests
+*reach the server* (``n`` up to 10: a sliding window over a tenth of a minute, like the providers'
+own per-second enforcement), so *any* 60-second window holds at most the per-minute limit. A
+request counts from when it is admitted until a full window after its answer came back (it
+reached the server in between, however late its process sent it); one whose process died counts
+until a window after its timeout.
 
 The limiter uses its own database connection (autocommit): a reservation never holds a lock in,
 nor is rolled back with, the caller's transaction (a dual-write inside ``save()``).
@@ -29,7 +30,8 @@ from typing import Any
 from .config import ModelSpec
 
 MAX_DIVISIONS = 10
-MARGIN = 0.3  # seconds
+MARGIN = 0.05  # seconds: clock rounding
+IN_FLIGHT_POLL = 0.05  # seconds between looks when the room depends on a request in flight
 
 
 def _divisions(limit: int) -> int:
@@ -74,12 +76,13 @@ class SharedRateLimiter:
     key: str
     tokens_per_minute: int | None
     requests_per_minute: int | None
+    timeout: float = 60.0  # a request still unfinished this long after it was sent is over
 
     @classmethod
     def for_spec(cls, spec: ModelSpec) -> SharedRateLimiter:
         identity = f"{(spec.base_url or '').rstrip('/')}|{spec.model}"
         return cls(hashlib.sha256(identity.encode()).hexdigest()[:32], spec.tokens_per_minute,
-                   spec.requests_per_minute)
+                   spec.requests_per_minute, float(spec.timeout))
 
     @property
     def token_window(self) -> tuple[float, float] | None:
@@ -102,15 +105,15 @@ class SharedRateLimiter:
         window = self.token_window
         return int(window[1]) if window else 1 << 62
 
-    def acquire(self, tokens: int, max_wait: float | None = None) -> float:
-        """Wait until a request of ``tokens`` tokens may be sent and record it; returns the
-        seconds waited. With ``max_wait``, raise ``ProviderUnavailable`` instead of waiting
-        longer."""
+    def acquire(self, tokens: int, max_wait: float | None = None) -> tuple[float, int | None]:
+        """Wait until a request of ``tokens`` tokens may be sent and record it as in flight;
+        returns (seconds waited, the record to ``finish`` once the answer is in). With
+        ``max_wait``, raise ``ProviderUnavailable`` instead of waiting longer."""
         waited = 0.0
         while True:
-            delay = self._try(tokens)
+            delay, entry = self._try(tokens)
             if delay <= 0:
-                return waited
+                return waited, entry
             if max_wait is not None and waited + delay > max_wait:
                 from .exceptions import ProviderUnavailable
 
@@ -121,12 +124,21 @@ class SharedRateLimiter:
             time.sleep(delay)
             waited += delay
 
-    def _try(self, tokens: int) -> float:
-        """Record the request and return 0 if it fits now, else the seconds to wait."""
+    def finish(self, entry: int | None) -> None:
+        """The request of ``entry`` got its answer (or failed): its window starts ending now."""
+        if entry is None:
+            return
+        with _reconnecting() as wrapper, wrapper.connection.cursor() as cursor:
+            cursor.execute("UPDATE embeddings_app_providerusage SET done = "
+                           "extract(epoch FROM clock_timestamp()) WHERE id = %s", [entry])
+
+    def _try(self, tokens: int) -> tuple[float, int | None]:
+        """Record the request and return (0, its record) if it fits now, else (the seconds to
+        wait, None)."""
         with _reconnecting() as wrapper:
             return self._try_on(wrapper, tokens)
 
-    def _try_on(self, wrapper: Any, tokens: int) -> float:
+    def _try_on(self, wrapper: Any, tokens: int) -> tuple[float, int | None]:
         token_window, request_window = self.token_window, self.request_window
         horizon = max(token_window[0] if token_window else 0,
                       request_window[0] if request_window else 0) + MARGIN
@@ -138,24 +150,29 @@ class SharedRateLimiter:
                            [self.key])
             row = cursor.fetchone()
             if row is not None and row[0] > now:
-                return row[0] - now
+                return row[0] - now, None
             if not (token_window or request_window):
-                return 0.0
-            cursor.execute("DELETE FROM embeddings_app_providerusage WHERE key = %s AND at < %s",
-                           [self.key, now - horizon])
-            cursor.execute("SELECT at, tokens FROM embeddings_app_providerusage WHERE key = %s "
-                           "ORDER BY at", [self.key])
-            log = cursor.fetchall()
+                return 0.0, None
+            # A request's entry ends a window after its answer (then it reached the server
+            # before); one never finished (its process died) after its timeout.
+            cursor.execute("DELETE FROM embeddings_app_providerusage WHERE key = %s AND "
+                           "COALESCE(done, at + %s) < %s",
+                           [self.key, self.timeout, now - horizon])
+            cursor.execute("SELECT COALESCE(done, at + %s, %s), tokens FROM "
+                           "embeddings_app_providerusage WHERE key = %s",
+                           [self.timeout, now, self.key])
+            ends = sorted(cursor.fetchall())  # (when the request's answer came, cost)
             delay = 0.0
             if token_window:
-                delay = max(delay, _wait(log, now, token_window[0], token_window[1], tokens))
+                delay = max(delay, _wait(ends, now, token_window[0], token_window[1], tokens))
             if request_window:
-                delay = max(delay, _wait([(at, 1) for at, _ in log], now, request_window[0],
+                delay = max(delay, _wait([(end, 1) for end, _ in ends], now, request_window[0],
                                          request_window[1], 1))
-            if delay <= 0:
-                cursor.execute("INSERT INTO embeddings_app_providerusage (key, at, tokens) "
-                               "VALUES (%s, %s, %s)", [self.key, now, tokens])
-            return delay
+            if delay > 0:
+                return delay, None
+            cursor.execute("INSERT INTO embeddings_app_providerusage (key, at, tokens) "
+                           "VALUES (%s, %s, %s) RETURNING id", [self.key, now, tokens])
+            return 0.0, cursor.fetchone()[0]
 
     def pause(self, seconds: float) -> None:
         """Make every process wait ``seconds`` before its next request (a 429's Retry-After)."""
@@ -167,21 +184,23 @@ class SharedRateLimiter:
                 [self.key, seconds])
 
 
-def _wait(log: list[tuple[float, int]], now: float, window: float, budget: float,
+def _wait(ends: list[tuple[float, int]], now: float, window: float, budget: float,
           cost: int) -> float:
-    """Seconds until ``cost`` more fits in the ``window`` ending then, given the ``log`` of
-    (time, cost) in time order. A request larger than the whole budget waits for an empty
-    window and goes alone."""
+    """Seconds until ``cost`` more fits in the ``window``, given the (end, cost) of the requests
+    in time order (an end in the future: still in flight). A request larger than the whole
+    budget waits for an empty window and goes alone."""
     span = window + MARGIN
-    live = [(at, used) for at, used in log if at > now - span]
+    live = [(end, used) for end, used in ends if end > now - span]
     used = sum(amount for _, amount in live)
     cost = min(cost, budget)
     if used + cost <= budget:
         return 0.0
-    for at, amount in live:  # the oldest expire first
+    for end, amount in live:  # the earliest answered expire first
+        if end > now:  # still in flight: look again once it may have its answer
+            return IN_FLIGHT_POLL
         used -= amount
         if used + cost <= budget:
-            return at + span - now + 0.001
+            return max(end + span - now, 0.0) + 0.001
     return 0.0  # unreachable: an empty window fits a request of at most the budget
 
 

@@ -142,6 +142,11 @@ def test_queries_use_the_provider_and_cache_and_an_outage_raises_a_clear_error(f
         search.search(field, "a query never asked before", k=1)
     assert {r.model for r in fault_server.requests} == {"fault-embed-1"}  # no other model, ever
 
+    # A probe during the outage fails loudly but gives no verdict on the model's output.
+    with pytest.raises(CommandError, match="probes failed"):
+        call_command("embeddings", "probe", TARGET)
+    assert EmbeddingVersion.objects.get(target=TARGET, version="v1").probe_passed is None
+
 
 @pytest.mark.django_db
 def test_a_changed_output_under_the_same_name_fails_probe_verify_and_check_deploy(
