@@ -11,15 +11,21 @@ that changed under a batch, then the version becomes ``ready`` once every row is
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import threading
 import uuid
+from collections.abc import Sequence
+from datetime import timedelta
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from django.db import connection, transaction
-from django.db.models import BooleanField, F
+from django.db.models import BooleanField, Exists, F, OuterRef, Q, QuerySet
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import encoders, lifecycle, registry, storage, sync
@@ -29,6 +35,8 @@ from .models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, St
 
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
+
+logger = logging.getLogger(__name__)
 
 Range = tuple[Any, Any]  # [low, high): None means unbounded
 
@@ -121,17 +129,35 @@ def run_batch(run_id: int, number: int) -> sync.SyncStats:
 
     A batch already counted (a duplicate delivery) does nothing."""
     outermost = not connection.in_atomic_block  # never change a caller's transaction
+    lease = get_config().batch_lease
     with transaction.atomic():
         if outermost:
             _no_flush_wait()
+        now = timezone.now()
         claimed = BackfillBatch.objects.filter(
             run_id=run_id, number=number,
             status__in=(BackfillBatch.Status.PENDING, BackfillBatch.Status.RUNNING),
         ).update(status=BackfillBatch.Status.RUNNING, attempts=F("attempts") + 1,
-                 worker=_worker_name(), started_at=timezone.now())
+                 worker=_worker_name(), started_at=now,
+                 lease_expires_at=now + timedelta(seconds=lease))
+        attempt = BackfillBatch.objects.filter(run_id=run_id, number=number).values_list(
+            "attempts", flat=True).first()
     stats = sync.SyncStats()
     if not claimed:
+        # A redelivery (or a retry) of a batch already counted: the attempt that counted it may
+        # have died before finalizing the run.
+        _finalize_if_last(run_id)
         return stats
+    # Not inside a caller's transaction: the heartbeat's own session would wait for its locks.
+    heartbeat = _Heartbeat(run_id, number, attempt, lease) if outermost else None
+    try:
+        return _run_claimed_batch(run_id, number, stats)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _run_claimed_batch(run_id: int, number: int, stats: sync.SyncStats) -> sync.SyncStats:
     batch = BackfillBatch.objects.select_related("run__version").get(run_id=run_id, number=number)
     run = batch.run
     version = run.version
@@ -159,6 +185,114 @@ def run_batch(run_id: int, number: int) -> sync.SyncStats:
     if counted:
         _finalize_if_last(run_id)
     return stats
+
+
+class _Heartbeat:
+    """Renews the lease of a running batch every third of the lease, from a thread with its own
+    database session, until stopped, or until the batch is no longer this attempt's (done, or
+    reclaimed after a lost lease). A failed renewal (a dropped connection) is retried at the next
+    beat on a new connection."""
+
+    def __init__(self, run_id: int, number: int, attempt: int | None, lease: float) -> None:
+        self.batch = BackfillBatch.objects.filter(
+            run_id=run_id, number=number, attempts=attempt, status=BackfillBatch.Status.RUNNING)
+        self.lease = lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batch-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from django.db import connection as own  # this thread's own connection
+
+        try:
+            while not self._stop.wait(self.lease / 3):
+                try:
+                    renewed = self.batch.update(
+                        lease_expires_at=timezone.now() + timedelta(seconds=self.lease))
+                except Exception as exc:  # Django's or psycopg's connection errors alike
+                    logger.warning("could not renew the lease of a batch (%s); retrying", exc)
+                    _close_quietly(own)
+                    continue
+                if not renewed:
+                    return
+        finally:
+            _close_quietly(own)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _close_quietly(conn: Any) -> None:
+    """Close a Django connection that may be broken (the next query opens a new one)."""
+    try:
+        conn.close()
+    except Exception:  # a broken connection can fail to close; it is dropped either way
+        conn.connection = None
+
+
+def reclaim_expired(run_id: int | None = None) -> list[BackfillBatch]:
+    """Reclaim the batches whose lease expired (their worker died, or lost its database for
+    longer than the lease): each is set pending again, with its ``reclaims`` count, time and note
+    (whose lease expired when) recorded on the batch, and re-dispatched to the queue. A run whose
+    batches are all counted but whose finalizer died is finalized here. Called by the
+    ``backfill`` command while it waits, by the sweep and by the ``embeddings_app.reclaim``
+    task. Returns the batches reclaimed (as they were before)."""
+    from .tasks import backfill_batch
+
+    now = timezone.now()
+    lease = timedelta(seconds=get_config().batch_lease)
+    expired_batches = BackfillBatch.objects.filter(
+        status=BackfillBatch.Status.RUNNING, lease_expires_at__lt=now,
+        run__status=BackfillRun.Status.RUNNING, run__mode="celery")
+    orphans = BackfillRun.objects.filter(
+        status=BackfillRun.Status.RUNNING, batches_done__gte=F("batches_total")).filter(
+        Q(finished_at__isnull=True, updated_at__lt=now - lease) | Q(finished_at__lt=now - lease))
+    if run_id is not None:
+        expired_batches = expired_batches.filter(run_id=run_id)
+        orphans = orphans.filter(pk=run_id)
+    with transaction.atomic():
+        expired = list(expired_batches.select_for_update(skip_locked=True, of=("self",)))
+        for batch in expired:
+            note = (f"{now:%Y-%m-%d %H:%M:%S} UTC: the lease of {batch.worker or '?'} (attempt "
+                    f"{batch.attempts}) expired at {batch.lease_expires_at:%H:%M:%S}; reclaimed "
+                    "and re-dispatched")
+            BackfillBatch.objects.filter(pk=batch.pk).update(
+                status=BackfillBatch.Status.PENDING, lease_expires_at=None,
+                reclaims=F("reclaims") + 1, reclaimed_at=now,
+                reclaim_note=f"{batch.reclaim_note}\n{note}".strip()[-2000:])
+            # Sent before the commit: if the broker refuses, nothing changed and the next
+            # reclaim tries again; a delivery that arrives first claims the running batch.
+            backfill_batch.apply_async((batch.run_id, batch.number), queue=get_config().queue)
+    for run in orphans:
+        finalize(run.pk)
+    return expired
+
+
+def with_live_lease(runs: QuerySet[BackfillRun]) -> QuerySet[BackfillRun]:
+    """``runs`` annotated with ``live_lease``: whether one of its batches holds an unexpired
+    lease (for ``stalled_runs`` without a query of its own)."""
+    return runs.annotate(live_lease=Exists(BackfillBatch.objects.filter(
+        run=OuterRef("pk"), status=BackfillBatch.Status.RUNNING, lease_expires_at__gte=Now())))
+
+
+def stalled_runs(runs: Sequence[BackfillRun]) -> set[int]:
+    """Ids of the running ``runs`` on which nobody is working: no batch holds a live lease, none
+    was counted for a lease period, and no finalizer is at work. Their progress shows "stalled",
+    never an ETA."""
+    running = [run for run in runs if run.status == BackfillRun.Status.RUNNING]
+    if not running:
+        return set()
+    now = timezone.now()
+    since = now - timedelta(seconds=get_config().batch_lease)
+    if all(hasattr(run, "live_lease") for run in running):  # annotated by with_live_lease()
+        live = {run.pk for run in running if run.live_lease}
+    else:
+        live = set(BackfillBatch.objects.filter(
+            run_id__in=[run.pk for run in running], status=BackfillBatch.Status.RUNNING,
+            lease_expires_at__gte=now).values_list("run_id", flat=True))
+    return {run.pk for run in running if run.pk not in live and run.updated_at < since
+            and not (run.finished_at and run.finished_at >= since)}
 
 
 def _complete_batch(run_id: int, number: int, stats: sync.SyncStats, error: str = "") -> None:
@@ -217,13 +351,32 @@ def batch_failed(run_id: int, number: int, error: str) -> None:
 
 
 def finalize(run_id: int) -> None:
-    # Only one finalizer per run: claimed by setting finished_at; the status stays "running"
-    # until the version's state is final, so a reader never sees "done" before "ready".
+    """Finish the run: catch-up, then ``done`` + ``ready`` (or ``failed``).
+
+    Only one finalizer per run: claimed by setting finished_at (a claim older than the lease is
+    taken over: its finalizer died); the status stays "running" until the version's state is
+    final, so a reader never sees "done" before "ready"."""
+    now = timezone.now()
+    stale_claim = now - timedelta(seconds=get_config().batch_lease)
     claimed = BackfillRun.objects.filter(
-        pk=run_id, status=BackfillRun.Status.RUNNING, finished_at__isnull=True
-    ).update(finished_at=timezone.now())
+        Q(finished_at__isnull=True) | Q(finished_at__lt=stale_claim),  # or its finalizer died
+        pk=run_id, status=BackfillRun.Status.RUNNING,
+    ).update(finished_at=now)
     if not claimed:
         return
+    try:
+        _finalize_claimed(run_id)
+    except Exception:
+        # Let a retry (or the next reclaim) finalize at once; on a dead connection the claim
+        # expires after the lease instead.
+        _close_quietly(connection)
+        with contextlib.suppress(Exception):
+            BackfillRun.objects.filter(pk=run_id, status=BackfillRun.Status.RUNNING,
+                                       finished_at=now).update(finished_at=None)
+        raise
+
+
+def _finalize_claimed(run_id: int) -> None:
     run = BackfillRun.objects.get(pk=run_id)
     version = EmbeddingVersion.objects.get(pk=run.version_id)
     field = registry.get(version.target)

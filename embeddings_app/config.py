@@ -38,6 +38,9 @@ CUTOVER_DEFAULTS: dict[str, Any] = {
     "VERIFY_SAMPLE": 200,  # rows re-embedded by `verify`
     "VERIFY_MAX_AGE": 86400.0,  # `activate` needs a passing verify at most this old
     "DROP_GRACE_PERIOD": 86400.0,  # `drop` needs --yes within this time after deactivation
+    # A running batch's lease (its worker renews it every third of this): a batch whose lease
+    # expired (its worker died) is re-dispatched by whoever follows the run (docs/backfill.md).
+    "BATCH_LEASE": 60.0,
 }
 TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS, *CUTOVER_DEFAULTS})
 
@@ -163,6 +166,7 @@ class EmbeddingsConfig:
     verify_sample: int = CUTOVER_DEFAULTS["VERIFY_SAMPLE"]
     verify_max_age: float = CUTOVER_DEFAULTS["VERIFY_MAX_AGE"]
     drop_grace_period: float = CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"]
+    batch_lease: float = CUTOVER_DEFAULTS["BATCH_LEASE"]
 
     def model(self, alias: str) -> ModelSpec:
         try:
@@ -236,6 +240,11 @@ def _validate_cutover(raw: dict[str, Any]) -> list[Problem]:
             problems.append(Problem("embeddings.E013",
                                     f'EMBEDDINGS["{key}"] must be a number of seconds >= 0, '
                                     f"not {value!r}.", f"e.g. {CUTOVER_DEFAULTS[key]}"))
+    lease = raw.get("BATCH_LEASE", 60)
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 1 <= lease <= 3600:
+        problems.append(Problem("embeddings.E040",
+                                f'EMBEDDINGS["BATCH_LEASE"] must be a number of seconds from 1 to '
+                                f"3600, not {lease!r}.", "e.g. 60"))
     threshold = raw.get("VERIFY_THRESHOLD", 0.5)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
             -1 <= threshold <= 1):
@@ -404,6 +413,7 @@ def parse(raw: Any) -> EmbeddingsConfig:
         verify_max_age=float(values.get("VERIFY_MAX_AGE", CUTOVER_DEFAULTS["VERIFY_MAX_AGE"])),
         drop_grace_period=float(values.get("DROP_GRACE_PERIOD",
                                            CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"])),
+        batch_lease=float(values.get("BATCH_LEASE", CUTOVER_DEFAULTS["BATCH_LEASE"])),
     )
 
 

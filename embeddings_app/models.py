@@ -243,6 +243,12 @@ class BackfillBatch(models.Model):
     error = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The lease of the running attempt: renewed by its worker while it runs; once it has expired
+    # (the worker died) the batch is reclaimed (set pending again and re-dispatched).
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    reclaims = models.PositiveIntegerField(default=0)
+    reclaimed_at = models.DateTimeField(null=True, blank=True)
+    reclaim_note = models.TextField(blank=True)  # whose lease expired when, and the re-dispatch
 
     class Meta:
         ordering = ["run", "number"]

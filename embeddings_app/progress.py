@@ -20,7 +20,7 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
-from . import indexes
+from . import backfill, indexes
 from .exceptions import EmbeddingError
 from .models import BackfillRun, EmbeddingVersion, RowFailure, State
 
@@ -47,12 +47,14 @@ class VersionStatus:
     rate: float | None  # rows per second of the running backfill
     eta_seconds: float | None
     running: bool  # a backfill or an index build is under way: the page polls faster
+    stalled: bool  # a backfill no worker is working on (no live batch lease): no ETA
     run_id: int | None
     last_change: str  # ISO time of the last state change or progress record
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["rate_label"] = rate_label(self.rate, self.eta_seconds)
+        data["rate_label"] = ("stalled: no worker holds a batch" if self.stalled
+                              else rate_label(self.rate, self.eta_seconds))
         data["coverage_label"] = coverage_label(self.done, self.total, self.percent)
         return data
 
@@ -79,7 +81,7 @@ def rate_label(rate: float | None, eta: float | None) -> str:
 
 def latest_runs(version_ids: Sequence[int]) -> dict[int, BackfillRun]:
     """The most recent run of each version, in one query (PostgreSQL DISTINCT ON)."""
-    runs = (BackfillRun.objects.filter(version_id__in=version_ids)
+    runs = (backfill.with_live_lease(BackfillRun.objects.filter(version_id__in=version_ids))
             .order_by("version_id", "-started_at", "-id").distinct("version_id")
             .defer("progress_samples"))
     return {run.version_id: run for run in runs}
@@ -146,6 +148,7 @@ def statuses(versions: Sequence[EmbeddingVersion]) -> dict[int, VersionStatus]:
         with contextlib.suppress(EmbeddingError):
             names[version.pk] = indexes.index_name(version)
     valid, building = index_catalog(names.values())
+    stalled = backfill.stalled_runs(list(runs.values()))
     result = {}
     for version in versions:
         run = runs.get(version.pk)
@@ -177,8 +180,9 @@ def statuses(versions: Sequence[EmbeddingVersion]) -> dict[int, VersionStatus]:
             last_error=(run.last_error if run else "")[:300],
             index=index, index_percent=index_percent, index_phase=phase,
             rate=run.rate if backfilling else None,
-            eta_seconds=run.eta_seconds if backfilling else None,
+            eta_seconds=run.eta_seconds if backfilling and run.pk not in stalled else None,
             running=backfilling or index == "building",
+            stalled=run is not None and run.pk in stalled,
             run_id=run.pk if run else None,
             last_change=timezone.localtime(last).isoformat(timespec="seconds"),
         )

@@ -37,7 +37,7 @@ from django.db.models.expressions import RawSQL
 from . import encoders, storage
 from .exceptions import ProviderError
 from .fields import SOURCE_SEPARATOR, VersionedEmbedding
-from .models import EmbeddingVersion
+from .models import EmbeddingVersion, State
 
 MAX_RECORDED_ERRORS = 1000  # per batch; counts stay exact beyond it
 SCAN_CHUNK = 2000  # rows fetched per round trip by the streaming scans
@@ -113,8 +113,9 @@ def refresh_rows(
 
 def still_written(field: VersionedEmbedding,
                   versions: Sequence[EmbeddingVersion]) -> list[EmbeddingVersion]:
-    """Those of ``versions`` that are still written, read in the caller's transaction after
-    locking ``field``'s table against DDL (``ROW EXCLUSIVE``, what the write takes anyway).
+    """Those of ``versions`` not retired or dropped since they were read, read in the caller's
+    transaction after locking ``field``'s table against DDL (``ROW EXCLUSIVE``, what the write
+    takes anyway).
 
     A version's columns exist for as long as the caller's transaction lasts: ``drop`` commits
     the ``dropped`` state before it removes them (and its ``ALTER TABLE`` waits for this lock),
@@ -124,8 +125,8 @@ def still_written(field: VersionedEmbedding,
         return []
     with transaction.get_connection().cursor() as cursor:
         cursor.execute(f"LOCK TABLE {storage.qn(field.table)} IN ROW EXCLUSIVE MODE")
-    written = set(EmbeddingVersion.objects.filter(pk__in=[v.pk for v in versions])
-                  .written().values_list("pk", flat=True))
+    written = set(EmbeddingVersion.objects.filter(pk__in=[v.pk for v in versions]).exclude(
+        state__in=(State.RETIRED, State.DROPPED)).values_list("pk", flat=True))
     return [version for version in versions if version.pk in written]
 
 

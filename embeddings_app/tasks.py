@@ -11,18 +11,44 @@ a batch that is still running to a second worker. Workers should run with
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import psycopg
 from celery import Task, shared_task
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
 from . import backfill, probes, registry, sync
 from .exceptions import ProviderUnavailable
 from .models import EmbeddingVersion
 
+# Connection errors, Django's and psycopg's alike: psycopg's own escape Django's wrapper where
+# the app talks to the driver directly (pgvector's type registration, COPY), e.g. the
+# AdminShutdown of a terminated backend or a restarting server.
+CONNECTION_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError,
+                     psycopg.InterfaceError)
 # Transient: a dropped connection, a deadlock or serialization failure, a restarting server; an
 # embedding API still unavailable after its own retries (429, 5xx, timeouts: embeddings_app.api).
-RETRYABLE = (OperationalError, InterfaceError, ProviderUnavailable)
+RETRYABLE = (*CONNECTION_ERRORS, ProviderUnavailable)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reconnecting(func: F) -> F:
+    """After a connection error, close this process's Django connection before the error reaches
+    Celery's retry: Django closes a broken connection only when the error went through its own
+    wrapper, so the retry would otherwise run on the dead one."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CONNECTION_ERRORS:
+            backfill._close_quietly(connection)
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 # Seconds. A batch of BATCH_SIZE rows takes seconds to a few minutes on CPU; the hard limit must
 # stay below the broker's visibility timeout (Redis/SQS default 3600 s).
@@ -42,6 +68,8 @@ class BackfillBatchTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict,
                    einfo: Any) -> None:
         run_id, number = args
+        if isinstance(exc, CONNECTION_ERRORS):
+            backfill._close_quietly(connection)
         backfill.batch_failed(run_id, number, f"{type(exc).__name__}: {exc}")
 
 
@@ -55,6 +83,7 @@ class BackfillBatchTask(Task):
     ignore_result=True,
     **RETRY_OPTIONS,
 )
+@reconnecting
 def backfill_batch(run_id: int, number: int) -> dict[str, int]:
     stats = backfill.run_batch(run_id, number)
     return {"processed": stats.processed, "embedded": stats.embedded}
@@ -69,6 +98,7 @@ def backfill_batch(run_id: int, number: int) -> dict[str, int]:
     ignore_result=True,
     **{**RETRY_OPTIONS, "autoretry_for": (*RETRYABLE, DatabaseError)},
 )
+@reconnecting
 def refresh_rows_task(target: str, pks: list[Any]) -> int:
     """Dual-write in ``"celery"`` mode: re-embed these rows for every written version."""
     field = registry.get(target)
@@ -86,6 +116,7 @@ def refresh_rows_task(target: str, pks: list[Any]) -> int:
     ignore_result=True,
     **RETRY_OPTIONS,
 )
+@reconnecting
 def sweep(target: str | None = None) -> dict[str, int]:
     """Find and re-embed rows whose source changed without a save signal (``bulk_update``,
     ``QuerySet.update()``, raw SQL), for every version still written, of one target or all.
@@ -95,8 +126,23 @@ def sweep(target: str | None = None) -> dict[str, int]:
         CELERY_BEAT_SCHEDULE = {"embeddings-sweep": {
             "task": "embeddings_app.sweep", "schedule": 3600, "options": {"queue": "embeddings"}}}
     """
+    backfill.reclaim_expired()  # batches of dead workers, if no `backfill` command follows them
     targets = [target] if target else registry.all_targets()
     return {name: sync.sync_queryset(registry.get(name)) for name in targets}
+
+
+@shared_task(name="embeddings_app.reclaim", ignore_result=True, **RETRY_OPTIONS)
+@reconnecting
+def reclaim() -> int:
+    """Re-dispatch the backfill batches whose lease expired (their worker died) and finalize runs
+    whose finalizer died (``backfill.reclaim_expired``). The ``backfill`` command does this while
+    it waits; after ``--no-wait`` or an admin backfill, schedule this with Celery beat, e.g.
+    every ``EMBEDDINGS["BATCH_LEASE"]`` seconds::
+
+        CELERY_BEAT_SCHEDULE = {"embeddings-reclaim": {
+            "task": "embeddings_app.reclaim", "schedule": 60, "options": {"queue": "embeddings"}}}
+    """
+    return len(backfill.reclaim_expired())
 
 
 @shared_task(name="embeddings_app.probe", ignore_result=True)

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection
 from tqdm import tqdm
 
 from embeddings_app import backfill, indexes, layout, lifecycle, probes, registry, storage, sync
@@ -374,18 +375,37 @@ class Command(BaseCommand):
         ))
 
     def _follow(self, run: BackfillRun, bar: tqdm) -> None:
-        """Poll the run's progress record until its last batch finalizes it."""
+        """Poll the run's progress record until its last batch finalizes it. Every third of the
+        batch lease, reclaim (re-dispatch) its batches whose worker died. A dropped database
+        connection is reopened at the next poll."""
+        from embeddings_app.tasks import CONNECTION_ERRORS
+
+        reclaim_every = get_config().batch_lease / 3
+        next_reclaim = time.monotonic() + reclaim_every
         while True:
-            run.refresh_from_db()
-            bar.update(max(run.rows_processed - bar.n, 0))
-            if run.status != BackfillRun.Status.RUNNING:
-                return
+            try:
+                run.refresh_from_db()
+                bar.update(max(run.rows_processed - bar.n, 0))
+                if run.status != BackfillRun.Status.RUNNING:
+                    return
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + reclaim_every
+                    for batch in backfill.reclaim_expired(run.pk):
+                        bar.write(f"batch {batch.number} reclaimed: the lease of {batch.worker} "
+                                  "expired (its worker died?); re-dispatched")
+            except CONNECTION_ERRORS as exc:
+                bar.write(f"database connection lost ({type(exc).__name__}); reconnecting")
+                backfill._close_quietly(connection)
             time.sleep(0.5)
 
 
 def _run_line(version: EmbeddingVersion, run: BackfillRun) -> str:
     rate = f"{run.rate:.1f} rows/s" if run.rate else "-"
-    eta = f", ETA {run.eta_seconds:.0f}s" if run.eta_seconds is not None else ""
+    if backfill.stalled_runs([run]):
+        eta = (", stalled: no worker holds a batch (see `embeddings_app.reclaim` in "
+               "docs/backfill.md)")
+    else:
+        eta = f", ETA {run.eta_seconds:.0f}s" if run.eta_seconds is not None else ""
     line = (f"backfill {version}: run {run.pk} {run.status}, batches {run.batches_done}/"
             f"{run.batches_total}, rows {run.rows_processed}/{run.rows_total} "
             f"(embedded {run.rows_embedded}, empty {run.rows_skipped}, failed {run.rows_failed}, "
