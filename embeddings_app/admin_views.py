@@ -199,6 +199,8 @@ class AdminView(View):
     def version(self, request: HttpRequest, object_id: str) -> EmbeddingVersion:
         if not self.model_admin.has_view_permission(request):
             raise PermissionDenied
+        if not object_id.isdigit():  # a malformed URL is a 404, never a server error
+            raise Http404(f"No embedding version {object_id!r}")
         return get_object_or_404(EmbeddingVersion, pk=object_id)
 
 

@@ -28,7 +28,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import encoders, lifecycle, registry, storage, sync
+from . import encoders, lifecycle, limits, registry, storage, sync
 from .config import get_config
 from .exceptions import Refused
 from .models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
@@ -70,9 +70,8 @@ def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str
     replaced) is closed as superseded: its remaining batches do nothing when they arrive."""
     _check_backfillable(version)
     encoders.for_version(version)  # refuse now, not in every worker, if the model files changed
-    batch_size = batch_size or get_config().batch_size
-    if batch_size < 1:
-        raise Refused("--batch-size must be a positive integer.")
+    batch_size = get_config().batch_size if batch_size is None else batch_size
+    limits.integer("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
     ranges = plan_ranges(version, batch_size)
     field = registry.get(version.target)
     with lifecycle.locked_versions(version.target) as versions:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import encoders, registry, search
+from . import encoders, limits, registry, search
 from .exceptions import Refused
 from .models import EmbeddingVersion, State
 
@@ -123,8 +123,8 @@ def _scores(found: list[str], relevant: set[str], k: int) -> tuple[float, float]
 
 def compare(target: str, version_a: str, version_b: str, *, queries: list[Query] | None = None,
             k: int = 10, sample: int = 100, seed: int = 0, source: str = "") -> CompareReport:
-    if k < 1:
-        raise Refused("--k must be a positive integer.")
+    limits.integer("--k", k, 1, limits.MAX_K)
+    limits.integer("--sample", sample, 1, limits.MAX_COMPARE_SAMPLE)
     field_ = registry.get(target)
     versions = [EmbeddingVersion.objects.get_version(target, name)
                 for name in (version_a, version_b)]

@@ -13,6 +13,7 @@ from typing import Any
 from django.conf import settings
 
 from .exceptions import ConfigurationError
+from .limits import MAX_BATCH_SIZE
 
 DUAL_WRITE_MODES = ("sync", "on_commit", "celery")
 STORAGES = ("vector", "halfvec")
@@ -211,10 +212,11 @@ def validate(raw: Any) -> list[Problem]:
         models = {}
     for alias, spec in models.items():
         problems.extend(_validate_model(alias, spec))
-    if "BATCH_SIZE" in raw and not _positive_int(raw["BATCH_SIZE"]):
+    if "BATCH_SIZE" in raw and not (_positive_int(raw["BATCH_SIZE"])
+                                    and raw["BATCH_SIZE"] <= MAX_BATCH_SIZE):
         problems.append(Problem("embeddings.E010",
-                                f'EMBEDDINGS["BATCH_SIZE"] must be a positive integer, '
-                                f'not {raw["BATCH_SIZE"]!r}.', "e.g. 128"))
+                                f'EMBEDDINGS["BATCH_SIZE"] must be a positive integer (at '
+                                f'most {MAX_BATCH_SIZE}), not {raw["BATCH_SIZE"]!r}.', "e.g. 128"))
     if "DUAL_WRITE" in raw and raw["DUAL_WRITE"] not in DUAL_WRITE_MODES:
         problems.append(Problem("embeddings.E011",
                                 f'EMBEDDINGS["DUAL_WRITE"] must be one of {", ".join(DUAL_WRITE_MODES)}, '

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from django.db import connection
 
-from . import registry, storage
+from . import limits, registry, storage
 from .exceptions import Refused
 from .models import EmbeddingVersion, State
 
@@ -91,9 +91,8 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
         raise Refused(f"{version} is {version.state}; its column is not kept, nothing to index.")
     if connection.in_atomic_block:
         raise Refused("index cannot run inside a transaction (it builds concurrently).")
-    for name, value in (("m", m), ("ef_construction", ef_construction)):
-        if value is not None and (not isinstance(value, int) or value < 2):
-            raise Refused(f"HNSW {name} must be an integer >= 2, not {value!r}.")
+    limits.hnsw(version.hnsw_m if m is None else m,
+                version.hnsw_ef_construction if ef_construction is None else ef_construction)
     changed = []
     if m is not None and m != version.hnsw_m:
         version.hnsw_m = m
@@ -101,11 +100,6 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
     if ef_construction is not None and ef_construction != version.hnsw_ef_construction:
         version.hnsw_ef_construction = ef_construction
         changed.append("hnsw_ef_construction")
-    if version.hnsw_ef_construction < 2 * version.hnsw_m:
-        raise Refused(
-            f"HNSW ef_construction ({version.hnsw_ef_construction}) must be at least 2 * m "
-            f"({2 * version.hnsw_m})."
-        )
     field = registry.get(version.target)
     name = index_name(version)
     state = index_state(version)

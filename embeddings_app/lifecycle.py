@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import active, encoders, probes, registry, storage, sync
+from . import active, encoders, limits, probes, registry, storage, sync
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, get_config
 from .exceptions import Refused, VersionNotReady
 from .models import EmbeddingVersion, State, VersionEvent
@@ -415,8 +415,11 @@ def build_index(target: str, version_name: str, *, m: int | None = None,
 
     version = EmbeddingVersion.objects.get_version(target, version_name)
     if ef_search is not None:
-        if not isinstance(ef_search, int) or ef_search < 1:
-            raise Refused(f"HNSW ef_search must be a positive integer, not {ef_search!r}.")
+        limits.integer("HNSW ef_search", ef_search, *limits.HNSW_EF_SEARCH)
+    # Every number is checked before anything is stored.
+    limits.hnsw(version.hnsw_m if m is None else m,
+                version.hnsw_ef_construction if ef_construction is None else ef_construction)
+    if ef_search is not None:
         version.hnsw_ef_search = ef_search
         version.save(update_fields=["hnsw_ef_search"])
         active.invalidate(target)

@@ -13,8 +13,8 @@ from django.db.models.expressions import Expression, Value
 from django.db.models.lookups import IsNull
 from pgvector.django import CosineDistance, HalfVectorField, VectorField
 
-from . import active, encoders
-from .exceptions import VersionMismatch
+from . import active, encoders, limits
+from .exceptions import Refused, VersionMismatch
 from .models import EmbeddingVersion
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def _vector_column(version: EmbeddingVersion) -> VersionColumn:
 
 def search(field: VersionedEmbedding, text: str, *, k: int = 10,
            queryset: models.QuerySet | None = None) -> list[Any]:
+    check_arguments(field, k, queryset)
     version = active.get(field.target)
     # The query vector comes from the same version record as the column searched: one snapshot.
     query_vector = encoders.for_version(version).encode_query(text)
@@ -59,19 +60,24 @@ def search_vector(field: VersionedEmbedding, vector: Any, *, version: str | None
             f'The vector is of version "{version}" but {field.target} searches version '
             f'"{current.version}"; embed the query with {current.model_label} or use search().'
         )
-    array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1 or array.shape[0] != current.dimensions:
-        raise VersionMismatch(
-            f"The vector has shape {array.shape} but version \"{current.version}\" stores "
-            f"{current.dimensions} dimensions."
-        )
+    check_arguments(field, k, queryset)
+    array = limits.query_vector(vector, current.dimensions, current.version)
     return _nearest(field, current, array, k, queryset)
+
+
+def check_arguments(field: VersionedEmbedding, k: Any, queryset: Any) -> None:
+    """``k`` in 1..``limits.MAX_K``; ``queryset`` (if given) a queryset of the field's model."""
+    limits.integer("k", k, 1, limits.MAX_K)
+    if queryset is not None and (not isinstance(queryset, models.QuerySet)
+                                 or queryset.model is not field.model):
+        what = (queryset.model._meta.label if isinstance(queryset, models.QuerySet)
+                else type(queryset).__name__)
+        raise Refused(f"search(queryset=...) must be a queryset of {field.model._meta.label}, "
+                      f"not of {what}.")
 
 
 def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.ndarray, k: int,
              queryset: models.QuerySet | None) -> list[Any]:
-    if k < 1:
-        return []
     base = queryset if queryset is not None else field.model._default_manager.all()
     filtered = base.query.has_filters()
     db = connections[base.db]

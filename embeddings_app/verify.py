@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from django.db import connection
 
-from . import encoders, probes, registry, storage, sync
+from . import encoders, limits, probes, registry, storage, sync
 from .config import get_config
 from .exceptions import EmbeddingError, Refused
 from .models import EmbeddingVersion, State
@@ -71,8 +71,9 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
         raise Refused(f"{version} is dropped; there are no stored vectors to verify.")
     config = get_config()
     sample = config.verify_sample if sample is None else sample
-    if sample < 1:
-        raise Refused("--sample must be a positive integer.")
+    limits.integer("--sample", sample, 1, limits.MAX_VERIFY_SAMPLE)
+    if threshold is not None:
+        limits.threshold(threshold)
     own_alias = alias is None or alias == version.model_alias
     spec = config.model(alias or version.model_alias)
     threshold = probes.threshold_for(spec) if threshold is None else threshold
