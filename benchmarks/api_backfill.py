@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     ProviderUsage.objects.all().delete()
     ProviderPause.objects.all().delete()
     sentences = harness.real_sentences(args.rows)
-    Article.objects.bulk_create([Article(title=text, body="") for text in sentences],
+    Article.objects.bulk_create([Article(title=f"Sentence {i}", body=text)
+                                 for i, text in enumerate(sentences)],
                                 batch_size=5000)
     rows = len(sentences)
     call_command("embeddings", "add", TARGET, "v1", "--model", "api_limited", verbosity=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
+from django.urls import reverse
 
 from embeddings_app import encoders, lifecycle, probes, registry, search
 from embeddings_app.config import get_config
@@ -58,7 +59,8 @@ def test_a_library_upgrade_runs_the_probes_instead_of_refusing(version):
     assert version.probe_report["library_versions_then"]["torch"] == "1.0.0"
 
 
-def test_a_changed_output_fails_probe_verify_activate_status_and_check_deploy(version, capsys):
+def test_a_changed_output_fails_probe_verify_activate_status_admin_and_check_deploy(
+        version, capsys, admin_client):
     call_command("embeddings", "backfill", TARGET, "v1", "--inline")
     call_command("embeddings", "activate", TARGET, "v1", "--force")
     changed = other_models_probe_vectors(version)
@@ -83,6 +85,9 @@ def test_a_changed_output_fails_probe_verify_activate_status_and_check_deploy(ve
 
     call_command("embeddings", "status", TARGET)
     assert "CHANGED (" in capsys.readouterr().out
+    page = admin_client.get(reverse("admin:embeddings_app_embeddingversion_change",
+                                    args=[version.pk])).content.decode()
+    assert "CHANGED: the model&#x27;s output changed under the same name" in page
 
     with pytest.raises(SystemCheckError, match=r"embeddings\.E103"):
         call_command("check", "--deploy")
