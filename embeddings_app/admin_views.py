@@ -13,6 +13,7 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -221,6 +222,11 @@ class LifecycleView(AdminView):
             lines = run_step(found, version, request)
         except (EmbeddingError, StepFailed) as exc:
             messages.error(request, str(exc))
+        except DatabaseError as exc:
+            refusal = lifecycle.dropped_meanwhile(exc)
+            if refusal is None:
+                raise
+            messages.error(request, str(refusal))
         else:
             for line in lines:
                 messages.success(request, line)

@@ -347,6 +347,21 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
         )
 
 
+def dropped_meanwhile(exc: BaseException) -> Refused | None:
+    """The refusal for a step that stopped because a concurrent ``drop`` removed the columns it
+    was reading (PostgreSQL's undefined column or table, 42703 / 42P01): the lock serializes
+    state changes, not the long reads of ``activate``, ``verify``, ``index`` or ``status``.
+    None for any other error."""
+    import psycopg
+
+    cause = exc.__cause__ if not isinstance(exc, psycopg.Error) else exc
+    if not isinstance(cause, (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable)):
+        return None
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return Refused(f"A version's columns were dropped while this step read them ({first}); the "
+                   "step stopped. See `manage.py embeddings status`.")
+
+
 def _leftover_columns(version: EmbeddingVersion) -> bool:
     field = registry.get(version.target)
     return bool({version.column, version.hash_column} & storage.existing_columns(field.table))

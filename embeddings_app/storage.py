@@ -42,8 +42,12 @@ def column_type(storage: str, dimensions: int) -> str:
 
 
 def existing_columns(table: str) -> set[str]:
+    """The table's columns, in one catalog query (Django's introspection runs two, and fails
+    when a concurrent ``drop`` removes a column between them)."""
     with connection.cursor() as cursor:
-        return {col.name for col in connection.introspection.get_table_description(cursor, table)}
+        cursor.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass "
+                       "AND attnum > 0 AND NOT attisdropped", [qn(table)])
+        return {row[0] for row in cursor.fetchall()}
 
 
 def check_new_columns(field: VersionedEmbedding, version: str) -> None:
@@ -96,7 +100,7 @@ def drop_columns(version: EmbeddingVersion, field: VersionedEmbedding) -> list[s
             # Not in a transaction: CONCURRENTLY refuses to run inside one.
             cursor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {qn(index)}")
     present = existing_columns(field.table)
-    drops = [f"DROP COLUMN {qn(name)}" for name in (version.column, version.hash_column)
+    drops = [f"DROP COLUMN IF EXISTS {qn(name)}" for name in (version.column, version.hash_column)
              if name in present]
     if drops:
         with transaction.atomic(), connection.cursor() as cursor:

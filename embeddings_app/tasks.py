@@ -2,8 +2,10 @@
 routed to ``EMBEDDINGS["QUEUE"]`` by whoever dispatches them.
 
 Reliability settings (docs/backfill.md): a batch is idempotent, so it is acknowledged late and
-re-queued if its worker process dies (``acks_late`` + ``reject_on_worker_lost``); transient
-database errors are retried with exponential backoff and jitter; a batch has a hard time limit
+re-queued if its worker process dies (``acks_late`` + ``reject_on_worker_lost``), and if the whole
+worker dies its lease expires and the batch is reclaimed (``backfill.reclaim_expired``); transient
+database errors (Django's and psycopg's) are retried with exponential backoff and jitter, on a new
+connection; a batch has a hard time limit
 well below the broker's visibility timeout (Redis: 1 hour by default), so the broker never hands
 a batch that is still running to a second worker. Workers should run with
 ``worker_prefetch_multiplier = 1`` (project/settings.py does) so a long batch does not hold others.

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connection
+from django.db import DatabaseError, connection
 from tqdm import tqdm
 
 from embeddings_app import backfill, indexes, layout, lifecycle, probes, registry, storage, sync
@@ -101,6 +101,11 @@ class Command(BaseCommand):
             getattr(self, f"do_{subcommand}")(**options)
         except EmbeddingError as exc:
             raise CommandError(str(exc)) from exc
+        except DatabaseError as exc:
+            refusal = lifecycle.dropped_meanwhile(exc)
+            if refusal is None:
+                raise
+            raise CommandError(str(refusal)) from exc
 
     # --- subcommands ------------------------------------------------------------------------
     def do_status(self, target: str | None = None, **_: Any) -> None:
