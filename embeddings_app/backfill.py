@@ -77,6 +77,10 @@ def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str
     with lifecycle.locked_versions(version.target) as versions:
         version = lifecycle.locked_version(version.target, versions, version)
         _check_backfillable(version)  # again, under the lock
+        if version.write_error:  # its model loads again (checked above): written from now on
+            EmbeddingVersion.objects.filter(pk=version.pk).update(write_error="",
+                                                                  write_error_at=None)
+            version.write_error, version.write_error_at = "", None
         if version.state in (State.NEW, State.FAILED, State.READY):
             lifecycle.transition(version, State.BACKFILLING, actor=actor, note=f"backfill ({mode})")
         run = BackfillRun.objects.create(

@@ -98,3 +98,26 @@ def check_active_fingerprints(app_configs: Any = None, **kwargs: Any) -> list[ch
                 id="embeddings.E103",
             ))
     return messages
+
+
+@checks.register("embeddings", deploy=True)
+def check_unwritten_versions(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``manage.py check --deploy``: a standby (or other written, non-active) version that saves
+    could not write (its model failed to load) is stale and no rollback target."""
+    if config.validate(getattr(settings, "EMBEDDINGS", None)):
+        return []
+    from django.db import DatabaseError
+
+    from .lifecycle import unwritable_reason
+    from .models import WRITTEN_STATES, EmbeddingVersion
+
+    try:
+        broken = list(EmbeddingVersion.objects.filter(state__in=WRITTEN_STATES)
+                      .exclude(write_error=""))
+    except DatabaseError:
+        return []  # reported by check_active_fingerprints
+    return [checks.Warning(
+        unwritable_reason(version),
+        hint="Until then rollback refuses it and saves leave it out.",
+        id="embeddings.W110",
+    ) for version in broken]

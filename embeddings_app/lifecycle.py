@@ -221,6 +221,8 @@ def _check_activatable(version: EmbeddingVersion, *, force: bool) -> None:
     target, version_name = version.target, version.version
     if version.state == State.ACTIVE:
         raise Refused(f"{version} is already active.")
+    if version.write_error:
+        raise VersionNotReady(f"Cannot activate {version}: {unwritable_reason(version)}")
     allowed = FORCIBLE_STATES if force else ACTIVATABLE_STATES
     if version.state not in allowed:
         raise VersionNotReady(
@@ -285,9 +287,22 @@ def rollback(target: str, *, actor: str = "") -> EmbeddingVersion:
     return previous
 
 
+def unwritable_reason(version: EmbeddingVersion) -> str:
+    """Why ``version`` is not kept fresh any more (its ``write_error``), as one sentence."""
+    return (f"{version} has not been written since {version.write_error_at:%Y-%m-%d %H:%M:%S %Z} "
+            f"({version.write_error[:300]}); restore its model and run `manage.py embeddings "
+            f"backfill {version.target} {version.version}`, or retire it.")
+
+
 def _rollback_target(versions: Iterable[EmbeddingVersion]) -> EmbeddingVersion | None:
-    """The most recently deactivated standby version."""
-    standby = [v for v in versions if v.state == State.STANDBY]
+    """The most recently deactivated standby version that is still written. Refused (with the
+    reason) when every standby version has stopped being written."""
+    candidates = [v for v in versions if v.state == State.STANDBY]
+    standby = [v for v in candidates if not v.write_error]
+    if candidates and not standby:
+        broken = max(candidates, key=lambda v: (v.deactivated_at is not None, v.deactivated_at,
+                                                v.pk))
+        raise Refused(f"Cannot roll back to {broken}: {unwritable_reason(broken)}")
     return max(standby, key=lambda v: (v.deactivated_at is not None, v.deactivated_at, v.pk),
                default=None)
 

@@ -82,6 +82,10 @@ class EmbeddingVersion(models.Model):
     hnsw_m = models.PositiveIntegerField(default=16)
     hnsw_ef_construction = models.PositiveIntegerField(default=64)
     hnsw_ef_search = models.PositiveIntegerField(default=40)
+    # Set when a save could not write this (non-active) version because its model failed to
+    # load: it is left out of writes and is no rollback target until a backfill clears it.
+    write_error = models.TextField(blank=True)
+    write_error_at = models.DateTimeField(null=True, blank=True)
 
     # Probes (embeddings_app.probes): fixed texts embedded at `add`, float32 vectors row-major,
     # re-embedded by verify, check --deploy and `probe` to catch a model that changed under its

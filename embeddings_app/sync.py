@@ -35,7 +35,7 @@ from django.db import models, transaction
 from django.db.models.expressions import RawSQL
 
 from . import encoders, storage
-from .exceptions import ProviderError
+from .exceptions import PrecisionMismatch, ProviderError
 from .fields import SOURCE_SEPARATOR, VersionedEmbedding
 from .models import EmbeddingVersion, State
 
@@ -103,7 +103,7 @@ def refresh_rows(
         return SyncStats(processed=len(instances))
     # A row deleted meanwhile has no stored hashes: it is processed, never written.
     rows = [(pk, text, stored[pk], None) for pk, text in texts.items() if pk in stored]
-    prepared = prepare(field, versions, rows)
+    prepared = prepare(field, versions, rows, dual_write=True)
     prepared.stats.processed = len(instances)
     if prepared.pending:
         with transaction.atomic():
@@ -131,18 +131,35 @@ def still_written(field: VersionedEmbedding,
 
 
 def prepare(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion],
-            rows: Sequence[SourceRow]) -> Prepared:
+            rows: Sequence[SourceRow], *, dual_write: bool = False) -> Prepared:
     """Encode, for each of ``versions``, the ``rows`` whose stored hash is not their source's
-    (outside any transaction: this is the slow part). ``write_prepared`` writes them."""
+    (outside any transaction: this is the slow part). ``write_prepared`` writes them.
+
+    ``dual_write`` (a save's re-embedding): a non-active version whose model cannot be loaded
+    is marked unwritable (``mark_unwritable``) and left out instead of failing the save; a
+    version already marked is left out. The active version's model failing still fails."""
     stats = SyncStats(processed=len(rows))
     pending: list[_Pending] = []
     if not versions or not rows:
         return Prepared(stats, pending)
     # Every version's model is checked (fingerprint) even when none of its rows is stale.
-    encoders_by_version = {version.pk: encoders.for_version(version) for version in versions}
+    encoders_by_version = {}
+    for version in versions:
+        if dual_write and version.write_error and version.state != State.ACTIVE:
+            continue  # not written until a backfill finds its model loading again
+        try:
+            encoders_by_version[version.pk] = encoders.for_version(version)
+        except PrecisionMismatch:
+            raise  # this process's precision, not the version's fault (docs/devices.md)
+        except Exception as exc:  # the model's files, its folder, its library: many types
+            if not dual_write or version.state == State.ACTIVE:
+                raise
+            mark_unwritable(version, f"{type(exc).__name__}: {exc}")
     texts = {pk: text for pk, text, _, _ in rows}
     hashes = {pk: field.source_hash(text) for pk, text, _, _ in rows}
     for index, version in enumerate(versions):
+        if version.pk not in encoders_by_version:
+            continue
         stale = [pk for pk, _, stored_row, _ in rows if stored_row[index] != hashes[pk]]
         if not stale:
             continue
@@ -157,6 +174,31 @@ def prepare(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion],
             pending.append(_Pending(version, written))
     read_versions = {pk: xmin for pk, _, _, xmin in rows if xmin is not None}
     return Prepared(stats, pending, read_versions)
+
+
+def mark_unwritable(version: EmbeddingVersion, reason: str) -> None:
+    """Record that a non-active version can no longer be written (its model fails to load):
+    from then on saves leave it out, it is no rollback target (``rollback`` refuses it with
+    the reason), and ``status``, the admin and ``check --deploy`` report it. A ``backfill`` that
+    finds its model loading again clears the mark. Recorded when the saving transaction commits
+    (after the save's own locks are released), once."""
+    from django.utils import timezone
+
+    from .models import VersionEvent
+
+    logger.warning("%s is no longer written: %s", version, reason)
+    version.write_error = reason[:2000]
+
+    def record() -> None:
+        marked = EmbeddingVersion.objects.filter(pk=version.pk, write_error="").exclude(
+            state__in=(State.ACTIVE, State.RETIRED, State.DROPPED)).update(
+            write_error=reason[:2000], write_error_at=timezone.now())
+        if marked:
+            VersionEvent.objects.create(version=version, from_state=version.state,
+                                        to_state=version.state, actor="dual-write",
+                                        note=f"not written any more: {reason}"[:2000])
+
+    transaction.on_commit(record)
 
 
 def _encode_isolating(

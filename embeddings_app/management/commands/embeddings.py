@@ -136,6 +136,8 @@ class Command(BaseCommand):
                 failures = f"{failed_rows} rows" if failed_rows else ""
                 if run is not None and run.last_error and run.status != BackfillRun.Status.DONE:
                     failures = f"{failures}; {run.last_error}".lstrip("; ")[:80]
+                if v.write_error:  # a save could not write it: no rollback target
+                    failures = f"NOT WRITTEN: {v.write_error}; {failures}".rstrip("; ")[:120]
                 rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
                              v.state, "*" if v.state == State.ACTIVE else "", coverage,
                              str(stale.get(v.pk, "-")), indexes.index_state(v), _probe_cell(v),
