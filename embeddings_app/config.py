@@ -63,7 +63,7 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "encode_batch_size": ((int, dict), 'a positive integer, or a dict by device type, e.g. '
                           '{"cpu": 32, "cuda": 256}'),
     "provider": ((str,), '"sentence-transformers" or "openai"'),
-    "verify_threshold": ((int, float), "a cosine similarity between -1 and 1"),
+    "verify_threshold": ((int, float), "a cosine similarity in (0, 1]"),
     # OpenAI-compatible APIs only (docs/providers.md)
     "base_url": ((str,), 'the API\'s base URL, e.g. "https://api.openai.com/v1"'),
     "api_key_env": ((str,), "the name of an environment variable holding the API key"),
@@ -379,10 +379,10 @@ def _validate_provider(where: str, spec: dict[str, Any]) -> list[Problem]:
                 '"OPENAI_API_KEY". Rotate the key if this file was shared.'))
     threshold = spec.get("verify_threshold")
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and not (
-            -1 <= threshold <= 1):
+            0 < threshold <= 1):  # as embeddings_app.limits.threshold: a finite cosine in (0, 1]
         problems.append(Problem("embeddings.E014",
-                                f'{where}["verify_threshold"] must be a cosine similarity between '
-                                f"-1 and 1, not {threshold!r}.",
+                                f'{where}["verify_threshold"] must be a cosine similarity in '
+                                f"(0, 1], not {threshold!r}.",
                                 "e.g. 0.999 for a deterministic local model, 0.98 for a hosted API"))
     for key in ("timeout", "price_per_million_tokens"):
         value = spec.get(key)

@@ -58,6 +58,8 @@ def test_a_complete_api_alias_passes_the_check():
     ({**API, "timeout": 0}, "embeddings.E008", "must be a number of seconds > 0", "Fix"),
     ({**API, "price_per_million_tokens": "cheap"}, "embeddings.E008", "must be a price", "Fix"),
     ({**API, "verify_threshold": 2}, "embeddings.E014", "must be a cosine similarity", "e.g. 0.999"),
+    ({**API, "verify_threshold": 0}, "embeddings.E014", "in (0, 1], not 0", "e.g. 0.999"),
+    ({**API, "verify_threshold": float("nan")}, "embeddings.E014", "in (0, 1], not nan", "e.g."),
     ({**API, "max_batch_inputs": 2.5}, "embeddings.E008", "must be a positive integer", "Fix"),
 ])
 def test_malformed_provider_settings_are_reported_with_ids_and_hints(entry, check_id, message, hint):
