@@ -134,7 +134,6 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
 
 class OpenAIEncoder(Encoder):
     provider = "openai"
-    transient_errors = (ProviderUnavailable,)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec, api_fingerprint(spec))
@@ -160,10 +159,6 @@ class OpenAIEncoder(Encoder):
     def _redact(self, message: str) -> str:
         key = os.environ.get(self.spec.api_key_env or "") if self.spec.api_key_env else None
         return message.replace(key, "[redacted]") if key else message
-
-    def estimate_requests(self, counts: list[int]) -> int:
-        return sum(1 for _ in plan_requests(counts, self.spec.max_batch_inputs,
-                                            self.max_request_tokens))
 
     def _encode(self, texts: list[str], prompt: str | None, *, query: bool = False) -> np.ndarray:
         inputs = self.tokens.truncate([f"{prompt}{text}" if prompt else text for text in texts])

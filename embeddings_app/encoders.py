@@ -45,6 +45,7 @@ from .exceptions import (
     ModelLoadError,
     PrecisionMismatch,
     ProbeMismatch,
+    ProviderUnavailable,
 )
 
 if TYPE_CHECKING:
@@ -130,13 +131,14 @@ class Encoder:
 
     The base keeps what every provider shares (the query cache, post-processing, counting);
     a provider subclass overrides one hook, ``_encode`` (texts and a prompt in, float32 vectors
-    out), and says which of its errors are transient (``transient_errors``). Invariant: a
+    out; ``_encode_query`` defaults to it), and says which of its errors are transient
+    (``transient_errors``). Invariant: a
     fingerprint names everything that changes the vectors, so equal fingerprints mean equal
     vectors (up to the provider's determinism, which probes measure)."""
 
     provider: ClassVar[str] = ""
     # Errors that mean "try again later", not "this input is bad" (see sync._encode_isolating).
-    transient_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (ProviderUnavailable,)
     # The floating-point precision this process computes at; None where it is not ours to
     # choose (an API).
     precision: str | None = None

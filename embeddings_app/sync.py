@@ -211,7 +211,7 @@ def _encode_isolating(
     try:
         vectors = encoder.encode_documents([texts[pk] for pk in pks])
         return dict(zip(pks, vectors, strict=True)), {}
-    except ProviderError:
+    except (ProviderError, *encoder.transient_errors):
         raise  # the provider failed as a whole (an outage, a bad key): no row is to blame
     except Exception as exc:  # the encoder's error types are many (tokenizer, torch, HTTP 400)
         if len(pks) == 1:
