@@ -31,7 +31,10 @@ from .models import EmbeddingVersion
 CONNECTION_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError,
                      psycopg.InterfaceError)
 # Transient: a dropped connection, a deadlock or serialization failure, a restarting server; an
-# embedding API still unavailable after its own retries (429, 5xx, timeouts: embeddings_app.api).
+# embedding API still unavailable after its own retries (429, 5xx, timeouts: embeddings_app.api);
+# a device out of memory even one text per forward pass, or lost (DeviceUnavailable, a
+# ProviderUnavailable: embeddings_app.encoders). A retried batch is never written at another
+# precision or on another device than its worker's (docs/devices.md).
 RETRYABLE = (*CONNECTION_ERRORS, ProviderUnavailable)
 
 F = TypeVar("F", bound=Callable[..., Any])
