@@ -109,15 +109,6 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
     if step.name == "rollback":
         previous = lifecycle.rollback(target, actor=who)
         return [f"{target}: rolled back; reads now use version {previous.version}."]
-    if step.name == "backfill":
-        from . import estimate
-
-        try:
-            found = estimate.for_backfill(version)
-        except EmbeddingError as exc:
-            return [f"No estimate: {exc}"]
-        return [f"Embeds every missing or stale row of {version} with {version.model_label} on "
-                "the workers of the embeddings queue.", *found.lines()]
     if step.name == "retire":
         lifecycle.retire(target, name, actor=who)
         return [f"{target}@{name} retired: no longer written."]
