@@ -178,13 +178,13 @@ def test_connection_storms_and_a_postgres_restart_during_a_backfill_lose_nothing
         while follower.is_alive():
             terminated += terminate_every_client(killer)
             storms += 1
-            if storms == 8 and not restarted:
+            if storms == 25 and not restarted:
                 killer.close()
                 restart_postgres()
                 restarted = True
                 killer = raw_connection()
                 killer.autocommit = True
-            time.sleep(0.7)
+            time.sleep(0.15)
     finally:
         killer.close()
     reconnect()
@@ -194,6 +194,31 @@ def test_connection_storms_and_a_postgres_restart_during_a_backfill_lose_nothing
           f"{restarted}; batches {run.batches_done}/{run.batches_total}, attempts "
           f"{sum(run.batches.values_list('attempts', flat=True))}, reclaims "
           f"{sum(run.batches.values_list('reclaims', flat=True))}")
-    assert restarted and storms >= 8
+    assert restarted and storms >= 25
     assert run.status == BackfillRun.Status.DONE, run.last_error
     assert assert_every_row_fresh(TARGET, "v1") == ROWS
+
+
+def test_psycopgs_own_connection_errors_are_transient_and_the_retry_reconnects(short_lease):
+    """A terminated backend surfaces as psycopg's own error where the app talks to the driver
+    directly (pgvector's type registration): it is retryable, and the task's Django connection is
+    closed so that the retry opens a new one."""
+    from embeddings_app import storage, tasks
+
+    connection.close()
+    connection.ensure_connection()  # a new session: pgvector's types not registered yet
+    with raw_connection() as killer:
+        killer.autocommit = True
+        killer.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+
+    @tasks.reconnecting
+    def register() -> None:
+        storage._register_types()
+
+    with pytest.raises(tasks.RETRYABLE) as raised:
+        register()
+    assert isinstance(raised.value, psycopg.OperationalError)  # not wrapped by Django
+    register()  # the retry: a new connection
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
