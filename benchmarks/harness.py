@@ -44,15 +44,13 @@ def reset_target(target: str) -> None:
     """An empty table for ``target`` without any version column, and no version records."""
     from django.db import connection
 
-    from embeddings_app import registry, storage
+    from embeddings_app import registry, stores
     from embeddings_app.models import EmbeddingVersion
 
     field = registry.get(target)
-    model_columns = {f.column for f in field.model._meta.concrete_fields}
+    stores.drop_leftovers(field)
     with connection.cursor() as cursor:
-        for column in sorted(storage.existing_columns(field.table) - model_columns):
-            cursor.execute(f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}")
-        cursor.execute(f"TRUNCATE {storage.qn(field.table)} RESTART IDENTITY")
+        cursor.execute(f"TRUNCATE {stores.qn(field.table)} RESTART IDENTITY")
     EmbeddingVersion.objects.filter(target=target).delete()
 
 
@@ -192,7 +190,7 @@ def load_precomputed(version_name: str, texts: Sequence[str], vectors: Any,
     the right source hashes (the rows count as fresh), through the app's bulk write path."""
     from django.db import transaction
 
-    from embeddings_app import registry, storage
+    from embeddings_app import registry
     from embeddings_app.models import EmbeddingVersion
     from project.news.models import Article
 
@@ -204,7 +202,7 @@ def load_precomputed(version_name: str, texts: Sequence[str], vectors: Any,
         rows = [(a.pk, field.source_hash(field.source_text(a)), vectors[start + i])
                 for i, a in enumerate(articles)]
         with transaction.atomic():
-            storage.write_vectors(field, version, rows)
+            version.store.write(rows)
 
 
 def use_near_free_encoder(dimensions: int | None = None) -> None:

@@ -39,18 +39,19 @@ def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
 
 @admin.register(EmbeddingVersion)
 class EmbeddingVersionAdmin(admin.ModelAdmin):
-    list_display = ("target", "version", "model_at_revision", "dims", "storage",
+    list_display = ("target", "version", "model_at_revision", "dims", "storage", "layout",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
                     "index_state", "rate_eta", "last_change")
     list_display_links = ("target", "version")
-    list_filter = ("target", "state")
+    list_filter = ("target", "state", "layout")
     search_fields = ("model_name", "model_alias")
     list_per_page = 100
     actions = None  # lifecycle steps are per version, behind their own permissions
     change_list_template = "admin/embeddings_app/embeddingversion/change_list.html"
     change_form_template = "admin/embeddings_app/embeddingversion/change_form.html"
     fieldsets = (
-        (None, {"fields": ("target", "version", "state", "column", "hash_column")}),
+        (None, {"fields": ("target", "version", "state", "layout", "table", "column",
+                           "hash_column")}),
         ("Pinned model", {"fields": ("model_alias", "model_name", "revision", "fingerprint",
                                      "encode_settings", "dimensions", "storage", "distance")}),
         ("Verification and index", {"fields": ("verified_at", "verify_passed", "verify_report",

@@ -20,7 +20,7 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.views import View
 
-from . import backfill, lifecycle, progress, registry, storage
+from . import backfill, lifecycle, progress, registry
 from .config import get_config
 from .exceptions import EmbeddingError
 from .models import BackfillRun, EmbeddingVersion, State
@@ -97,7 +97,7 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
     if step.name == "index":
         record = _record(version)
         index = lifecycle.build_index(target, name)
-        return [f"Index {index} on {record.column} is valid."]
+        return [f"Index {index} on {record.store.describe()} is valid."]
     if step.name == "verify":
         report = lifecycle.verify(registry.get(target).target, name, actor=who)
         if not report.passed:
@@ -117,8 +117,9 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
         # was last active is only waived when the confirmation page's box is ticked, like --yes).
         record = _record(version)
         lifecycle.check_droppable(record, yes=request.POST.get("yes") == "on")
+        where = record.store.describe()
         dropped = lifecycle.drop(target, name, actor=who, yes=True)
-        return [f"{target}@{name} dropped: column {version.column}"
+        return [f"{target}@{name} dropped: {where}"
                 + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."]
     raise Http404(step.name)
 
@@ -129,7 +130,7 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
     active = next((v for v in versions if v.state == State.ACTIVE), None)
     if step.name == "activate":
         lines = [f"Reads of {version.target} switch to {version} ({version.model_label}, "
-                 f"{version.dimensions} dimensions, column {version.column}): every search embeds "
+                 f"{version.dimensions} dimensions, {_where(version)}): every search embeds "
                  "its query with this model from then on, atomically."]
         if active is None:
             lines.append(f"{version.target} has no active version now.")
@@ -170,19 +171,27 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
     if step.name == "retire":
         return [f"{version} stops being written on every save: it can no longer be activated "
                 "or rolled back to.",
-                f"Its columns {version.column} and {version.hash_column} stay until it is dropped."]
+                f"Its vectors ({_where(version)}) stay until it is dropped."]
     if step.name == "drop":
         try:
-            table = registry.get(version.target).table
-            index_names = storage.indexes_on_column(table, version.column)
+            store = version.store
+            what, index_names = store.describe_storage(), store.indexes()
         except EmbeddingError:
-            table, index_names = "(unknown target)", []
-        return [f"Drops columns {version.column} and {version.hash_column} of table {table}"
+            what, index_names = f"the storage of {version} (unknown target)", []
+        return [f"Drops {what}"
                 + (f" and index {', '.join(index_names)}" if index_names else "")
                 + " for good: the vectors are deleted and cannot be restored.",
                 f"The row of {version} stays as history, in state dropped.",
                 "Refused unless the version is retired; nothing changes if refused."]
     return []
+
+
+def _where(version: EmbeddingVersion) -> str:
+    """Where the version's vectors are, for the confirmation pages."""
+    try:
+        return version.store.describe()
+    except EmbeddingError:
+        return f"{version.layout} layout (unknown target)"
 
 
 class AdminView(View):

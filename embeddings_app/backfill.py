@@ -23,12 +23,11 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from django.db import connection, transaction
-from django.db.models import BooleanField, Exists, F, OuterRef, Q, QuerySet
-from django.db.models.expressions import RawSQL
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import encoders, lifecycle, limits, registry, storage, sync
+from . import encoders, lifecycle, limits, registry, stores, sync
 from .config import get_config
 from .exceptions import Refused
 from .models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
@@ -47,11 +46,11 @@ BACKFILLABLE_STATES = (State.NEW, State.BACKFILLING, State.FAILED, State.READY, 
 def plan_ranges(version: EmbeddingVersion, batch_size: int) -> list[Range]:
     """Primary-key ranges of about ``batch_size`` rows each, read from the primary-key index."""
     field = registry.get(version.target)
-    pk = storage.qn(field.model._meta.pk.column)
+    pk = stores.qn(field.model._meta.pk.column)
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT pk FROM (SELECT {pk} AS pk, row_number() OVER (ORDER BY {pk}) AS n "
-            f"FROM {storage.qn(field.table)}) numbered WHERE (n - 1) %% %s = 0 ORDER BY pk",
+            f"FROM {stores.qn(field.table)}) numbered WHERE (n - 1) %% %s = 0 ORDER BY pk",
             [batch_size],
         )
         starts = [row[0] for row in cursor.fetchall()]
@@ -386,7 +385,7 @@ def _finalize_claimed(run_id: int) -> None:
     batch_errors = run.batches.filter(status=BackfillBatch.Status.FAILED).count()
     if version.is_written and not batch_errors:
         _catch_up(run, version, field)
-    done, total = storage.coverage(field, version)
+    done, total = version.store.coverage()
     complete = done == total and not batch_errors
     error = ""
     if batch_errors:
@@ -412,21 +411,20 @@ def _catch_up(run: BackfillRun, version: EmbeddingVersion, field: VersionedEmbed
     """Re-embed the rows that changed under a batch and were written by a path without
     dual-write (bulk_update, QuerySet.update(), raw SQL).
 
-    Only rows some other transaction has written since (or that no batch wrote) are read: a
-    row whose version (xmin) is the transaction of a batch that wrote it is as that batch left
-    it, fresh. Rows that failed in this run are not retried."""
+    Only rows that may have changed since they were written are read (the store's catch-up
+    filter: for a column store, rows whose version (xmin) is not the transaction of a batch that
+    wrote them; for a table store, rows whose version is not the one their vector was written
+    against). Rows that failed in this run are not retried."""
     write_xids = sorted({xid for xids in run.batches.values_list("write_xids", flat=True)
                          for xid in xids or ()})
     failed_keys = list(RowFailure.objects.filter(run_id=run.pk).values_list("row_key", flat=True))
-    rows = field.model._base_manager.all()
-    if write_xids:
-        # Unqualified: this query becomes a subquery, where Django renames the table.
-        rows = rows.alias(_embeddings_written_by_run=RawSQL(
-            "xmin::text = ANY(%s)", (write_xids,),
-            output_field=BooleanField())).filter(_embeddings_written_by_run=False)
-    if failed_keys:
-        rows = rows.exclude(pk__in=failed_keys)
-    sync.sync_queryset(field, rows, versions=[version], page_size=run.batch_size)
+    store = version.store
+
+    def changed_since(rows: QuerySet) -> QuerySet:
+        rows = store.catch_up(rows, write_xids)
+        return rows.exclude(pk__in=failed_keys) if failed_keys else rows
+
+    sync.sync_queryset(field, versions=[version], page_size=run.batch_size, refine=changed_since)
 
 
 def dispatch(run: BackfillRun, ranges: list[Range]) -> None:

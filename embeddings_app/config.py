@@ -16,6 +16,7 @@ from .exceptions import ConfigurationError
 from .limits import MAX_BATCH_SIZE
 
 DUAL_WRITE_MODES = ("sync", "on_commit", "celery")
+LAYOUTS = ("column", "table")  # where a new version's vectors live (embeddings_app.stores)
 STORAGES = ("vector", "halfvec")
 # Floating-point precisions a local model computes at (docs/devices.md); float32 is the default
 # and is left out of the pinned encode settings, so versions added before it keep their
@@ -31,7 +32,9 @@ MAX_INDEXED_VECTOR_DIMENSIONS = 2000
 
 DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "embeddings",
                              # query vectors kept per model (repeated queries skip the encoder)
-                             "QUERY_CACHE_SIZE": 1024}
+                             "QUERY_CACHE_SIZE": 1024,
+                             # a new version's layout unless `add` is told otherwise
+                             "LAYOUT": "column"}
 # Cutover settings (optional): seconds, or a cosine similarity for VERIFY_THRESHOLD.
 CUTOVER_DEFAULTS: dict[str, Any] = {
     "ACTIVE_CACHE_TTL": 1.0,  # a serving process re-reads the active version at most this late
@@ -162,6 +165,7 @@ class EmbeddingsConfig:
     dual_write: str
     queue: str
     query_cache_size: int = DEFAULTS["QUERY_CACHE_SIZE"]
+    layout: str = DEFAULTS["LAYOUT"]
     active_cache_ttl: float = CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"]
     verify_threshold: float = CUTOVER_DEFAULTS["VERIFY_THRESHOLD"]
     verify_sample: int = CUTOVER_DEFAULTS["VERIFY_SAMPLE"]
@@ -230,6 +234,13 @@ def validate(raw: Any) -> list[Problem]:
         problems.append(Problem("embeddings.E012",
                                 f'EMBEDDINGS["QUEUE"] must be a non-empty string, not {raw["QUEUE"]!r}.',
                                 'e.g. "embeddings"'))
+    if "LAYOUT" in raw and raw["LAYOUT"] not in LAYOUTS:
+        problems.append(Problem("embeddings.E016",
+                                f'EMBEDDINGS["LAYOUT"] must be one of {", ".join(LAYOUTS)}, '
+                                f'not {raw["LAYOUT"]!r}.',
+                                '"table" keeps each version in a table of its own (large tables, '
+                                'see docs/backfill.md, "Choosing a layout"); "column" is the '
+                                "default."))
     problems.extend(_validate_cutover(raw))
     return problems
 
@@ -409,6 +420,7 @@ def parse(raw: Any) -> EmbeddingsConfig:
         dual_write=values["DUAL_WRITE"],
         queue=values["QUEUE"],
         query_cache_size=values["QUERY_CACHE_SIZE"],
+        layout=values["LAYOUT"],
         active_cache_ttl=float(values.get("ACTIVE_CACHE_TTL", CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"])),
         verify_threshold=float(values.get("VERIFY_THRESHOLD", CUTOVER_DEFAULTS["VERIFY_THRESHOLD"])),
         verify_sample=int(values.get("VERIFY_SAMPLE", CUTOVER_DEFAULTS["VERIFY_SAMPLE"])),

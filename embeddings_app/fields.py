@@ -1,6 +1,6 @@
-"""``VersionedEmbedding``: declares that a model's rows are embedded, in one column per version.
+"""``VersionedEmbedding``: declares that a model's rows are embedded, one store per version.
 
-It is not a database field: it adds no column (each version's column is added by
+It is not a database field: it adds no column (each version's column or table is added by
 ``embeddings add``) and no plain query of the model ever loads a vector.
 """
 
@@ -87,12 +87,6 @@ class VersionedEmbedding:
             queryset = queryset.only(*self.source_fields)
         return queryset
 
-    def column(self, version: str) -> str:
-        return f"{self.name}_{version}"
-
-    def hash_column(self, version: str) -> str:
-        return f"{self.name}_{version}_source_hash"
-
     # --- class-level API ----------------------------------------------------------------
     def active(self) -> EmbeddingVersion:
         from .models import EmbeddingVersion
@@ -136,10 +130,9 @@ class BoundEmbedding:
 
     def vector(self, version: str | None = None) -> np.ndarray | None:
         """This row's stored vector for ``version`` (the active one by default), or None."""
-        from . import storage
         from .models import EmbeddingVersion
 
         versions = EmbeddingVersion.objects
         record = (versions.active_for(self.field.target) if version is None
                   else versions.get_version(self.field.target, version))
-        return storage.read_vector(self.field, record, self.instance.pk)
+        return record.store.read_vector(self.instance.pk)

@@ -1,7 +1,7 @@
-"""HNSW indexes on version columns, built without blocking writes.
+"""HNSW indexes on a version's vectors (in its column or its table), built without blocking writes.
 
-``build()`` runs ``CREATE INDEX CONCURRENTLY ... USING hnsw`` with the operator class of the
-version's storage and distance, and the version's ``hnsw_m`` / ``hnsw_ef_construction``. An INVALID
+``build()`` runs the store's ``CREATE INDEX CONCURRENTLY ... USING hnsw`` with the operator class
+of the version's storage and distance, and the version's ``hnsw_m`` / ``hnsw_ef_construction``. An INVALID
 index (left by a failed or interrupted concurrent build) is detected in ``pg_index`` and rebuilt.
 While it builds, a second connection polls ``pg_stat_progress_create_index`` for progress.
 """
@@ -14,19 +14,10 @@ from dataclasses import dataclass
 
 from django.db import connection
 
-from . import limits, registry, storage
+from . import limits, stores
 from .exceptions import Refused
 from .models import EmbeddingVersion, State
 
-# (storage, distance) -> operator class
-OPCLASSES = {
-    ("vector", "cosine"): "vector_cosine_ops",
-    ("halfvec", "cosine"): "halfvec_cosine_ops",
-    ("vector", "l2"): "vector_l2_ops",
-    ("halfvec", "l2"): "halfvec_l2_ops",
-    ("vector", "ip"): "vector_ip_ops",
-    ("halfvec", "ip"): "halfvec_ip_ops",
-}
 PROGRESS_INTERVAL = 0.5  # seconds between two reads of pg_stat_progress_create_index
 
 
@@ -50,18 +41,11 @@ class Progress:
 
 
 def index_name(version: EmbeddingVersion) -> str:
-    field = registry.get(version.target)
-    return f"{field.table}_{version.column}_hnsw"[: storage.MAX_IDENTIFIER_LENGTH]
+    return version.store.index_name()
 
 
 def opclass(version: EmbeddingVersion) -> str:
-    try:
-        return OPCLASSES[(version.storage, version.distance)]
-    except KeyError:
-        raise Refused(
-            f"{version}: no HNSW operator class for {version.storage} with {version.distance} "
-            "distance."
-        ) from None
+    return version.store.opclass()
 
 
 def index_state(version: EmbeddingVersion) -> str:
@@ -88,7 +72,7 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
     given, they are stored on the version. ``progress`` is called with each progress reading.
     """
     if version.state in (State.DROPPED, State.RETIRED):
-        raise Refused(f"{version} is {version.state}; its column is not kept, nothing to index.")
+        raise Refused(f"{version} is {version.state}; its vectors are not kept, nothing to index.")
     if connection.in_atomic_block:
         raise Refused("index cannot run inside a transaction (it builds concurrently).")
     limits.hnsw(version.hnsw_m if m is None else m,
@@ -100,8 +84,8 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
     if ef_construction is not None and ef_construction != version.hnsw_ef_construction:
         version.hnsw_ef_construction = ef_construction
         changed.append("hnsw_ef_construction")
-    field = registry.get(version.target)
-    name = index_name(version)
+    store = version.store
+    name = store.index_name()
     state = index_state(version)
     if state == "valid" and not changed:
         return name
@@ -109,15 +93,10 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
         version.save(update_fields=changed)
     with connection.cursor() as cursor:
         if state != "none":  # invalid, or valid with other build parameters
-            cursor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {storage.qn(name)}")
-        poller = _ProgressPoller(field.table, progress) if progress else None
+            cursor.execute(store.drop_index_sql())
+        poller = _ProgressPoller(store.relation, progress) if progress else None
         try:
-            cursor.execute(
-                f"CREATE INDEX CONCURRENTLY {storage.qn(name)} ON {storage.qn(field.table)} "
-                f"USING hnsw ({storage.qn(version.column)} {opclass(version)}) "
-                f"WITH (m = {int(version.hnsw_m)}, "
-                f"ef_construction = {int(version.hnsw_ef_construction)})"
-            )
+            cursor.execute(store.create_index_sql())
         finally:
             if poller is not None:
                 poller.stop()
@@ -145,7 +124,7 @@ class _ProgressPoller:
                     cursor.execute(
                         "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
                         "FROM pg_stat_progress_create_index WHERE relid = %s::regclass",
-                        [storage.qn(self.table)],
+                        [stores.qn(self.table)],
                     )
                     row = cursor.fetchone()
                 if row is not None:

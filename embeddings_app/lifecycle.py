@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import active, encoders, limits, probes, registry, storage, sync
+from . import active, encoders, limits, probes, registry, stores, sync
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, get_config
 from .exceptions import Refused, VersionNotReady
 from .models import EmbeddingVersion, State, VersionEvent
@@ -90,9 +90,13 @@ def transition(version: EmbeddingVersion, to_state: str, *, actor: str = "", not
     version.save(update_fields=fields)
 
 
-def add(target: str, version_name: str, alias: str, *, actor: str = "") -> EmbeddingVersion:
-    """Register a version: load its model once (real dimension, fingerprint), add its column."""
+def add(target: str, version_name: str, alias: str, *, layout: str | None = None,
+        actor: str = "") -> EmbeddingVersion:
+    """Register a version: load its model once (real dimension, fingerprint), add its storage:
+    two columns on the target's table, or a table of its own (``layout``, by default
+    ``EMBEDDINGS["LAYOUT"]``)."""
     field = registry.get(target)
+    store_class = stores.store_class(layout or get_config().layout)
     if not VERSION_NAME.fullmatch(version_name or ""):
         raise Refused(
             f'Invalid version name "{version_name}": use a lowercase letter then up to 30 '
@@ -124,7 +128,7 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
             f"{encoder.dimensions} dimensions cannot be indexed as vector (pgvector's limit is "
             f'{MAX_INDEXED_VECTOR_DIMENSIONS}); use "storage": "halfvec" for alias "{alias}".'
         )
-    storage.check_new_columns(field, version_name)
+    store_class.check_new(field, version_name)
     # The probe set, embedded now (outside the transaction: an API call can be slow).
     probe_texts, probe_vectors = probes.initial(encoder, target)
     taken = Refused(
@@ -135,22 +139,23 @@ def add(target: str, version_name: str, alias: str, *, actor: str = "") -> Embed
         # Again under the lock: a concurrent `add` of the same name has committed by now.
         if any(v.version == version_name for v in versions.values()):
             raise taken
-        storage.check_new_columns(field, version_name)
+        store_class.check_new(field, version_name)
         try:
             version = EmbeddingVersion.objects.create(
                 target=target, version=version_name, model_alias=alias, model_name=spec.model,
                 revision=spec.revision, fingerprint=encoder.fingerprint,
                 encode_settings=spec.encode_settings(), dimensions=encoder.dimensions,
-                storage=storage_type, column=field.column(version_name),
-                hash_column=field.hash_column(version_name), state=State.NEW,
+                storage=storage_type, layout=store_class.layout,
+                **store_class.names(field, version_name), state=State.NEW,
                 probe_texts=probe_texts, probe_vectors=probe_vectors,
                 library_versions=encoder.library_versions(),
             )
         except IntegrityError:  # a writer that bypassed the lock: still one clear line
             raise taken from None
         VersionEvent.objects.create(version=version, to_state=State.NEW, actor=actor,
-                                    note=f"added with {spec.model}@{spec.revision}")
-        storage.add_columns(field, version_name, storage_type, encoder.dimensions)
+                                    note=f"added with {spec.model}@{spec.revision} "
+                                         f"({store_class.layout} layout)")
+        version.store.add()
     return version
 
 
@@ -346,7 +351,7 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
     if version.state == State.ACTIVE:
         raise Refused(f"{version} is active and cannot be dropped; activate another version first.")
     if version.state == State.DROPPED:
-        if _leftover_columns(version):
+        if version.store.exists():
             return  # a drop interrupted after its state change: finishing it is allowed
         raise Refused(f"{version} is already dropped.")
     if version.state != State.RETIRED:
@@ -377,14 +382,10 @@ def dropped_meanwhile(exc: BaseException) -> Refused | None:
                    "step stopped. See `manage.py embeddings status`.")
 
 
-def _leftover_columns(version: EmbeddingVersion) -> bool:
-    field = registry.get(version.target)
-    return bool({version.column, version.hash_column} & storage.existing_columns(field.table))
-
-
 def drop(target: str, version_name: str, *, actor: str = "", yes: bool = False) -> list[str]:
-    """Drop a retired version's indexes and columns; the version row stays as history.
-    ``yes`` confirms a drop within the grace period after the version was last active.
+    """Drop a retired version's indexes and storage (its columns, or its table); the version row
+    stays as history. ``yes`` confirms a drop within the grace period after the version was last
+    active.
 
     The version becomes ``dropped`` (committed, under the lifecycle lock) before its storage is
     removed: from then on nothing reads or writes it. If the removal is interrupted, ``drop``
@@ -400,11 +401,13 @@ def drop(target: str, version_name: str, *, actor: str = "", yes: bool = False) 
         if version.state != State.DROPPED:
             transition(version, State.DROPPED, actor=actor, note="drop")
     active.invalidate(target)
-    dropped_indexes = storage.drop_columns(version, field)
+    store = stores.store_for(version, field)
+    dropped_indexes = store.drop()
     event = version.events.filter(to_state=State.DROPPED).order_by("-at", "-id").first()
     if event is not None:
         VersionEvent.objects.filter(pk=event.pk).update(
-            note="drop: columns and indexes " + (", ".join(dropped_indexes) or "(none)"))
+            note=f"drop: {store.describe_storage()} and indexes "
+                 + (", ".join(dropped_indexes) or "(none)"))
     return dropped_indexes
 
 

@@ -7,6 +7,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from .exceptions import UnknownVersion, VersionNotReady
+from .stores import LAYOUTS, VersionStore, store_for
 
 
 class State(models.TextChoices):
@@ -16,13 +17,13 @@ class State(models.TextChoices):
     ACTIVE = "active", "active"  # serves reads; exactly one per target
     STANDBY = "standby", "standby"  # was active, still dual-written: the rollback target
     RETIRED = "retired", "retired"  # no longer written
-    DROPPED = "dropped", "dropped"  # column and index gone; the row stays as history
+    DROPPED = "dropped", "dropped"  # its column or table and index gone; the row stays as history
     FAILED = "failed", "failed"  # a backfill gave up; can be resumed
 
 
 # Versions whose vectors are kept up to date on every save.
 WRITTEN_STATES = (State.BACKFILLING, State.READY, State.ACTIVE, State.STANDBY)
-# Versions whose column exists.
+# Versions whose storage (column or table) exists.
 STORED_STATES = tuple(state for state in State if state != State.DROPPED)
 
 
@@ -54,7 +55,8 @@ class EmbeddingVersionQuerySet(models.QuerySet["EmbeddingVersion"]):
 
 
 class EmbeddingVersion(models.Model):
-    """One model version of one embedded field, stored in its own column."""
+    """One model version of one embedded field, stored in its own column or table (``layout``;
+    ``store`` is the only code that knows where its vectors live)."""
 
     target = models.CharField(max_length=200, help_text="app_label.Model.field")
     version = models.CharField(max_length=31)
@@ -66,8 +68,15 @@ class EmbeddingVersion(models.Model):
     dimensions = models.PositiveIntegerField()
     storage = models.CharField(max_length=10, default="vector")
     distance = models.CharField(max_length=10, default="cosine")
+    # "column": two columns on the user's table (column, hash_column); "table": a table of its
+    # own (table), with columns named column and hash_column. Versions from before layouts
+    # existed are column versions: no data migration.
+    layout = models.CharField(max_length=10, default="column",
+                              choices=[(layout, layout) for layout in LAYOUTS])
     column = models.CharField(max_length=63)
     hash_column = models.CharField(max_length=63)
+    table = models.CharField(max_length=63, blank=True, default="",
+                             help_text="the version's own table (table layout)")
     state = models.CharField(max_length=20, choices=State.choices, default=State.NEW)
 
     created_at = models.DateTimeField(default=timezone.now)
@@ -120,6 +129,11 @@ class EmbeddingVersion(models.Model):
     @property
     def is_written(self) -> bool:
         return self.state in WRITTEN_STATES
+
+    @property
+    def store(self) -> VersionStore:
+        """Where this version's vectors live (``embeddings_app.stores``)."""
+        return store_for(self)
 
     @property
     def model_label(self) -> str:

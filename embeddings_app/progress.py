@@ -120,7 +120,7 @@ def index_catalog(names: Iterable[str]) -> tuple[dict[str, bool], dict[str, tupl
 
 def _coverage(version: EmbeddingVersion, run: BackfillRun | None) -> tuple[int | None, int | None, str]:
     if version.state == State.DROPPED:
-        return None, None, "dropped: no column"
+        return None, None, "dropped: no stored vectors"
     if run is None:
         if version.state == State.NEW:
             return 0, None, "no backfill yet"

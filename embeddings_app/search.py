@@ -1,4 +1,4 @@
-"""Reads: always the active version, its model for the query and its column for the vectors."""
+"""Reads: always the active version, its model for the query and its store for the vectors."""
 
 from __future__ import annotations
 
@@ -9,33 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from django.db import connection, connections, models
-from django.db.models.expressions import Expression, Value
-from django.db.models.lookups import IsNull
-from pgvector.django import CosineDistance, HalfVectorField, VectorField
 
 from . import active, encoders, limits
 from .exceptions import Refused, VersionMismatch
 from .models import EmbeddingVersion
+from .stores import VersionStore
 
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
-
-
-class VersionColumn(Expression):
-    """A version's vector column of the queried table (it is not a model field)."""
-
-    def __init__(self, column: str, output_field: models.Field) -> None:
-        super().__init__(output_field=output_field)
-        self.column = column
-
-    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
-        alias = compiler.query.get_initial_alias()
-        return f"{compiler.quote_name_unless_alias(alias)}.{connection.ops.quote_name(self.column)}", []
-
-
-def _vector_column(version: EmbeddingVersion) -> VersionColumn:
-    field_class = HalfVectorField if version.storage == "halfvec" else VectorField
-    return VersionColumn(version.column, field_class(dimensions=version.dimensions))
 
 
 def search(field: VersionedEmbedding, text: str, *, k: int = 10,
@@ -86,31 +67,20 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     # stream of searches costs one round trip each, like the raw SQL.
     _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block)
     plain = queryset is None and _is_plain(base)
-    compiled = (_compiled_search(db.alias, field.model, version.column, version.storage,
-                                 int(version.dimensions), k) if plain else None)
+    store = version.store
+    compiled = _compiled_search(db.alias, field.model, store, k) if plain else None
     if compiled is not None:
         results = _run_compiled(db, field.model, compiled, vector)
     else:
-        results = list(_search_queryset(base, version, vector)[:k])
+        results = list(store.search_queryset(base, vector_literal(vector))[:k])
     for obj in results:
         obj.embedding_version = version.version
     return results
 
 
-def _search_queryset(queryset: models.QuerySet, version: EmbeddingVersion,
-                     vector: Any) -> models.QuerySet:
-    column = _vector_column(version)
-    # The vector as its text form already (pgvector would format it float by float).
-    return (queryset.annotate(distance=CosineDistance(column, Value(vector_literal(vector))))
-            # Rows without a vector for this version. On the column, not on the distance: the
-            # query vector is then sent and computed once per row, as in hand-written SQL.
-            .filter(IsNull(column, False))
-            .order_by("distance", "pk"))
-
-
 def _is_plain(queryset: models.QuerySet) -> bool:
     """A default manager's queryset that selects every row and every field, nothing else: its
-    SQL depends only on the model, the version's column and k, so it can be compiled once."""
+    SQL depends only on the model, the version's store and k, so it can be compiled once."""
     query = queryset.query
     return not (query.has_filters() or query.annotations or query.extra or query.select_related
                 or query.combinator
@@ -129,13 +99,14 @@ class _CompiledSearch:
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled_search(alias: str, model: type[models.Model], column: str, storage: str,
-                     dimensions: int, k: int) -> _CompiledSearch | None:
+def _compiled_search(alias: str, model: type[models.Model], store: VersionStore,
+                     k: int) -> _CompiledSearch | None:
     """Compile the ORM's search query once (with a stand-in vector); None if its SQL does not
-    have the query vector as its only parameter (then the ORM path runs every time)."""
-    stand_in = EmbeddingVersion(column=column, storage=storage, dimensions=dimensions)
-    queryset = _search_queryset(model._default_manager.using(alias).all(), stand_in,
-                                np.zeros(dimensions, dtype=np.float32))[:k]
+    have the query vector as its only parameter (then the ORM path runs every time). Stores
+    are equal when their search SQL is (``VersionStore.search_key``)."""
+    dimensions = int(store.version.dimensions)
+    queryset = store.search_queryset(model._default_manager.using(alias).all(),
+                                     vector_literal(np.zeros(dimensions, dtype=np.float32)))[:k]
     compiler = queryset.query.get_compiler(using=alias)
     sql, params = compiler.as_sql()
     if len(params) != 1:

@@ -34,7 +34,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
 from django.db.models.expressions import RawSQL
 
-from . import encoders, storage
+from . import encoders, stores
 from .exceptions import PrecisionMismatch, ProviderError
 from .fields import SOURCE_SEPARATOR, VersionedEmbedding
 from .models import EmbeddingVersion, State
@@ -98,7 +98,7 @@ def refresh_rows(
     texts = {to_key(obj.pk): field.source_text(obj) for obj in instances}
     with transaction.atomic():
         versions = still_written(field, versions)  # retired or dropped since they were read
-        stored = storage.stored_hashes(field, versions, list(texts))
+        stored = stores.stored_hashes(field, versions, list(texts))
     if not versions:
         return SyncStats(processed=len(instances))
     # A row deleted meanwhile has no stored hashes: it is processed, never written.
@@ -117,14 +117,15 @@ def still_written(field: VersionedEmbedding,
     transaction after locking ``field``'s table against DDL (``ROW EXCLUSIVE``, what the write
     takes anyway).
 
-    A version's columns exist for as long as the caller's transaction lasts: ``drop`` commits
-    the ``dropped`` state before it removes them (and its ``ALTER TABLE`` waits for this lock),
-    ``add`` commits a version and its columns together."""
+    A version's storage exists for as long as the caller's transaction lasts: ``drop`` commits
+    the ``dropped`` state before it removes it, and waits for this lock to do so (its ``ALTER
+    TABLE``; or, for a table of the version's own, its ``DROP TABLE``, which locks this table
+    exclusively to remove the foreign key); ``add`` commits a version and its storage together."""
     assert transaction.get_connection().in_atomic_block, "still_written needs a transaction"
     if not versions:
         return []
     with transaction.get_connection().cursor() as cursor:
-        cursor.execute(f"LOCK TABLE {storage.qn(field.table)} IN ROW EXCLUSIVE MODE")
+        cursor.execute(f"LOCK TABLE {stores.qn(field.table)} IN ROW EXCLUSIVE MODE")
     written = set(EmbeddingVersion.objects.filter(pk__in=[v.pk for v in versions]).exclude(
         state__in=(State.RETIRED, State.DROPPED)).values_list("pk", flat=True))
     return [version for version in versions if version.pk in written]
@@ -262,18 +263,22 @@ def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
     written: list[set[Any]] = [set() for _ in prepared.pending]  # per item: the keys written
     write_xids: set[str] = set()
 
+    version_stores = [stores.store_for(item.version, field) for item in prepared.pending]
+
     def write(index: int, rows: list[tuple[Any, bytes, np.ndarray | None]]) -> None:
-        done = storage.write_vectors(field, prepared.pending[index].version, rows, expected)
+        store = version_stores[index]
+        done = store.write(rows, expected)
         expected.update(done)  # the next version's write of these rows expects our own update
         written[index].update(done)
-        write_xids.update(done.values())
+        if store.rewrites_row:  # the row's version is now this transaction's
+            write_xids.update(done.values())
 
     for index, item in enumerate(prepared.pending):
         write(index, [row for row in item.rows if row[0] in expected])
     recheck = list({row[0] for item, done in zip(prepared.pending, written, strict=True)
                     for row in item.rows if row[0] not in done})
     if recheck:
-        locked = storage.lock_rows(field, recheck)  # in key order
+        locked = stores.lock_rows(field, recheck)  # in key order
         expected.update(locked)
         query, decode = _source_query(field, [], field.source_queryset().filter(pk__in=list(locked)))
         current = {row[0]: field.source_hash(row[1]) for row in map(decode, query)}
@@ -313,10 +318,10 @@ def _source_query(
 ) -> tuple[models.QuerySet, Callable[[Any], SourceRow]]:
     """``queryset`` as one query returning each row's source and its stored hash of every
     version, and the function turning one of its results into a ``SourceRow``."""
-    table = storage.qn(field.table)
+    table = stores.qn(field.table)
     aliases = [f"_embeddings_stored_{index}" for index in range(len(versions))]
     annotated = queryset.annotate(**{
-        alias: RawSQL(f"{table}.{storage.qn(version.hash_column)}", ())
+        alias: RawSQL(stores.store_for(version, field).hash_sql(table), ())
         for alias, version in zip(aliases, versions, strict=True)
     }, _embeddings_xmin=RawSQL(f"{table}.xmin::text", ()))
     plain = _plain_source_fields(field)
@@ -363,8 +368,8 @@ def _source_text_sql(field: VersionedEmbedding, plain: tuple[str, ...]) -> RawSQ
     columns = [field.model._meta.get_field(name) for name in plain]
     if any(column.get_internal_type() not in ("CharField", "TextField") for column in columns):
         return None
-    table = storage.qn(field.table)
-    parts = ", ".join(f"NULLIF({table}.{storage.qn(column.column)}, '')" for column in columns)
+    table = stores.qn(field.table)
+    parts = ", ".join(f"NULLIF({table}.{stores.qn(column.column)}, '')" for column in columns)
     return RawSQL(f"concat_ws(%s, {parts})", (SOURCE_SEPARATOR,), output_field=models.TextField())
 
 
@@ -414,8 +419,12 @@ def sync_queryset(
     queryset: models.QuerySet | None = None,
     versions: Iterable[EmbeddingVersion] | None = None,
     page_size: int | None = None,
+    refine: Callable[[models.QuerySet], models.QuerySet] | None = None,
 ) -> int:
-    """Re-embed every stale row of ``queryset`` for every written version; returns rows written."""
+    """Re-embed every stale row of ``queryset`` for every written version; returns rows written.
+
+    ``refine`` narrows the rows read in the same query (not as a subquery): a store's catch-up
+    filter names the user's table, which a subquery would rename."""
     from .config import get_config
 
     versions = list(versions) if versions is not None else list(
@@ -426,6 +435,8 @@ def sync_queryset(
     base = field.source_queryset()
     if queryset is not None:
         base = base.filter(pk__in=queryset.values("pk"))
+    if refine is not None:
+        base = refine(base)
     page_size = page_size or get_config().batch_size
     stats = SyncStats()
 

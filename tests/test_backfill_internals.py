@@ -7,7 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from embeddings_app import backfill, registry, storage, sync
+from embeddings_app import backfill, registry, stores, sync
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -56,7 +56,7 @@ def _assert_written_all_but(left: object, prepared: sync.Prepared, version: Embe
     the hash of its current text."""
     field = registry.get(TARGET)
     assert (prepared.stats.embedded, prepared.stats.conflicted) == (len(articles) - 1, 1)
-    stored = storage.stored_hashes(field, [version], [a.pk for a in articles])
+    stored = stores.stored_hashes(field, [version], [a.pk for a in articles])
     assert stored[left] == (None,)
     for obj in field.source_queryset().exclude(pk=left):
         assert stored[obj.pk] == (field.source_hash(field.source_text(obj)),)
@@ -220,19 +220,19 @@ def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles
     ((page, _),) = list(sync.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
     prepared = sync.prepare(field, [v1, v2], page)
     locked: list = []
-    real_lock_rows = storage.lock_rows
+    real_lock_rows = stores.lock_rows
 
     def recording_lock_rows(field, pks):
         locked.append(list(pks))
         return real_lock_rows(field, pks)
 
-    monkeypatch.setattr(storage, "lock_rows", recording_lock_rows)
+    monkeypatch.setattr(stores, "lock_rows", recording_lock_rows)
     with transaction.atomic():
         write_xids = sync.write_prepared(field, prepared)
     assert locked == []
     assert len(write_xids) == 1  # one transaction wrote them all
     assert (prepared.stats.embedded, prepared.stats.conflicted) == (12, 0)
-    stored = storage.stored_hashes(field, [v1, v2], [a.pk for a in articles])
+    stored = stores.stored_hashes(field, [v1, v2], [a.pk for a in articles])
     for obj in field.source_queryset():
         expected = field.source_hash(field.source_text(obj))
         assert stored[obj.pk] == (expected, expected)

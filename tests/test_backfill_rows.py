@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from embeddings_app import backfill, encoders, registry, storage
+from embeddings_app import backfill, encoders, registry
 from embeddings_app.models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
 from project.news.models import Ticket
 from tests.backfill_helpers import (
@@ -71,7 +71,7 @@ def test_bad_rows_follow_the_policy_and_never_block_their_batch(capsys):
     for obj in (empty, none):  # no vector, but the (empty) source is recorded: covered
         assert stored[obj.pk] == (None, field.source_hash(""))
     assert stored[bad.pk] == (None, None)  # missing: a resumed backfill retries it
-    assert storage.coverage(field, version) == (9, 10)
+    assert version.store.coverage() == (9, 10)
 
     capsys.readouterr()
     call_command("embeddings", "status", TICKETS)

@@ -10,7 +10,7 @@ import signal
 import pytest
 from django.core.management import call_command
 
-from embeddings_app import backfill, registry, storage
+from embeddings_app import backfill
 from embeddings_app.models import BackfillBatch, BackfillRun, EmbeddingVersion, State
 from project.news.models import Article
 from tests.backfill_helpers import (
@@ -63,7 +63,7 @@ def test_backfill_under_concurrent_writes_every_row_fresh(broker, celery_worker)
     assert version.state == State.READY
     assert run.status == BackfillRun.Status.DONE
     _check_run_consistent(run, rows)
-    assert storage.coverage(registry.get(TARGET), version) == (rows, rows)
+    assert version.store.coverage() == (rows, rows)
     assert assert_every_row_fresh(TARGET, "v2") == rows
     assert "embeddings_app.backfill_batch" in worker.log()
 
@@ -115,7 +115,7 @@ def test_worker_killed_mid_batch_backfill_completes_after_restart(broker, celery
     assert run.rows_embedded == rows
     version.refresh_from_db()
     assert version.state == State.READY
-    assert storage.coverage(registry.get(TARGET), version) == (rows, rows)
+    assert version.store.coverage() == (rows, rows)
     assert assert_every_row_fresh(TARGET, "v2") == rows
 
 

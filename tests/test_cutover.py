@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 from django.test import override_settings
 
-from embeddings_app import encoders, lifecycle, storage
+from embeddings_app import encoders, lifecycle
 from embeddings_app.exceptions import VersionNotReady
 from embeddings_app.models import EmbeddingVersion, State, VersionEvent
 from project.news.models import Article
@@ -39,7 +39,7 @@ def prepare(version: str, alias: str) -> None:
 def brute_force(version: EmbeddingVersion, query_vector: np.ndarray) -> list[int]:
     """The exact top K of ``version``'s stored vectors, computed in numpy."""
     rows = list(Article.objects.order_by("pk"))
-    stored = np.vstack([storage.read_vector(Article.embedding, version, row.pk) for row in rows])
+    stored = np.vstack([version.store.read_vector(row.pk) for row in rows])
     stored /= np.linalg.norm(stored, axis=1, keepdims=True)
     similarity = stored @ (query_vector / np.linalg.norm(query_vector))
     order = np.lexsort((np.array([row.pk for row in rows]), -np.round(similarity, 6)))

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.db import connection
 from django.test import override_settings
 
-from embeddings_app import encoders, indexes, storage
+from embeddings_app import encoders, indexes
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -56,7 +56,7 @@ def column_type(column: str) -> str:
 
 def exact_top(version: EmbeddingVersion, query: str, k: int) -> list[int]:
     rows = list(Article.objects.order_by("pk"))
-    stored = np.vstack([storage.read_vector(Article.embedding, version, r.pk) for r in rows])
+    stored = np.vstack([version.store.read_vector(r.pk) for r in rows])
     vector = encoders.for_version(version).encode_query(query)
     similarity = stored @ vector / np.linalg.norm(stored, axis=1) / np.linalg.norm(vector)
     return [rows[i].pk for i in np.argsort(-similarity, kind="stable")[:k]]

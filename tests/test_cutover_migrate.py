@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 
-from embeddings_app import encoders, indexes, lifecycle, storage
+from embeddings_app import encoders, indexes, lifecycle
 from embeddings_app.config import get_config
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
 from project.news.models import Article
@@ -72,7 +72,7 @@ def test_migrate_killed_mid_backfill_resumes_to_the_uninterrupted_end_state(make
     rows = list(Article.objects.order_by("pk"))
     fresh = encoders.load(get_config().model("tiny")).encode_documents(
         [row.embedding.text for row in rows])
-    stored = np.vstack([storage.read_vector(Article.embedding, v2, row.pk) for row in rows])
+    stored = np.vstack([v2.store.read_vector(row.pk) for row in rows])
     np.testing.assert_allclose(stored, fresh, atol=1e-5)
     assert Article.embedding.search("oil prices", k=3)[0].embedding_version == "v2"
 

@@ -11,7 +11,7 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from embeddings_app import encoders, registry, storage
+from embeddings_app import encoders, registry, stores
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.backfill_helpers import wait_until
@@ -32,8 +32,8 @@ def active_v1(make_articles):
 def _stored(article: Article) -> tuple[np.ndarray, bytes]:
     field = registry.get(TARGET)
     version = EmbeddingVersion.objects.get(target=TARGET, version="v1")
-    hashes = storage.stored_hashes(field, [version], [article.pk])[article.pk]
-    return storage.read_vector(field, version, article.pk), hashes[0]
+    hashes = stores.stored_hashes(field, [version], [article.pk])[article.pk]
+    return version.store.read_vector(article.pk), hashes[0]
 
 
 def _encode(text: str) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_celery_mode_row_is_stale_until_a_worker_refreshes_it(active_v1, setting
     call_command("embeddings", "status", TARGET)
     status_line = next(line for line in capsys.readouterr().out.splitlines()
                        if line.startswith(TARGET))
-    assert status_line.split()[6:8] == ["12/12", "1"]  # coverage, stale
+    assert status_line.split()[7:9] == ["12/12", "1"]  # coverage, stale
 
     worker = celery_worker(concurrency=1)
     field = registry.get(TARGET)

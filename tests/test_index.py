@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.db import connection, transaction
 from pgvector.django import CosineDistance
 
-from embeddings_app import indexes, search, storage
+from embeddings_app import indexes, search
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -37,7 +37,7 @@ def big_version() -> tuple[EmbeddingVersion, np.ndarray, list[int]]:
     pks = list(Article.objects.order_by("pk").values_list("pk", flat=True))
     field = Article.embedding
     with transaction.atomic():
-        storage.write_vectors(field, version, [
+        version.store.write([
             (pk, field.source_hash(f"row {i}"), vectors[i]) for i, pk in enumerate(pks)
         ])
     return version, vectors, pks
@@ -105,7 +105,7 @@ def test_index_builds_concurrently_under_inserts_and_searches_with_high_recall(
         recalls.append(len(exact & {obj.pk for obj in found}) / 10)
     with transaction.atomic():
         search._set_search_parameters(connection, version, filtered=False, local=True)
-        plan = (Article.objects.annotate(distance=CosineDistance(search._vector_column(version),
+        plan = (Article.objects.annotate(distance=CosineDistance(version.store.vector_expression(),
                                                                  queries[0]))
                 .filter(distance__isnull=False).order_by("distance", "pk")[:10].explain())
     assert f"Index Scan using {name}" in plan, plan  # the index, not an exact scan, answered
@@ -146,7 +146,7 @@ def test_filtered_search_uses_iterative_scans_to_return_k_rows(big_version):
         found = search._nearest(Article.embedding, version, query, 10,
                                 Article.objects.filter(category="c3"))
         plan = (Article.objects.filter(category="c3")
-                .annotate(distance=CosineDistance(search._vector_column(version), query))
+                .annotate(distance=CosineDistance(version.store.vector_expression(), query))
                 .filter(distance__isnull=False).order_by("distance", "pk")[:10].explain())
         assert f"Index Scan using {indexes.index_name(version)}" in plan, plan
     assert len(found) == 10 and all(obj.category == "c3" for obj in found)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from django.db import close_old_connections, connection, transaction
 
-from embeddings_app import registry, storage
 from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
 
@@ -188,7 +187,6 @@ class Traffic:
 
     # --- coverage samples -------------------------------------------------------------------
     def _sampler(self) -> None:
-        field_ = registry.get(TARGET)
         while not self._stop.is_set():
             try:
                 close_old_connections()
@@ -199,7 +197,7 @@ class Traffic:
                         continue
                     if version.state in (State.DROPPED, State.RETIRED):
                         continue
-                    done, total = storage.coverage(field_, version)
+                    done, total = version.store.coverage()
                     with self.recorder.lock:
                         self.recorder.samples.append(
                             Sample(self.recorder.now(), version.version, done, total, active))

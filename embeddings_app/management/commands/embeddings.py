@@ -10,8 +10,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 from tqdm import tqdm
 
-from embeddings_app import backfill, indexes, layout, lifecycle, probes, registry, storage, sync
-from embeddings_app.config import get_config
+from embeddings_app import backfill, indexes, layout, lifecycle, probes, registry, sync
+from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.exceptions import EmbeddingError
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
 
@@ -27,10 +27,12 @@ class Command(BaseCommand):
         p = sub.add_parser("status", help="every version, its state, coverage and failures")
         p.add_argument("target", nargs="?")
 
-        p = sub.add_parser("add", help="register a version and add its column")
+        p = sub.add_parser("add", help="register a version and add its column or table")
         p.add_argument("target")
         p.add_argument("version")
         p.add_argument("--model", required=True, metavar="ALIAS")
+        p.add_argument("--layout", choices=LAYOUTS,
+                       help='where its vectors live (default: EMBEDDINGS["LAYOUT"], "column")')
 
         p = sub.add_parser("backfill", help="embed every missing or stale row of a version")
         p.add_argument("target")
@@ -82,7 +84,7 @@ class Command(BaseCommand):
         p.add_argument("target")
         p.add_argument("version")
 
-        p = sub.add_parser("drop", help="drop the index and column of a retired version")
+        p = sub.add_parser("drop", help="drop the index and the column or table of a retired version")
         p.add_argument("target")
         p.add_argument("version")
         p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -91,6 +93,8 @@ class Command(BaseCommand):
         p.add_argument("target")
         p.add_argument("--to", required=True, metavar="ALIAS")
         p.add_argument("--version", dest="version_name", metavar="NAME")
+        p.add_argument("--layout", choices=LAYOUTS,
+                       help='where a new version\'s vectors live (default: EMBEDDINGS["LAYOUT"])')
         p.add_argument("--inline", action="store_true")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--estimate", action="store_true",
@@ -110,8 +114,8 @@ class Command(BaseCommand):
     # --- subcommands ------------------------------------------------------------------------
     def do_status(self, target: str | None = None, **_: Any) -> None:
         targets = [registry.get(target).target] if target else registry.all_targets()
-        header = ("target", "version", "model@revision", "dims", "state", "", "coverage",
-                  "stale", "index", "probe", "failures")
+        header = ("target", "version", "model@revision", "dims", "layout", "state", "",
+                  "coverage", "stale", "index", "probe", "failures")
         rows = []
         runs: list[tuple[EmbeddingVersion, BackfillRun]] = []
         for name in targets:
@@ -123,7 +127,7 @@ class Command(BaseCommand):
                 if v.state == State.DROPPED:
                     coverage = "-"
                 else:
-                    done, total = storage.coverage(field, v)
+                    done, total = v.store.coverage()
                     coverage = f"{done}/{total}"
                 run = v.runs.first()
                 if run is not None:
@@ -139,7 +143,7 @@ class Command(BaseCommand):
                 if v.write_error:  # a save could not write it: no rollback target
                     failures = f"NOT WRITTEN: {v.write_error}; {failures}".rstrip("; ")[:120]
                 rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
-                             v.state, "*" if v.state == State.ACTIVE else "", coverage,
+                             v.layout, v.state, "*" if v.state == State.ACTIVE else "", coverage,
                              str(stale.get(v.pk, "-")), indexes.index_state(v), _probe_cell(v),
                              failures))
         if not rows:
@@ -152,7 +156,8 @@ class Command(BaseCommand):
         for v, run in runs:  # the progress record of each version's last backfill (no scan)
             self.stdout.write(_run_line(v, run))
         # Before a backfill, while the advice can still help.
-        pending = EmbeddingVersion.objects.filter(target__in=targets,
+        # (A version in a table of its own does not rewrite the target's table.)
+        pending = EmbeddingVersion.objects.filter(target__in=targets, layout="column",
                                                   state__in=(State.NEW, State.BACKFILLING))
         for table in sorted({registry.get(name).table for name in
                              pending.values_list("target", flat=True).distinct()}):
@@ -160,13 +165,27 @@ class Command(BaseCommand):
             if advice:
                 self.stdout.write(self.style.WARNING(advice))
 
-    def do_add(self, target: str, version: str, model: str, **_: Any) -> None:
-        record = lifecycle.add(target, version, model, actor=ACTOR)
+    def do_add(self, target: str, version: str, model: str, layout: str | None = None,
+               **_: Any) -> None:
+        record = lifecycle.add(target, version, model, layout=layout, actor=ACTOR)
         self.stdout.write(self.style.SUCCESS(
             f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}); "
-            f"column {record.column}. Next: embeddings backfill {target} {version}"
+            f"{record.store.describe()}. Next: embeddings backfill {target} {version}"
         ))
-        advice = layout.backfill_advice(registry.get(target).table)
+        self._layout_advice(record)
+
+    def _layout_advice(self, record: EmbeddingVersion) -> None:
+        """For a version added in a column: why a table of its own may be better, and what a
+        column's backfill costs on this table's layout."""
+        if record.layout != "column":
+            return
+        table = record.store.table
+        advice = layout.layout_advice(table)
+        if advice:
+            self.stdout.write(self.style.WARNING(
+                f"{advice} For a new version: add it with --layout table (drop {record.version} "
+                "first if it holds nothing yet)."))
+        advice = layout.backfill_advice(table)
         if advice:
             self.stdout.write(self.style.WARNING(advice))
 
@@ -209,7 +228,7 @@ class Command(BaseCommand):
             bar.close()
         record.refresh_from_db()
         self.stdout.write(self.style.SUCCESS(
-            f"Index {name} on {record.column} is valid (m={record.hnsw_m}, "
+            f"Index {name} on {record.store.describe()} is valid (m={record.hnsw_m}, "
             f"ef_construction={record.hnsw_ef_construction}, ef_search={record.hnsw_ef_search}; "
             f"{time.monotonic() - started:.1f}s)."
         ))
@@ -288,24 +307,25 @@ class Command(BaseCommand):
     def do_drop(self, target: str, version: str, yes: bool = False, **_: Any) -> None:
         record = EmbeddingVersion.objects.get_version(target, version)
         lifecycle.check_droppable(record, yes=yes)
+        where = record.store.describe_storage()
         if not yes:
             if not sys.stdin.isatty():
                 raise CommandError(
-                    f"drop deletes column {record.column} and its index for good; "
+                    f"drop deletes {where} and its index for good; "
                     "confirm with --yes when not running interactively."
                 )
-            answer = input(f"Drop column {record.column} of {target} and its index? [y/N] ")
+            answer = input(f"Drop {where} and its index? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 raise CommandError("Not dropped.")
         dropped = lifecycle.drop(target, version, actor=ACTOR, yes=True)
         self.stdout.write(self.style.SUCCESS(
-            f"{target}@{version} dropped: column {record.column}"
+            f"{target}@{version} dropped: {where}"
             + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."
         ))
 
     def do_migrate(self, target: str, to: str, version_name: str | None = None,
-                   inline: bool = False, batch_size: int | None = None, estimate: bool = False,
-                   **_: Any) -> None:
+                   layout: str | None = None, inline: bool = False,
+                   batch_size: int | None = None, estimate: bool = False, **_: Any) -> None:
         field = registry.get(target)
         existing = EmbeddingVersion.objects.for_target(field.target)
         resumable = existing.filter(model_alias=to).exclude(
@@ -327,7 +347,12 @@ class Command(BaseCommand):
         if record is None:
             name = version_name or _next_version_name(existing.values_list("version", flat=True))
             self.stdout.write(f"[1/{steps}] add {name} with model {to}")
-            record = lifecycle.add(field.target, name, to, actor=ACTOR)
+            record = lifecycle.add(field.target, name, to, layout=layout, actor=ACTOR)
+            self.stdout.write(f"  {record.store.describe()}")
+        elif layout is not None and layout != record.layout:
+            raise CommandError(
+                f"{record} is being built in the {record.layout} layout; run migrate without "
+                f"--layout to resume it, or retire it and migrate to a new version.")
         else:
             self.stdout.write(f"[1/{steps}] add: resuming {record} ({record.state})")
         # Each step below is idempotent: re-running migrate after an interruption redoes only

@@ -32,8 +32,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 
-from embeddings_app import active, encoders, registry, storage
-from embeddings_app.config import get_config
+from embeddings_app import active, encoders, registry, stores
+from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.models import EmbeddingVersion, State
 from project.news import report as rep
 from project.news.corpus import iter_articles
@@ -164,6 +164,9 @@ class Command(BaseCommand):
         parser.add_argument("--reset", action="store_true",
                             help="start over: empty the demo tables and re-assemble the model cache")
         parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--layout", choices=LAYOUTS, default="column",
+                            help=f"where {V2}'s vectors live: a column of the article table, or "
+                                 "a table of its own")
         parser.add_argument("--phase-seconds", type=float, default=10.0,
                             help="seconds of traffic measured before the migration and after the flip")
         parser.add_argument("--edit-interval", type=float, default=3.0,
@@ -272,8 +275,11 @@ class Command(BaseCommand):
                  f"{options['edit_interval']} s. Measuring {phase:.0f} s before the migration ...")
         time.sleep(phase)
         migrate_start = self.recorder.now()
-        with self.step(f"{V2}: migrate --to {V2_ALIAS} under live traffic"):
-            tee = self._migrate(V2_ALIAS, V2)
+        sizes = {"before": self._sizes()}
+        with self.step(f"{V2}: migrate --to {V2_ALIAS} --layout {options['layout']} under live "
+                       "traffic"):
+            tee = self._migrate(V2_ALIAS, V2, layout=options["layout"])
+        sizes["after_backfill"] = self._sizes()
         migrate_end = self.recorder.now()
         flip_t = self._flip_time()
         self.say(f"Flip at t={flip_t:.1f} s. Measuring {phase:.0f} s after the flip ...")
@@ -312,10 +318,12 @@ class Command(BaseCommand):
         with self.step(f"retire + drop {V1}"):
             call_command("embeddings", "retire", TARGET, V1, stdout=self.stdout._out)
             call_command("embeddings", "drop", TARGET, V1, "--yes", stdout=self.stdout._out)
+        sizes["after_drop"] = self._sizes()
         field = registry.get(TARGET)
-        columns = storage.existing_columns(field.table)
-        v1_dropped = (field.column(V1) not in columns
-                      and EmbeddingVersion.objects.get_version(TARGET, V1).state == State.DROPPED)
+        columns = stores.existing_columns(field.table)
+        v1 = EmbeddingVersion.objects.get_version(TARGET, V1)
+        v1_dropped = (v1.column not in columns and v1.hash_column not in columns
+                      and v1.state == State.DROPPED)
 
         result = {
             "docs": total_rows,
@@ -342,6 +350,9 @@ class Command(BaseCommand):
             "searches": {"before": before_results, "after": after_results},
             "v1_dropped": v1_dropped,
             "columns_now": sorted(c for c in columns if c.startswith(field.name)),
+            "layout": {V1: v1.layout,
+                       V2: EmbeddingVersion.objects.get_version(TARGET, V2).layout},
+            "sizes": sizes,
             "chart": str(chart_path),
         }
         self._print_report(result)
@@ -366,24 +377,26 @@ class Command(BaseCommand):
         """An empty demo table with no version columns and no versions (model cache and database
         are kept). Only the demo's own table and its versions are touched."""
         field = registry.get(TARGET)
-        model_columns = {f.column for f in Article._meta.concrete_fields}
         with transaction.atomic():
             EmbeddingVersion.objects.filter(target=TARGET).delete()
+            stores.drop_leftovers(field)
             with connection.cursor() as cursor:
-                for column in sorted(storage.existing_columns(field.table) - model_columns):
-                    cursor.execute(f"ALTER TABLE {storage.qn(field.table)} "
-                                   f"DROP COLUMN {storage.qn(column)}")
-                cursor.execute(f"TRUNCATE {storage.qn(field.table)} RESTART IDENTITY")
+                cursor.execute(f"TRUNCATE {stores.qn(field.table)} RESTART IDENTITY")
         active.invalidate(TARGET)
 
-    def _migrate(self, alias: str, version: str) -> Tee:
+    def _sizes(self) -> dict[str, int]:
+        """Bytes of the article table and of each version's own table (table layout)."""
+        return stores.storage_sizes(registry.get(TARGET), list(
+            EmbeddingVersion.objects.for_target(TARGET).exclude(state=State.DROPPED)))
+
+    def _migrate(self, alias: str, version: str, layout: str | None = None) -> Tee:
         """``embeddings migrate`` as its own process, as an operator runs it next to a live site
         (this process is the site: its threads search and write). Its output is passed through
         and each line's time recorded; its progress bar goes straight to the terminal."""
         tee = Tee(self.stdout._out, self.recorder)
         self.recorder.mark(f"migrate {version} start")
         command = [sys.executable, "manage.py", "embeddings", "migrate", TARGET, "--to", alias,
-                   "--version", version]
+                   "--version", version, *(["--layout", layout] if layout else [])]
         for attempt in range(1, MIGRATE_ATTEMPTS + 1):
             process = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT if not sys.stderr.isatty()
@@ -448,7 +461,7 @@ class Command(BaseCommand):
                 part = [pk for pk in pks[chunk:chunk + 32] if pk in rows]
                 fresh = encoder.encode_documents([field.source_text(rows[pk]) for pk in part])
                 for pk, vector in zip(part, fresh, strict=True):
-                    stored = storage.read_vector(field, version, pk)
+                    stored = version.store.read_vector(pk)
                     if stored is None:
                         missing.append(pk)
                         continue
@@ -536,6 +549,10 @@ class Command(BaseCommand):
             self.say(f"  not available: {r['compare'].get('error')}")
         self.say(h("Old version"))
         self.say(f"  {V1} dropped: {r['v1_dropped']}; embedding columns now: {r['columns_now']}")
+        self.say(h(f"Table sizes ({V1} in its {r['layout'][V1]}, {V2} in its {r['layout'][V2]})"))
+        for when, sizes in r["sizes"].items():
+            listed = ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in sizes.items())
+            self.say(f"  {when:15} {listed} (total {sum(sizes.values()) / 1e6:.2f} MB)")
 
     def _serve(self, port: int) -> None:
         from django.contrib.auth import get_user_model

@@ -1,0 +1,641 @@
+"""Where a version's vectors live: one store per version, the only code that names a version's
+column or table in SQL.
+
+``version.store`` is a ``VersionStore``: its subclass is the version's *layout*.
+
+* ``ColumnStore`` (``"column"``): two nullable columns on the user's table, added with no default
+  (a metadata-only change, instant on any table size): ``F_V`` (``vector(N)`` or ``halfvec(N)``)
+  and ``F_V_source_hash`` (``bytea``). A backfill rewrites every row of the user's table.
+* ``TableStore`` (``"table"``): a table of its own, ``<table>_F_V``, keyed by the model's primary
+  key (a foreign key, ``ON DELETE CASCADE``: deleting a row deletes its vectors), with the columns
+  ``vector``, ``source_hash`` and ``row_version`` (the ``xmin`` of the user's row the vector was
+  written against). A backfill only inserts there; the user's table is never rewritten, and
+  ``drop`` is ``DROP TABLE``: the space is back at once.
+
+Both keep the same invariants (docs/backfill.md, "Compare-and-set"):
+
+* a vector is written only while the user's row is still the version (``xmin``) its source text
+  was read from: a slow writer never overwrites a newer vector;
+* a row deleted meanwhile is never written (and, in a side table, leaves no vector behind);
+* the source hash is stored beside the vector, so a row is *fresh* when it equals the hash of
+  the row's current source text. A row without a stored hash is *missing*.
+
+DDL and the statements of the write path are the ``sql_*`` templates of the classes (as Django's
+schema editor keeps its own); identifiers are quoted by the connection (``qn``). No plain query
+of the model loads a vector: neither the columns nor the side table are model fields.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from django.db import connection, models, transaction
+from django.db.models.expressions import Expression, RawSQL, Value
+from django.db.models.lookups import IsNull
+from pgvector import HalfVector, Vector
+from pgvector.django import CosineDistance, HalfVectorField, VectorField
+from pgvector.psycopg import register_vector
+
+from . import registry
+from .config import LAYOUTS
+from .exceptions import Refused
+
+if TYPE_CHECKING:
+    from .fields import VersionedEmbedding
+    from .models import EmbeddingVersion
+
+MAX_IDENTIFIER_LENGTH = 63  # PostgreSQL's NAMEDATALEN - 1
+# Wait this long at most for the brief ACCESS EXCLUSIVE lock of ADD/DROP COLUMN or DROP TABLE:
+# queueing behind a long transaction would block every read and write of the table behind us.
+DDL_LOCK_TIMEOUT = "5s"
+# The comment on a side table: how leftovers of a target are found again (``drop_leftovers``).
+STORE_COMMENT = "embeddings_app store of {target}@{version}"
+
+# (storage, distance) -> HNSW operator class
+OPCLASSES = {
+    ("vector", "cosine"): "vector_cosine_ops",
+    ("halfvec", "cosine"): "halfvec_cosine_ops",
+    ("vector", "l2"): "vector_l2_ops",
+    ("halfvec", "l2"): "halfvec_l2_ops",
+    ("vector", "ip"): "vector_ip_ops",
+    ("halfvec", "ip"): "halfvec_ip_ops",
+}
+
+
+def qn(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def column_type(storage: str, dimensions: int) -> str:
+    return f"{storage}({int(dimensions)})"
+
+
+def existing_columns(table: str) -> set[str]:
+    """The table's columns, in one catalog query (Django's introspection runs two, and fails
+    when a concurrent ``drop`` removes a column between them)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass "
+                       "AND attnum > 0 AND NOT attisdropped", [qn(table)])
+        return {row[0] for row in cursor.fetchall()}
+
+
+def indexes_on_column(table: str, column: str) -> list[str]:
+    """Every index of ``table`` that uses ``column`` (as a key or in an expression)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT i.relname, pg_get_indexdef(i.oid)
+            FROM pg_index x
+            JOIN pg_class i ON i.oid = x.indexrelid
+            WHERE x.indrelid = to_regclass(%s)
+            """,
+            [qn(table)],
+        )
+        pattern = re.compile(rf'(^|[^\w"]){re.escape(column)}($|[^\w"])|"{re.escape(column)}"')
+        return [name for name, definition in cursor.fetchall()
+                if pattern.search(definition.split(" USING ", 1)[-1])]
+
+
+def register_types() -> None:
+    """Teach this connection pgvector's binary formats (once per database connection).
+
+    Asked of the connection itself: a set of ``id()``s of connections would be wrong once a
+    closed connection is garbage-collected and a new one reuses its id (a worker reconnects
+    after every task)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw.adapters.types.get("vector") is None:
+        register_vector(raw)
+
+
+def pk_db_type(field: VersionedEmbedding) -> str:
+    pk = field.model._meta.pk
+    db_type = pk.rel_db_type(connection)  # serial/identity -> the plain integer type
+    if db_type is None:
+        raise Refused(f"{field.target}: unsupported primary key type {type(pk).__name__}.")
+    return db_type
+
+
+def _to_db_vector(storage: str, vector: np.ndarray | None) -> Any:
+    if vector is None:
+        return None
+    return HalfVector(vector) if storage == "halfvec" else Vector(vector)
+
+
+def _sort_key(pk: Any) -> Any:
+    """Primary keys in the order PostgreSQL sorts them (integers as numbers, UUIDs as text)."""
+    return str(pk) if not isinstance(pk, int) else pk
+
+
+class StoreColumn(Expression):
+    """A store's vector column in a search query (it is not a model field): the user's table's
+    alias for a column store, the side table joined by ``TableStore.search_queryset``."""
+
+    def __init__(self, relation: str | None, column: str, output_field: models.Field) -> None:
+        super().__init__(output_field=output_field)
+        self.relation = relation  # None: the query's own table
+        self.column = column
+
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+        if self.relation is None:
+            alias = compiler.quote_name_unless_alias(compiler.query.get_initial_alias())
+        else:
+            alias = connection.ops.quote_name(self.relation)
+        return f"{alias}.{connection.ops.quote_name(self.column)}", []
+
+
+class VersionStore:
+    """Where one version's vectors and source hashes live, and every statement that reads or
+    writes them. Subclasses override one hook each: where the vectors are added and dropped
+    (``sql_add``/``drop``), how a write lands (``sql_write``), how a row of the user's table
+    reaches its hash (``hash_sql``), its search join and its catch-up filter."""
+
+    layout: ClassVar[str]
+    # Does writing a vector give the user's row a new version (xmin)? Then the transactions that
+    # wrote a batch's rows tell the catch-up pass which rows are unchanged since.
+    rewrites_row: ClassVar[bool]
+
+    sql_lock_timeout = f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"
+    sql_create_index = ("CREATE INDEX CONCURRENTLY {name} ON {relation} USING hnsw "
+                        "({vector} {opclass}) WITH (m = {m}, ef_construction = {ef_construction})")
+    sql_drop_index = "DROP INDEX CONCURRENTLY IF EXISTS {name}"
+    sql_staging = ("CREATE TEMP TABLE IF NOT EXISTS {staging} (pk {pk_type} PRIMARY KEY, "
+                   "vec {vec_type}, source_hash bytea, read_version text) ON COMMIT DELETE ROWS")
+    # Rows an earlier write of this transaction left (the commit empties the table). DELETE, not
+    # TRUNCATE: a TRUNCATE gives the table a new file each time (measured: the slowest statement
+    # of a small batch).
+    sql_empty_staging = "DELETE FROM {staging}"
+    sql_copy_staging = ("COPY {staging} (pk, vec, source_hash, read_version) FROM STDIN "
+                        "WITH (FORMAT BINARY)")
+    sql_add: ClassVar[str]
+    sql_write: ClassVar[str]
+    sql_coverage = "SELECT (SELECT count({hash}) FROM {relation}), (SELECT count(*) FROM {table})"
+    sql_read_vector = "SELECT {vector} FROM {relation} WHERE {key} = %s"
+    sql_read_all = ("SELECT t.{pk}, v.{vector}, v.{hash} FROM {table} AS t "
+                    "LEFT JOIN {relation} AS v ON v.{key} = t.{pk}")
+    sql_sample = ("SELECT {key}, {vector}, {hash} FROM {relation} WHERE {vector} IS NOT NULL "
+                  "ORDER BY random() LIMIT %s")
+
+    def __init__(self, version: EmbeddingVersion, field: VersionedEmbedding | None = None) -> None:
+        self.version = version
+        self.field = field if field is not None else registry.get(version.target)
+
+    # --- names ------------------------------------------------------------------------------
+    @staticmethod
+    def names(field: VersionedEmbedding, version_name: str) -> dict[str, str]:
+        """The names a new version gets: ``column``, ``hash_column`` and ``table`` (empty for a
+        column store) of ``EmbeddingVersion``."""
+        raise NotImplementedError
+
+    @property
+    def table(self) -> str:
+        """The user's table."""
+        return self.field.table
+
+    @property
+    def relation(self) -> str:
+        """The table that holds the vectors."""
+        raise NotImplementedError
+
+    @property
+    def key(self) -> str:
+        """The column of ``relation`` holding the user's row's primary key."""
+        return self.field.model._meta.pk.column
+
+    @property
+    def vector_column(self) -> str:
+        return self.version.column
+
+    @property
+    def hash_column(self) -> str:
+        return self.version.hash_column
+
+    def describe(self) -> str:
+        """Where the vectors are, for messages: 'column C of table T' or 'table S'."""
+        raise NotImplementedError
+
+    def describe_storage(self) -> str:
+        """Everything ``drop`` removes besides indexes, for messages."""
+        return self.describe()
+
+    def relations(self) -> list[str]:
+        """The tables of their own the version occupies (for sizes); none for a column store."""
+        return []
+
+    def _format(self, template: str, **extra: Any) -> str:
+        return template.format(
+            relation=qn(self.relation), table=qn(self.table), key=qn(self.key),
+            pk=qn(self.field.model._meta.pk.column), vector=qn(self.vector_column),
+            hash=qn(self.hash_column), pk_type=pk_db_type(self.field),
+            vec_type=column_type(self.version.storage, self.version.dimensions), **extra)
+
+    # --- add and drop -----------------------------------------------------------------------
+    @classmethod
+    def check_new(cls, field: VersionedEmbedding, version_name: str) -> None:
+        """Refuse names that PostgreSQL would truncate or that are taken."""
+        names = cls.names(field, version_name)
+        for name in filter(None, names.values()):
+            if len(name) > MAX_IDENTIFIER_LENGTH:
+                raise Refused(
+                    f'The name "{name}" is longer than PostgreSQL\'s {MAX_IDENTIFIER_LENGTH} '
+                    "characters; choose a shorter version name."
+                )
+        cls._check_free(field, names)
+
+    @classmethod
+    def _check_free(cls, field: VersionedEmbedding, names: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def add(self) -> None:
+        """Create the version's storage, in the caller's transaction (if any)."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(self.sql_lock_timeout)
+            cursor.execute(self._format(self.sql_add))
+            self._after_add(cursor)
+
+    def _after_add(self, cursor: Any) -> None:
+        pass
+
+    def drop(self) -> list[str]:
+        """Drop the version's indexes and storage; returns the names of the indexes dropped."""
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        """Is any of the version's storage still there (e.g. after an interrupted drop)?"""
+        raise NotImplementedError
+
+    # --- indexes ----------------------------------------------------------------------------
+    def index_name(self) -> str:
+        return f"{self.relation}_{self.vector_column}_hnsw"[:MAX_IDENTIFIER_LENGTH]
+
+    def indexes(self) -> list[str]:
+        """Every index on the version's vector column."""
+        return indexes_on_column(self.relation, self.vector_column)
+
+    def opclass(self) -> str:
+        try:
+            return OPCLASSES[(self.version.storage, self.version.distance)]
+        except KeyError:
+            raise Refused(
+                f"{self.version}: no HNSW operator class for {self.version.storage} with "
+                f"{self.version.distance} distance."
+            ) from None
+
+    def create_index_sql(self) -> str:
+        return self._format(self.sql_create_index, name=qn(self.index_name()),
+                            opclass=self.opclass(), m=int(self.version.hnsw_m),
+                            ef_construction=int(self.version.hnsw_ef_construction))
+
+    def drop_index_sql(self, name: str | None = None) -> str:
+        return self.sql_drop_index.format(name=qn(name or self.index_name()))
+
+    # --- the write path ---------------------------------------------------------------------
+    def write(self, rows: Sequence[tuple[Any, bytes, np.ndarray | None]],
+              expected: Mapping[Any, str] | None = None) -> dict[Any, str]:
+        """Write ``(pk, source_hash, vector)`` rows with one binary COPY and one statement, in
+        the caller's transaction. Returns pk -> the user's row's version (``xmin``, as text)
+        after the write, for each row written.
+
+        With ``expected`` (pk -> row version), a compare-and-set: a row is written only if the
+        user's row is still that version, i.e. no transaction has updated it since it was read.
+        The others, and rows deleted meanwhile, are left as they are; the caller finds them
+        missing from the result."""
+        if not rows:
+            return {}
+        register_types()
+        pk_type = pk_db_type(self.field)
+        storage = self.version.storage
+        staging = qn(f"embeddings_staging_{storage}_{int(self.version.dimensions)}_"
+                     f"{pk_type.split('(')[0]}")
+        # Rows in key order: the statement then meets (and locks) them in key order in the plans
+        # PostgreSQL picks for it, so two writers of overlapping rows queue instead of deadlocking.
+        rows = sorted(rows, key=lambda row: _sort_key(row[0]))
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_staging, staging=staging))
+            cursor.execute(self.sql_empty_staging.format(staging=staging))
+            with cursor.cursor.copy(self.sql_copy_staging.format(staging=staging)) as copy:
+                copy.set_types([pk_type, storage, "bytea", "text"])
+                for pk, source_hash, vector in rows:
+                    copy.write_row((pk, _to_db_vector(storage, vector), source_hash,
+                                    None if expected is None else expected.get(pk)))
+            compare = "" if expected is None else "AND t.xmin::text = s.read_version"
+            # The keys again, as an array: the staging table has no statistics, and from its size
+            # alone the planner guessed ~20,000 rows for a batch of 1,000 and scanned the whole
+            # table for each batch (measured); with the array it finds the rows by the key.
+            cursor.execute(self._format(self.sql_write, staging=staging, compare=compare),
+                           [[pk for pk, _, _ in rows]])
+            return dict(cursor.fetchall())
+
+    # --- reads ------------------------------------------------------------------------------
+    def hash_sql(self, row: str) -> str:
+        """SQL for the stored source hash of the user's row ``row`` (a quoted alias)."""
+        raise NotImplementedError
+
+    def read_vector(self, pk: Any) -> np.ndarray | None:
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_read_vector), [pk])
+            row = cursor.fetchone()
+        if row is None or row[0] is None:
+            return None
+        return np.asarray(row[0].to_numpy(), dtype=np.float32)
+
+    def read_all(self) -> dict[Any, tuple[np.ndarray | None, bytes | None]]:
+        """pk -> (vector, stored source hash) for every row of the user's table (a full read:
+        for checks over a whole table, such as the tests')."""
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_read_all))
+            return {pk: (None if vector is None else np.asarray(vector.to_numpy(), dtype=np.float32),
+                         None if source_hash is None else bytes(source_hash))
+                    for pk, vector, source_hash in cursor.fetchall()}
+
+    def coverage(self) -> tuple[int, int]:
+        """(rows with a vector or a recorded source hash, all rows of the user's table)."""
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_coverage))
+            done, total = cursor.fetchone()
+        return int(done), int(total)
+
+    def sample(self, size: int) -> list[tuple[Any, Any, bytes | None]]:
+        """``size`` random (pk, vector, source hash) rows that have a vector."""
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_sample), [size])
+            return cursor.fetchall()
+
+    # --- search -----------------------------------------------------------------------------
+    def vector_expression(self) -> StoreColumn:
+        output = (HalfVectorField if self.version.storage == "halfvec" else VectorField)(
+            dimensions=self.version.dimensions)
+        return StoreColumn(self._search_relation(), self.vector_column, output)
+
+    def _search_relation(self) -> str | None:
+        return None
+
+    def search_queryset(self, queryset: models.QuerySet, literal: str) -> models.QuerySet:
+        """``queryset`` ordered by cosine distance to the query vector (``literal``, pgvector's
+        text form), each row with ``.distance``; rows without a vector are left out."""
+        column = self.vector_expression()
+        # On the column, not on the distance: the query vector is then sent and computed once
+        # per row, as in hand-written SQL.
+        return (self._join(queryset).annotate(distance=CosineDistance(column, Value(literal)))
+                .filter(IsNull(column, False)).order_by("distance", "pk"))
+
+    def _join(self, queryset: models.QuerySet) -> models.QuerySet:
+        return queryset
+
+    @property
+    def search_key(self) -> tuple[Any, ...]:
+        """What the SQL of a search depends on (compiled searches are cached by it)."""
+        return (self.layout, self.relation, self.vector_column, self.version.storage,
+                int(self.version.dimensions))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VersionStore) and other.search_key == self.search_key
+
+    def __hash__(self) -> int:
+        return hash(self.search_key)
+
+    # --- catch-up ---------------------------------------------------------------------------
+    def catch_up(self, queryset: models.QuerySet, write_xids: Sequence[str]) -> models.QuerySet:
+        """The rows of ``queryset`` (a top-level query of the user's table) that may have changed
+        since the run wrote them, given the transactions that wrote its batches."""
+        raise NotImplementedError
+
+
+class ColumnStore(VersionStore):
+    """Two columns on the user's table: ``F_V`` (the vector) and ``F_V_source_hash``."""
+
+    layout = "column"
+    rewrites_row = True
+
+    sql_add = "ALTER TABLE {table} ADD COLUMN {vector} {vec_type}, ADD COLUMN {hash} bytea"
+    sql_drop_columns = "ALTER TABLE {table} {drops}"
+    sql_write = ("UPDATE {table} AS t SET {vector} = s.vec, {hash} = s.source_hash "
+                 "FROM {staging} AS s WHERE t.{pk} = s.pk AND t.{pk} = ANY(%s::{pk_type}[]) "
+                 "{compare} RETURNING t.{pk}, t.xmin::text")
+
+    @staticmethod
+    def names(field: VersionedEmbedding, version_name: str) -> dict[str, str]:
+        return {"column": f"{field.name}_{version_name}",
+                "hash_column": f"{field.name}_{version_name}_source_hash", "table": ""}
+
+    @classmethod
+    def _check_free(cls, field: VersionedEmbedding, names: dict[str, str]) -> None:
+        present = existing_columns(field.table)
+        for name in (names["column"], names["hash_column"]):
+            if name in present:
+                raise Refused(f'Column "{name}" already exists on table {field.table}; '
+                              "choose another version name.")
+
+    @property
+    def relation(self) -> str:
+        return self.field.table
+
+    def describe(self) -> str:
+        return f"column {self.vector_column} of table {self.table}"
+
+    def describe_storage(self) -> str:
+        return f"columns {self.vector_column} and {self.hash_column} of table {self.table}"
+
+    def exists(self) -> bool:
+        return bool({self.vector_column, self.hash_column} & existing_columns(self.table))
+
+    def drop(self) -> list[str]:
+        dropped = self.indexes()
+        with connection.cursor() as cursor:
+            for index in dropped:
+                # Not in a transaction: CONCURRENTLY refuses to run inside one.
+                cursor.execute(self.drop_index_sql(index))
+        present = existing_columns(self.table)
+        drops = [f"DROP COLUMN IF EXISTS {qn(name)}"
+                 for name in (self.vector_column, self.hash_column) if name in present]
+        if drops:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(self.sql_lock_timeout)
+                cursor.execute(self.sql_drop_columns.format(table=qn(self.table),
+                                                            drops=", ".join(drops)))
+        return dropped
+
+    def hash_sql(self, row: str) -> str:
+        return f"{row}.{qn(self.hash_column)}"
+
+    def catch_up(self, queryset: models.QuerySet, write_xids: Sequence[str]) -> models.QuerySet:
+        if not write_xids:
+            return queryset
+        # A row whose version is the transaction of a batch that wrote it is as it left it.
+        return queryset.alias(_embeddings_written_by_run=RawSQL(
+            "xmin::text = ANY(%s)", (list(write_xids),),
+            output_field=models.BooleanField())).filter(_embeddings_written_by_run=False)
+
+
+class TableStore(VersionStore):
+    """A table of the version's own, keyed by the user's primary key (see the module docstring).
+
+    The write is one ``INSERT ... ON CONFLICT DO UPDATE`` fed by a ``SELECT ... FOR SHARE`` of the
+    user's rows: the share lock makes a concurrent ``UPDATE`` or ``DELETE`` of a row wait for this
+    write (or, if it came first, makes this write wait and then re-check the row's version, which
+    has changed, so the row is left out). ``FOR KEY SHARE`` would not do: it does not conflict with
+    an ``UPDATE`` of non-key columns, which could then commit its newer vector first."""
+
+    layout = "table"
+    rewrites_row = False
+
+    sql_add = ("CREATE TABLE {relation} ("
+               "{key} {pk_type} PRIMARY KEY REFERENCES {table} ({pk}) ON DELETE CASCADE, "
+               "{vector} {vec_type}, {hash} bytea, row_version xid NOT NULL)")
+    sql_comment = "COMMENT ON TABLE {relation} IS %s"
+    sql_drop = "DROP TABLE IF EXISTS {relation}"
+    sql_write = ("WITH locked AS ("
+                 "SELECT t.{pk} AS pk, t.xmin AS row_version FROM {table} AS t "
+                 "JOIN {staging} AS s ON s.pk = t.{pk} "
+                 "WHERE t.{pk} = ANY(%s::{pk_type}[]) {compare} ORDER BY t.{pk} FOR SHARE OF t) "
+                 "INSERT INTO {relation} AS v ({key}, {vector}, {hash}, row_version) "
+                 "SELECT s.pk, s.vec, s.source_hash, l.row_version "
+                 "FROM {staging} AS s JOIN locked AS l ON l.pk = s.pk ORDER BY s.pk "
+                 "ON CONFLICT ({key}) DO UPDATE SET {vector} = EXCLUDED.{vector}, "
+                 "{hash} = EXCLUDED.{hash}, row_version = EXCLUDED.row_version "
+                 "RETURNING v.{key}, v.row_version::text")
+    sql_catch_up = ("NOT EXISTS (SELECT 1 FROM {relation} AS v WHERE v.{key} = {table}.{pk} "
+                    "AND v.row_version = {table}.xmin)")
+
+    @staticmethod
+    def names(field: VersionedEmbedding, version_name: str) -> dict[str, str]:
+        return {"column": "vector", "hash_column": "source_hash",
+                "table": f"{field.table}_{field.name}_{version_name}"}
+
+    @classmethod
+    def _check_free(cls, field: VersionedEmbedding, names: dict[str, str]) -> None:
+        if names["table"] in connection.introspection.table_names():
+            raise Refused(f'Table "{names["table"]}" already exists; choose another version name.')
+
+    @property
+    def relation(self) -> str:
+        return self.version.table
+
+    def describe(self) -> str:
+        return f"table {self.relation}"
+
+    def relations(self) -> list[str]:
+        return [self.relation]
+
+    def _after_add(self, cursor: Any) -> None:
+        cursor.execute(self._format(self.sql_comment),
+                       [STORE_COMMENT.format(target=self.version.target,
+                                             version=self.version.version)])
+
+    def exists(self) -> bool:
+        return self.relation in connection.introspection.table_names()
+
+    def drop(self) -> list[str]:
+        # DROP TABLE locks the user's table too, briefly (to remove the foreign key's triggers):
+        # bounded by the same lock timeout as a column's ALTER TABLE.
+        dropped = self.indexes()
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(self.sql_lock_timeout)
+            cursor.execute(self._format(self.sql_drop))
+        return dropped
+
+    def hash_sql(self, row: str) -> str:
+        return (f"(SELECT v.{qn(self.hash_column)} FROM {qn(self.relation)} AS v "
+                f"WHERE v.{qn(self.key)} = {row}.{qn(self.field.model._meta.pk.column)})")
+
+    def _search_relation(self) -> str | None:
+        return self.relation
+
+    def _join(self, queryset: models.QuerySet) -> models.QuerySet:
+        # QuerySet.extra(): the one public way to join a table that is not a model (load-bearing:
+        # the search must scan the side table's HNSW index and join the user's rows to it).
+        main = queryset.query.get_initial_alias()
+        return queryset.extra(tables=[self.relation], where=[
+            f"{qn(self.relation)}.{qn(self.key)} = {qn(main)}.{qn(self.field.model._meta.pk.column)}"])
+
+    def catch_up(self, queryset: models.QuerySet, write_xids: Sequence[str]) -> models.QuerySet:
+        # A row whose version is the one its vector was written against is unchanged since.
+        return queryset.extra(where=[self._format(self.sql_catch_up)])
+
+
+STORES: dict[str, type[VersionStore]] = {store.layout: store for store in (ColumnStore, TableStore)}
+
+
+def store_class(layout: str) -> type[VersionStore]:
+    try:
+        return STORES[layout]
+    except KeyError:
+        raise Refused(f'Unknown layout "{layout}"; choose one of {", ".join(LAYOUTS)}.') from None
+
+
+def store_for(version: EmbeddingVersion, field: VersionedEmbedding | None = None) -> VersionStore:
+    return store_class(version.layout)(version, field)
+
+
+# --- several versions at once ---------------------------------------------------------------
+def lock_rows(field: VersionedEmbedding, pks: Sequence[Any]) -> dict[Any, str]:
+    """Lock the user's rows of ``pks`` (``FOR UPDATE``, in primary-key order, so two writers
+    never deadlock) in the caller's transaction: pk -> the row's version (``xmin``) for each row
+    still there. One statement with the keys as one array parameter."""
+    if not pks:
+        return {}
+    pk_column = qn(field.model._meta.pk.column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {pk_column}, xmin::text FROM {qn(field.table)} "
+            f"WHERE {pk_column} = ANY(%s::{pk_db_type(field)}[]) "
+            f"ORDER BY {pk_column} FOR UPDATE",
+            [list(pks)],
+        )
+        return dict(cursor.fetchall())
+
+
+def stored_hashes(
+    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], pks: Sequence[Any]
+) -> dict[Any, tuple[bytes | None, ...]]:
+    """pk -> the stored source hash of each version (None where never embedded)."""
+    if not versions or not pks:
+        return {}
+    columns = ", ".join(store_for(version, field).hash_sql("t") for version in versions)
+    pk_column = qn(field.model._meta.pk.column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT t.{pk_column}, {columns} FROM {qn(field.table)} AS t "
+            f"WHERE t.{pk_column} = ANY(%s)",
+            [list(pks)],
+        )
+        return {
+            row[0]: tuple(bytes(value) if value is not None else None for value in row[1:])
+            for row in cursor.fetchall()
+        }
+
+
+def drop_leftovers(field: VersionedEmbedding) -> None:
+    """Drop every version store of ``field``, whatever version records say: the columns of its
+    table that are not model fields, and the tables marked as stores of its target. For the
+    tests, the demo's reset and the benchmarks, which delete the version records too."""
+    model_columns = {f.column for f in field.model._meta.concrete_fields}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname = current_schema() "
+            "AND obj_description(c.oid, 'pg_class') LIKE %s ORDER BY c.relname",
+            [STORE_COMMENT.format(target=field.target, version="%")],
+        )
+        for (table,) in cursor.fetchall():
+            cursor.execute(f"DROP TABLE IF EXISTS {qn(table)}")
+        for column in sorted(existing_columns(field.table) - model_columns):
+            cursor.execute(f"ALTER TABLE {qn(field.table)} DROP COLUMN {qn(column)}")
+
+
+def storage_sizes(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion]) -> dict[str, int]:
+    """Bytes on disk (heap, TOAST and indexes) of ``field``'s table and of the tables of its own
+    that each of ``versions`` occupies."""
+    relations = [field.table] + [name for version in versions
+                                 for name in store_for(version, field).relations()]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT name, coalesce(pg_total_relation_size(to_regclass(quote_ident(name))), 0) "
+            "FROM unnest(%s::text[]) AS name", [relations])
+        return {name: int(size) for name, size in cursor.fetchall()}
