@@ -49,6 +49,15 @@ def fresh_active_snapshots() -> Iterator[None]:
     active.invalidate()
 
 
+@pytest.fixture(params=["column", "table"])
+def layout(request: pytest.FixtureRequest, settings: object) -> str:
+    """Run the test once per layout: ``EMBEDDINGS["LAYOUT"]``, the layout of every version the
+    test adds without naming one. A suite opts in with ``pytestmark =
+    pytest.mark.usefixtures("layout")``."""
+    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "LAYOUT": request.param}  # type: ignore[attr-defined]
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def drop_version_stores(request: pytest.FixtureRequest, django_db_blocker: object) -> Iterator[None]:
     """Columns and tables added by `embeddings add` are not models: a transactional test leaves
