@@ -235,7 +235,7 @@ def validate(raw: Any) -> list[Problem]:
                                 f'EMBEDDINGS["QUEUE"] must be a non-empty string, not {raw["QUEUE"]!r}.',
                                 'e.g. "embeddings"'))
     if "LAYOUT" in raw and raw["LAYOUT"] not in LAYOUTS:
-        problems.append(Problem("embeddings.E016",
+        problems.append(Problem("embeddings.E020",
                                 f'EMBEDDINGS["LAYOUT"] must be one of {", ".join(LAYOUTS)}, '
                                 f'not {raw["LAYOUT"]!r}.',
                                 '"table" keeps each version in a table of its own (large tables, '
