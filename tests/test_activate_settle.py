@@ -13,12 +13,14 @@ from embeddings_app import lifecycle
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
+from tests.store_helpers import forget
+
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
 
 
 def blank_v2(title: str) -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("UPDATE news_article SET embedding_v2 = NULL, embedding_v2_source_hash = NULL "
-                       "WHERE title = %s", [title])
+    forget(EmbeddingVersion.objects.get_version(TARGET, "v2"),
+           list(Article.objects.filter(title=title).values_list("pk", flat=True)))
 
 
 @pytest.mark.django_db(transaction=True)

@@ -22,7 +22,7 @@ from embeddings_app.models import BackfillRun, EmbeddingVersion, RowFailure, Sta
 from project.news.models import Article
 from tests.conftest import TARGET
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("layout")]  # both layouts
 
 PASSWORD = "pw-for-tests"
 LIST_URL = reverse("admin:embeddings_app_embeddingversion_changelist")

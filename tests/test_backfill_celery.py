@@ -8,6 +8,8 @@ from django.core.management import call_command
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
 from tests.conftest import TARGET
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 
 @pytest.mark.worker
 def test_default_backfill_runs_on_real_worker_processes(make_articles, celery_worker, capsys):

@@ -12,6 +12,8 @@ from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 
 def _version(make_articles, count: int) -> tuple[list[Article], EmbeddingVersion]:
     articles = make_articles(count)
@@ -115,9 +117,10 @@ def _rows_read(monkeypatch) -> list:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monkeypatch):
-    """The run's catch-up pass reads again only the rows whose current version (xmin) is not
-    the write of one of the run's batches: here two rows changed with QuerySet.update() (no
+def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monkeypatch, layout):
+    """The run's catch-up pass reads again only the rows that changed since their batch wrote
+    them (column: the row's version (xmin) is not a batch's write; table: it is not the version
+    its vector was written against): here two rows changed with QuerySet.update() (no
     dual-write) after their batch had written them. They are re-embedded; the other 28 rows
     are not read again."""
     from django.db.models import Value
@@ -149,12 +152,15 @@ def test_catch_up_rereads_only_rows_other_transactions_wrote(make_articles, monk
     run.refresh_from_db()
     version.refresh_from_db()
     assert (run.status, version.state) == (BackfillRun.Status.DONE, State.READY)
-    assert all(batch.write_xids for batch in run.batches.all())
+    # A column write gives the row a new version, the batch's transaction: recorded per batch.
+    # A side-table write leaves the user's row as it is: nothing to record.
+    assert all(bool(batch.write_xids) == (layout == "column") for batch in run.batches.all())
     assert set(read) == set(changed)
     assert assert_every_row_fresh(TARGET, "v1") == 30
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("layout", ["column"], indirect=True)  # write_xids: the column's filter
 def test_catch_up_reads_the_rows_of_a_batch_without_recorded_writes(make_articles, monkeypatch):
     """A batch counted by code from before ``write_xids`` (NULL, during a rolling deploy) gives
     the catch-up pass nothing to skip: its rows are read; the other batches' are not."""
@@ -209,7 +215,8 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles, monkeypatch):
+def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles, monkeypatch,
+                                                                   layout):
     """Rows read with their version and unchanged since: each version's write checks the row
     version the previous write of this transaction left, so no row is locked or re-read, and
     both versions end up fresh."""
@@ -230,7 +237,8 @@ def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles
     with transaction.atomic():
         write_xids = sync.write_prepared(field, prepared)
     assert locked == []
-    assert len(write_xids) == 1  # one transaction wrote them all
+    # Column: one transaction wrote them all (their new version). Table: the rows are unchanged.
+    assert len(write_xids) == (1 if layout == "column" else 0)
     assert (prepared.stats.embedded, prepared.stats.conflicted) == (12, 0)
     stored = stores.stored_hashes(field, [v1, v2], [a.pk for a in articles])
     for obj in field.source_queryset():

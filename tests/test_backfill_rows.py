@@ -20,6 +20,8 @@ from tests.backfill_helpers import (
 from tests.conftest import TARGET
 from tests.workers import wait_for_run
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 TICKETS = "news.Ticket.embedding"
 
 

@@ -19,6 +19,7 @@ from tests.backfill_helpers import (
     assert_every_row_fresh,
     blocked_backends,
     broker,  # noqa: F401  (fixture)
+    broker_names,
     create_articles,
     raw_connection,
     wait_until,
@@ -33,6 +34,13 @@ CONCURRENCY_ROWS_OTHER_BROKERS = int(os.environ.get("EMBEDDINGS_TEST_CONCURRENCY
                                                     "1000"))
 
 
+# The broker matrix in the column layout, and one broker (the default) in the table layout: the
+# layout changes the write statement, not what the broker does.
+BROKERS_AND_LAYOUTS = pytest.mark.parametrize(
+    ("broker", "layout"),
+    [(name, "column") for name in broker_names()] + [("default", "table")], indirect=True)
+
+
 def _check_run_consistent(run: BackfillRun, rows: int) -> None:
     batches = list(run.batches.all())
     assert len(batches) == run.batches_total == run.batches_done
@@ -44,7 +52,8 @@ def _check_run_consistent(run: BackfillRun, rows: int) -> None:
 
 
 @pytest.mark.worker
-def test_backfill_under_concurrent_writes_every_row_fresh(broker, celery_worker):  # noqa: F811
+@BROKERS_AND_LAYOUTS
+def test_backfill_under_concurrent_writes_every_row_fresh(broker, layout, celery_worker):  # noqa: F811
     """Acceptance 1 and 4: 4 writer threads keep changing random rows while two worker
     processes backfill; afterwards every row's vector is its current text's, none missing."""
     rows = CONCURRENCY_ROWS if broker == "default" else CONCURRENCY_ROWS_OTHER_BROKERS
@@ -60,6 +69,7 @@ def test_backfill_under_concurrent_writes_every_row_fresh(broker, celery_worker)
     version = EmbeddingVersion.objects.get(target=TARGET, version="v2")
     run = BackfillRun.objects.get(version=version)
     assert edits > 0
+    assert version.layout == layout
     assert version.state == State.READY
     assert run.status == BackfillRun.Status.DONE
     _check_run_consistent(run, rows)
@@ -82,12 +92,15 @@ def _lock_row_in_batch(run: BackfillRun, number: int):
 
 
 @pytest.mark.worker
-def test_worker_killed_mid_batch_backfill_completes_after_restart(broker, celery_worker):  # noqa: F811
+@BROKERS_AND_LAYOUTS
+def test_worker_killed_mid_batch_backfill_completes_after_restart(broker, layout,  # noqa: F811
+                                                                 celery_worker):
     """Acceptance 2: SIGKILL of the worker process running a batch; a new worker finishes."""
     rows = 300
     create_articles(rows)
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny")
     version = EmbeddingVersion.objects.get(target=TARGET, version="v2")
+    assert version.layout == layout
     run, ranges = backfill.start(version, batch_size=50)
     locker = _lock_row_in_batch(run, 3)
     worker = celery_worker(concurrency=2, extra_env=WORKER_ENV)

@@ -12,7 +12,7 @@ from embeddings_app import compare
 from project.news.models import Article
 from tests.conftest import TARGET
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("layout")]  # both layouts
 
 
 def add_and_backfill(version: str, alias: str) -> None:

@@ -23,6 +23,8 @@ from project.news.models import Article
 from tests.conftest import TARGET
 from tests.workers import ROOT, database_url
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 TTL = 0.5  # EMBEDDINGS["ACTIVE_CACHE_TTL"] of the reading process in this test
 QUERIES = ["stock market shares", "football cup final", "mobile phone networks",
            "general election", "film award ceremony", "oil prices", "music album chart"]

@@ -16,6 +16,7 @@ from embeddings_app import encoders, indexes
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
+from tests.store_helpers import vector_type
 
 pytestmark = pytest.mark.django_db(transaction=True)  # CREATE INDEX CONCURRENTLY
 
@@ -47,13 +48,6 @@ def dense_models() -> dict:
     return {**settings.EMBEDDINGS, "MODELS": models}
 
 
-def column_type(column: str) -> str:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-                       "WHERE attrelid = 'news_article'::regclass AND attname = %s", [column])
-        return cursor.fetchone()[0]
-
-
 def exact_top(version: EmbeddingVersion, query: str, k: int) -> list[int]:
     rows = list(Article.objects.order_by("pk"))
     stored = np.vstack([version.store.read_vector(r.pk) for r in rows])
@@ -78,7 +72,7 @@ def test_384_to_256_with_truncate_dim_and_back(make_articles):
     call_command("embeddings", "migrate", TARGET, "--to", "minilm256", "--inline")
     v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
     assert (v1.dimensions, v2.dimensions) == (384, 256)
-    assert column_type("embedding_v2") == "vector(256)"
+    assert vector_type(v2) == "vector(256)"
     found = Article.embedding.search("bank interest rates", k=5)
     assert {obj.embedding_version for obj in found} == {"v2"}
     assert [obj.pk for obj in found] == exact_top(v2, "bank interest rates", 5)
@@ -91,17 +85,20 @@ def test_384_to_256_with_truncate_dim_and_back(make_articles):
 @pytest.mark.parametrize(("alias", "storage_type"), [("tiny768", "vector"),
                                                       ("tiny3072", "halfvec")])
 def test_768_and_3072_dimension_versions_end_to_end(make_articles, dense_models, alias,
-                                                     storage_type):
+                                                     storage_type, layout):
     make_articles(40)
-    with override_settings(EMBEDDINGS=dense_models):
+    with override_settings(EMBEDDINGS={**dense_models, "LAYOUT": layout}):
         go_through("v1", "tiny")
         version = go_through("v2", alias)
         dims = int(alias.removeprefix("tiny"))
         assert (version.dimensions, version.storage) == (dims, storage_type)
-        assert column_type("embedding_v2") == f"{storage_type}({dims})"
+        assert version.layout == layout
+        assert vector_type(version) == f"{storage_type}({dims})"
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_get_indexdef(%s::regclass)", [indexes.index_name(version)])
-            assert f"embedding_v2 {storage_type}_cosine_ops" in cursor.fetchone()[0]
+            definition = cursor.fetchone()[0]
+        assert f"ON public.{version.store.relation} USING hnsw" in definition
+        assert f"{version.store.vector_column} {storage_type}_cosine_ops" in definition
         found = Article.embedding.search("football match", k=5)
         assert {obj.embedding_version for obj in found} == {"v2"}
         assert [obj.pk for obj in found] == exact_top(version, "football match", 5)

@@ -30,13 +30,15 @@ def manage(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_migrate_killed_mid_backfill_resumes_to_the_uninterrupted_end_state(make_articles):
+@pytest.mark.parametrize("layout", ["column", "table"])
+def test_migrate_killed_mid_backfill_resumes_to_the_uninterrupted_end_state(make_articles, layout):
+    """v1 in a column; v2 migrated into ``layout`` (``migrate --layout``), killed and resumed."""
     make_articles(400)
     call_command("embeddings", "migrate", TARGET, "--to", "tiny_other", "--inline")
     assert Article.embedding.active().version == "v1"
 
-    first = manage("embeddings", "migrate", TARGET, "--to", "tiny", "--inline",
-                   "--batch-size", "4")
+    first = manage("embeddings", "migrate", TARGET, "--to", "tiny", "--layout", layout,
+                   "--inline", "--batch-size", "4")
     deadline = time.monotonic() + 120
     processed = 0
     while time.monotonic() < deadline and first.poll() is None:
@@ -50,6 +52,7 @@ def test_migrate_killed_mid_backfill_resumes_to_the_uninterrupted_end_state(make
     assert first.returncode == -signal.SIGKILL, first.stdout.read()
     v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
     assert v2.state == State.BACKFILLING and 40 <= processed < 400
+    assert v2.layout == layout
     assert Article.embedding.active().version == "v1"  # reads never saw the half-built v2
 
     second = manage("embeddings", "migrate", TARGET, "--to", "tiny", "--inline")

@@ -17,6 +17,8 @@ from project.news.models import Article
 from tests.backfill_helpers import wait_until
 from tests.conftest import TARGET
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 NEW_TITLE = "Completely different: a recipe for lemon cake with poppy seeds"
 
 

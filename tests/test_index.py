@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
-from pgvector.django import CosineDistance
 
 from embeddings_app import indexes, search
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
 
-pytestmark = pytest.mark.django_db(transaction=True)  # CREATE INDEX CONCURRENTLY
+pytestmark = [pytest.mark.django_db(transaction=True),  # CREATE INDEX CONCURRENTLY
+              pytest.mark.usefixtures("layout")]  # both layouts
 ROWS, DIMS, CATEGORIES = 10_000, 32, 20
 
 
@@ -82,8 +82,8 @@ def test_index_builds_concurrently_under_inserts_and_searches_with_high_recall(
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_get_indexdef(%s::regclass)", [name])
         definition = cursor.fetchone()[0]
-    assert "USING hnsw (embedding_v1 vector_cosine_ops) WITH (m='16', ef_construction='64')" \
-        in definition
+    assert (f"ON public.{version.store.relation} USING hnsw ({version.store.vector_column} "
+            "vector_cosine_ops) WITH (m='16', ef_construction='64')") in definition
     assert "is valid (m=16, ef_construction=64, ef_search=40" in capsys.readouterr().out
 
     # Progress is read from pg_stat_progress_create_index while a build runs; other build
@@ -105,9 +105,8 @@ def test_index_builds_concurrently_under_inserts_and_searches_with_high_recall(
         recalls.append(len(exact & {obj.pk for obj in found}) / 10)
     with transaction.atomic():
         search._set_search_parameters(connection, version, filtered=False, local=True)
-        plan = (Article.objects.annotate(distance=CosineDistance(version.store.vector_expression(),
-                                                                 queries[0]))
-                .filter(distance__isnull=False).order_by("distance", "pk")[:10].explain())
+        plan = version.store.search_queryset(
+            Article.objects.all(), search.vector_literal(queries[0]))[:10].explain()
     assert f"Index Scan using {name}" in plan, plan  # the index, not an exact scan, answered
     print(f"\nHNSW recall@10 on {ROWS} rows: {np.mean(recalls):.3f}")
     assert np.mean(recalls) >= 0.95
@@ -119,8 +118,7 @@ def test_an_invalid_index_is_detected_and_rebuilt(big_version, capsys):
     with connection.cursor() as cursor:
         cursor.execute("SET statement_timeout = '50ms'")
         with pytest.raises(Exception, match="statement timeout"):
-            cursor.execute(f"CREATE INDEX CONCURRENTLY {name} ON news_article "
-                           "USING hnsw (embedding_v1 vector_cosine_ops)")
+            cursor.execute(version.store.create_index_sql())
         cursor.execute("SET statement_timeout = 0")
     assert pg_index_flags(name)[0] is False
     assert indexes.index_state(version) == "invalid"
@@ -145,9 +143,8 @@ def test_filtered_search_uses_iterative_scans_to_return_k_rows(big_version):
         cursor.execute("SET LOCAL enable_seqscan = off")
         found = search._nearest(Article.embedding, version, query, 10,
                                 Article.objects.filter(category="c3"))
-        plan = (Article.objects.filter(category="c3")
-                .annotate(distance=CosineDistance(version.store.vector_expression(), query))
-                .filter(distance__isnull=False).order_by("distance", "pk")[:10].explain())
+        plan = version.store.search_queryset(
+            Article.objects.filter(category="c3"), search.vector_literal(query))[:10].explain()
         assert f"Index Scan using {indexes.index_name(version)}" in plan, plan
     assert len(found) == 10 and all(obj.category == "c3" for obj in found)
     assert len(exact & {obj.pk for obj in found}) >= 9
@@ -157,6 +154,7 @@ def test_filtered_search_uses_iterative_scans_to_return_k_rows(big_version):
         cursor.execute("SET LOCAL enable_seqscan = off")
         cursor.execute("SET LOCAL hnsw.ef_search = 40")
         cursor.execute("SET LOCAL hnsw.iterative_scan = off")
-        cursor.execute("SELECT id FROM news_article WHERE category = 'c3' "
-                       "ORDER BY embedding_v1 <=> %s::vector LIMIT 10", [str(query.tolist())])
+        sql, params = version.store.search_queryset(
+            Article.objects.filter(category="c3"), search.vector_literal(query))[:10].query.sql_with_params()
+        cursor.execute(sql, params)
         assert len(cursor.fetchall()) < 10

@@ -14,7 +14,7 @@ from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
 from tests.conftest import TARGET
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("layout")]  # both layouts
 
 
 def backfill_inline(version: str) -> None:

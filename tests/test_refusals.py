@@ -22,14 +22,25 @@ from embeddings_app.exceptions import FingerprintMismatch, VersionMismatch
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State, VersionEvent
 from project.news.models import Article
 from tests.conftest import TARGET
+from tests.store_helpers import forget
 from tests.workers import ROOT, database_url
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("layout")]  # both layouts
+
+
+def stored_vectors() -> dict[str, list]:
+    """Every stored vector and hash of every version that has storage, wherever it lives."""
+    return {
+        version.version: sorted((str(pk), source_hash, None if vector is None else vector.tobytes())
+                                for pk, (vector, source_hash) in version.store.read_all().items())
+        for version in EmbeddingVersion.objects.exclude(state=State.DROPPED)
+    }
 
 
 def database_state() -> tuple:
     """Everything a refused command must leave untouched: version records, their history and
-    runs, the table's columns, and every value of every row (vectors included)."""
+    runs, the table's columns, the tables, and every value of every row (vectors included,
+    in a column or in a table of their own)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'news_article' "
@@ -41,7 +52,7 @@ def database_state() -> tuple:
         rows_digest = cursor.fetchone()[0]
     versions = list(EmbeddingVersion.objects.order_by("pk").values())
     return (versions, VersionEvent.objects.count(), BackfillRun.objects.count(), columns,
-            rows_digest)
+            rows_digest, sorted(connection.introspection.table_names()), stored_vectors())
 
 
 def assert_refused(args: list[str], expected: str) -> None:
@@ -74,9 +85,9 @@ def test_activate_an_incomplete_version(with_v1):
 def test_activate_a_version_with_rows_missing(with_v1):
     call_command("embeddings", "backfill", TARGET, "v2", "--inline")
     Article.objects.create(title="A new row", body="Written behind the app's back.")
-    with connection.cursor() as cursor:  # as if the row's dual-write had never happened
-        cursor.execute("UPDATE news_article SET embedding_v2 = NULL, "
-                       "embedding_v2_source_hash = NULL WHERE title = 'A new row'")
+    # As if the row's dual-write had never happened.
+    forget(EmbeddingVersion.objects.get_version(TARGET, "v2"),
+           list(Article.objects.filter(title="A new row").values_list("pk", flat=True)))
     assert_refused(["activate", TARGET, "v2"], "1 of 13 rows have no vector")
 
 

@@ -14,6 +14,8 @@ from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 
 def test_vector_literal_round_trips_every_float32_exactly(db):
     rng = np.random.default_rng(7)

@@ -16,6 +16,8 @@ from project.news.models import Article
 from tests.backfill_helpers import assert_every_row_fresh, wait_until
 from tests.conftest import TARGET
 
+pytestmark = pytest.mark.usefixtures("layout")  # both layouts
+
 
 def _stale(version_name: str = "v1") -> int:
     field = registry.get(TARGET)

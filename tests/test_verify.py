@@ -10,15 +10,19 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
-from django.db import connection
 from django.test import override_settings
 
 from embeddings_app import lifecycle
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
+from tests.store_helpers import forget, set_vector_text, swap_vectors, vector_text
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("layout")]  # both layouts
+
+
+def v1() -> EmbeddingVersion:
+    return EmbeddingVersion.objects.get_version(TARGET, "v1")
 
 
 @pytest.fixture
@@ -78,13 +82,8 @@ def test_verify_fails_when_the_model_files_changed(backfilled, copied_model):
 
 def test_verify_fails_when_vectors_were_tampered_with_in_sql(backfilled):
     victims = [backfilled[3].pk, backfilled[17].pk]
-    with connection.cursor() as cursor:
-        # Swap two rows' vectors: each still a plausible unit vector, just the wrong one.
-        cursor.execute(
-            "UPDATE news_article a SET embedding_v1 = b.embedding_v1 FROM news_article b "
-            "WHERE (a.id, b.id) IN ((%s, %s), (%s, %s))",
-            [victims[0], victims[1], victims[1], victims[0]],
-        )
+    # Swap two rows' vectors: each still a plausible unit vector, just the wrong one.
+    swap_vectors(v1(), *victims)
     message = verify_fails()
     assert "vectors differ: 2 of 40 sampled vectors are below cosine 0.999" in message
     assert str(victims[0]) in message and "coverage" not in message and "stale" not in message
@@ -92,9 +91,7 @@ def test_verify_fails_when_vectors_were_tampered_with_in_sql(backfilled):
 
 def test_verify_fails_for_rows_without_vectors(backfilled):
     pks = [article.pk for article in backfilled[:3]]
-    with connection.cursor() as cursor:
-        cursor.execute("UPDATE news_article SET embedding_v1 = NULL, "
-                       "embedding_v1_source_hash = NULL WHERE id = ANY(%s)", [pks])
+    forget(v1(), pks)
     message = verify_fails()
     assert "coverage: 3 of 40 rows have no vector" in message
 
@@ -109,13 +106,11 @@ def test_verify_fails_for_rows_changed_by_queryset_update(backfilled):
 
 
 def test_verify_threshold_is_configurable(backfilled):
-    with connection.cursor() as cursor:  # a tiny perturbation of one vector: cosine ~0.99
-        cursor.execute("SELECT embedding_v1::text FROM news_article WHERE id = %s",
-                       [backfilled[0].pk])
-        vector = np.array([float(x) for x in cursor.fetchone()[0].strip("[]").split(",")])
-        noisy = vector + np.random.default_rng(0).normal(0, 0.1 * np.abs(vector).mean(), len(vector))
-        cursor.execute("UPDATE news_article SET embedding_v1 = %s::vector WHERE id = %s",
-                       [str(noisy.tolist()), backfilled[0].pk])
+    # A tiny perturbation of one vector: cosine ~0.99.
+    text = vector_text(v1(), backfilled[0].pk)
+    vector = np.array([float(x) for x in text.strip("[]").split(",")])
+    noisy = vector + np.random.default_rng(0).normal(0, 0.1 * np.abs(vector).mean(), len(vector))
+    set_vector_text(v1(), backfilled[0].pk, str(noisy.tolist()))
     assert "vectors differ: 1 of 40" in verify_fails()
     call_command("embeddings", "verify", TARGET, "v1", "--threshold", "0.9")
 
