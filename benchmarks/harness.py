@@ -205,10 +205,11 @@ def load_precomputed(version_name: str, texts: Sequence[str], vectors: Any,
             version.store.write(rows)
 
 
-def use_near_free_encoder(dimensions: int | None = None) -> None:
+def use_near_free_encoder(dimensions: int | None = None, distinct: int = 1024) -> None:
     """Replace model inference by a table lookup, so a benchmark measures everything but the
     encoder (reads, hashing, locking, the bulk write). The vectors are fixed unit vectors chosen
-    by the text's hash, of the loaded model's real dimension unless ``dimensions`` is given."""
+    by the text's hash among ``distinct`` ones, of the loaded model's real dimension unless
+    ``dimensions`` is given."""
     import zlib
 
     import numpy as np
@@ -223,10 +224,11 @@ def use_near_free_encoder(dimensions: int | None = None) -> None:
         dims = dimensions or getattr(self, "_dimensions", None) or 32
         if dims not in tables:
             rng = np.random.default_rng(dims)
-            table = rng.normal(size=(1024, dims)).astype(np.float32)
+            table = rng.normal(size=(distinct, dims)).astype(np.float32)
             tables[dims] = table / np.linalg.norm(table, axis=1, keepdims=True)
         self.calls += 1
-        return tables[dims][[zlib.crc32(t.encode("utf-8", "surrogatepass")) % 1024 for t in texts]]
+        return tables[dims][[zlib.crc32(t.encode("utf-8", "surrogatepass")) % distinct
+                             for t in texts]]
 
     encoders.SentenceTransformersEncoder._encode = lookup  # type: ignore[method-assign]
     encoders.clear_cache()

@@ -117,7 +117,7 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
         # was last active is only waived when the confirmation page's box is ticked, like --yes).
         record = _record(version)
         lifecycle.check_droppable(record, yes=request.POST.get("yes") == "on")
-        where = record.store.describe()
+        where = record.store.describe_storage()
         dropped = lifecycle.drop(target, name, actor=who, yes=True)
         return [f"{target}@{name} dropped: {where}"
                 + (f" and index {', '.join(dropped)}" if dropped else "") + " removed."]

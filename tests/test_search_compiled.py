@@ -81,5 +81,7 @@ def test_plain_search_follows_the_active_column_and_k(make_articles):
         after = Article.embedding.search("court ruling", k=7)
     assert len(after) == 7 and {a.embedding_version for a in after} == {"v2"}
     searched = [q["sql"] for q in queries.captured_queries if "<=>" in q["sql"]]
-    assert len(searched) == 1 and '"embedding_v2" <=>' in searched[0] and "LIMIT 7" in searched[0]
-    assert '"embedding_v1"' not in searched[0]
+    v1, v2 = (EmbeddingVersion.objects.get_version(TARGET, name) for name in ("v1", "v2"))
+    column = f'"{v2.store.relation}"."{v2.store.vector_column}" <=>'
+    assert len(searched) == 1 and column in searched[0] and "LIMIT 7" in searched[0]
+    assert f'"{v1.store.relation}"."{v1.store.vector_column}"' not in searched[0]
