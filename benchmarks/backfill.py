@@ -16,7 +16,7 @@
    fast as I can write it (one read, one binary COPY, one ``UPDATE ... FROM``), target >= 0.8x;
    inline at several batch sizes, and on real worker processes (1 against 2, 2 against (b)).
 4. The bulk write alone: binary COPY into a temp table + one ``UPDATE ... FROM`` (what
-   ``storage.write_vectors`` does) against ``UPDATE ... FROM unnest(...)`` with the vectors as
+   ``ColumnStore.write`` does) against ``UPDATE ... FROM unnest(...)`` with the vectors as
    text, and against one ``UPDATE`` per row (``executemany``).
 
 Run: ``python -m benchmarks.backfill --help`` for the sizes.
@@ -115,13 +115,13 @@ def _raw_copy_update(version_name: str) -> float:
     from django.db import connection, transaction
     from pgvector import Vector
 
-    from embeddings_app import encoders, lifecycle, registry, storage
+    from embeddings_app import encoders, lifecycle, registry, stores
 
     field = registry.get(TARGET)
     version = lifecycle.add(TARGET, version_name, "tiny")
     encoder = encoders.for_version(version)
     source_hash = field.source_hash
-    storage._register_types()
+    stores.register_types()
     with harness.stopwatch() as clock, transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SELECT id, concat_ws(E'\\n\\n', NULLIF(title, ''), NULLIF(body, '')) "
                        "FROM news_article")
@@ -136,8 +136,8 @@ def _raw_copy_update(version_name: str) -> float:
             for (pk, text), vector in zip(rows, vectors, strict=True):
                 copy.write_row((pk, Vector(vector), source_hash(text)))
         cursor.execute(
-            f"UPDATE news_article AS t SET {storage.qn(version.column)} = s.vec, "
-            f"{storage.qn(version.hash_column)} = s.source_hash "
+            f"UPDATE news_article AS t SET {stores.qn(version.store.vector_column)} = s.vec, "
+            f"{stores.qn(version.store.hash_column)} = s.source_hash "
             "FROM raw_incoming AS s WHERE t.id = s.pk")
         assert cursor.rowcount == len(rows)
     return clock["seconds"]
@@ -175,12 +175,11 @@ def database_bound(rows: int, batch_sizes: list[int], default_batch_size: int,
     app run at the default batch size."""
     from django.conf import settings
 
-    from embeddings_app import lifecycle, registry, storage
+    from embeddings_app import lifecycle
     from embeddings_app.models import State
     from project.news.models import Article
 
     harness.use_near_free_encoder(dimensions=384)
-    field = registry.get(TARGET)
 
     def fresh_table() -> None:
         _fresh_table(rows)
@@ -217,7 +216,7 @@ def database_bound(rows: int, batch_sizes: list[int], default_batch_size: int,
     finally:
         settings.EMBEDDINGS = original
     naive_s = clock["seconds"]
-    assert storage.coverage(field, naive)[0] == naive_rows
+    assert naive.store.coverage()[0] == naive_rows
 
     raw_rate = rows / min(runs["raw"])  # fastest of each side, as in the encode-bound part
     naive_rate = naive_rows / naive_s
@@ -407,7 +406,7 @@ def write_strategies(rows: int, batch_size: int) -> list[harness.Row]:
     import numpy as np
     from django.db import connection, transaction
 
-    from embeddings_app import registry, storage
+    from embeddings_app import registry, stores
     from embeddings_app.models import EmbeddingVersion
 
     field = registry.get(TARGET)
@@ -416,11 +415,11 @@ def write_strategies(rows: int, batch_size: int) -> list[harness.Row]:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(len(pks), version.dimensions)).astype(np.float32)
     hashes = [field.source_hash(f"text {pk}") for pk in pks]
-    table, col, hcol = (storage.qn(field.table), storage.qn(version.column),
-                        storage.qn(version.hash_column))
+    table, col, hcol = (stores.qn(field.table), stores.qn(version.store.vector_column),
+                        stores.qn(version.store.hash_column))
 
     def copy_update(part: range) -> None:
-        storage.write_vectors(field, version, [(pks[i], hashes[i], vectors[i]) for i in part])
+        version.store.write([(pks[i], hashes[i], vectors[i]) for i in part])
 
     def unnest_update(part: range) -> None:
         with connection.cursor() as cursor:

@@ -30,14 +30,7 @@ def short_articles(count: int, reject: set[int] = frozenset()) -> list[Article]:
 
 
 def stored_vectors(version: EmbeddingVersion) -> dict[int, np.ndarray]:
-    from django.db import connection
-
-    from embeddings_app import storage
-
-    storage._register_types()
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT id, {version.column} FROM news_article")
-        return {pk: None if v is None else v.to_numpy() for pk, v in cursor.fetchall()}
+    return {pk: vector for pk, (vector, _) in version.store.read_all().items()}
 
 
 def assert_every_row_is_the_servers_vector(version: EmbeddingVersion, drift: bool = False) -> None:
