@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from embeddings_app import backfill, devices, encoders, lifecycle, probes, registry, storage, tasks
+from embeddings_app import backfill, devices, encoders, lifecycle, probes, registry, tasks
 from embeddings_app.config import get_config, validate
 from embeddings_app.exceptions import (
     DeviceError,
@@ -208,7 +208,7 @@ def test_a_worker_computing_at_bfloat16_refuses_to_write_a_float32_version(celer
     assert len(errors) == 2 and all(
         "PrecisionMismatch" in error and "pinned at float32 but this process computes at "
         "bfloat16" in error for error in errors), errors
-    assert storage.coverage(registry.get(TARGET), version) == (0, 6)  # nothing written
+    assert version.store.coverage() == (0, 6)  # nothing written
 
 
 def test_a_float32_version_is_written_at_bfloat16_only_where_the_alias_accepts_it_and_probes_agree(
@@ -302,7 +302,7 @@ def _first_batch_fails_for_a_retry(version, encoder, hook, match: str) -> None:
         handle.remove()
     assert isinstance(exc.value, tasks.RETRYABLE)  # Celery retries the batch later
     assert not RowFailure.objects.exists()
-    assert storage.coverage(registry.get(TARGET), version) == (0, 10)
+    assert version.store.coverage() == (0, 10)
 
 
 def test_out_of_memory_on_one_text_fails_the_batch_for_a_retry_without_failing_a_row(
