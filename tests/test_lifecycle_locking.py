@@ -11,7 +11,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connections
 
-from embeddings_app import lifecycle, storage
+from embeddings_app import lifecycle, stores
 from embeddings_app.exceptions import Refused
 from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
@@ -55,7 +55,7 @@ def lock_waiters() -> int:
 
 
 def columns() -> set[str]:
-    return storage.existing_columns("news_article")
+    return stores.existing_columns("news_article")
 
 
 @pytest.fixture
