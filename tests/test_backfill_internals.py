@@ -7,8 +7,8 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from embeddings_app import backfill, registry, stores, sync
-from embeddings_app.models import EmbeddingVersion
+from embeddings_app import backfill, lifecycle, registry, stores, sync
+from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
 from tests.conftest import TARGET
 
@@ -16,9 +16,14 @@ pytestmark = pytest.mark.usefixtures("layout")  # both layouts
 
 
 def _version(make_articles, count: int) -> tuple[list[Article], EmbeddingVersion]:
+    """A version being backfilled (so written: a write to a version no longer written is
+    skipped, see sync.still_written)."""
     articles = make_articles(count)
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny")
-    return articles, EmbeddingVersion.objects.get(target=TARGET, version="v1")
+    version = EmbeddingVersion.objects.get(target=TARGET, version="v1")
+    with transaction.atomic():
+        lifecycle.transition(version, State.BACKFILLING, note="test: being backfilled")
+    return articles, version
 
 
 @pytest.mark.django_db(transaction=True)
@@ -193,23 +198,26 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
     prepared = sync.prepare(field, [version], page)
     held = sorted(a.pk for a in articles)[2]
     writer = raw_connection()
-    writer.execute("UPDATE news_article SET category = category WHERE id = %s", [held])
+    try:
+        writer.execute("UPDATE news_article SET category = category WHERE id = %s", [held])
 
-    def write() -> None:
-        try:
-            with transaction.atomic():
-                sync.write_prepared(field, prepared)
-        finally:
-            connections.close_all()
+        def write() -> None:
+            try:
+                with transaction.atomic():
+                    sync.write_prepared(field, prepared)
+            finally:
+                connections.close_all()
 
-    thread = threading.Thread(target=write)
-    thread.start()
-    wait_until(lambda: blocked_backends(writer), timeout=30, what="the write to wait for the row")
-    writer.execute("UPDATE news_article SET title = 'Rewritten while the write waited' "
-                   "WHERE id = %s", [held])
-    writer.commit()
-    thread.join(timeout=30)
-    writer.close()
+        thread = threading.Thread(target=write)
+        thread.start()
+        wait_until(lambda: blocked_backends(writer), timeout=30,
+                   what="the write to wait for the row")
+        writer.execute("UPDATE news_article SET title = 'Rewritten while the write waited' "
+                       "WHERE id = %s", [held])
+        writer.commit()
+        thread.join(timeout=30)
+    finally:
+        writer.close()  # a failure must not leave the row locked (the teardown would wait)
     assert not thread.is_alive()
     _assert_written_all_but(held, prepared, version, articles)
 
