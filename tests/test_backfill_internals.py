@@ -231,6 +231,8 @@ def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles
     articles, v1 = _version(make_articles, 6)
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny_other")
     v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
+    with transaction.atomic():
+        lifecycle.transition(v2, State.BACKFILLING, note="test: being backfilled")
     field = registry.get(TARGET)
     ((page, _),) = list(sync.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
     prepared = sync.prepare(field, [v1, v2], page)
