@@ -203,7 +203,7 @@ def test_psycopgs_own_connection_errors_are_transient_and_the_retry_reconnects(s
     """A terminated backend surfaces as psycopg's own error where the app talks to the driver
     directly (pgvector's type registration): it is retryable, and the task's Django connection is
     closed so that the retry opens a new one."""
-    from embeddings_app import storage, tasks
+    from embeddings_app import stores, tasks
 
     connection.close()
     connection.ensure_connection()  # a new session: pgvector's types not registered yet
@@ -213,7 +213,7 @@ def test_psycopgs_own_connection_errors_are_transient_and_the_retry_reconnects(s
 
     @tasks.reconnecting
     def register() -> None:
-        storage._register_types()
+        stores.register_types()
 
     with pytest.raises(tasks.RETRYABLE) as raised:
         register()

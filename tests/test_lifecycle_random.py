@@ -25,7 +25,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection, connections
 
-from embeddings_app import storage, tasks
+from embeddings_app import stores, tasks
 from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
 from tests.backfill_helpers import Writers, assert_every_row_fresh
@@ -94,7 +94,7 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_event.wait(0.2):
-                columns = storage.existing_columns("news_article")
+                columns = stores.existing_columns("news_article")
                 states = list(EmbeddingVersion.objects.for_target(TARGET)
                               .values_list("version", "state", "column"))
                 active = [name for name, state, _ in states if state == State.ACTIVE]
@@ -171,7 +171,7 @@ def test_random_operators_readers_and_writers_never_break_an_invariant(three_ver
     final = dict(EmbeddingVersion.objects.for_target(TARGET).values_list("version", "state"))
     print(f"  final states: {final}")
     assert list(final.values()).count(State.ACTIVE) <= 1
-    columns = storage.existing_columns("news_article")
+    columns = stores.existing_columns("news_article")
     for version in EmbeddingVersion.objects.for_target(TARGET).filter(
             state__in=(State.ACTIVE, State.STANDBY)):
         assert {version.column, version.hash_column} <= columns

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('embeddings_app', '0007_providers_probes_rate_limits'),
+        ('embeddings_app', '0010_version_write_error'),
     ]
 
     operations = [
