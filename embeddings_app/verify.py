@@ -57,8 +57,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         if self.passed:
-            return (f"verify PASSED for {self.version}: {self.compared} sampled vectors match "
-                    f"(min cosine {self.min_cosine:.5f} >= {self.threshold}), fingerprint ok, "
+            matched = (f"{self.compared} sampled vectors match (min cosine {self.min_cosine:.5f} >= "
+                       f"{self.threshold})" if self.compared else
+                       "no stored vector to compare (no row has source text)")
+            return (f"verify PASSED for {self.version}: {matched}, fingerprint ok, "
                     f"{self.covered}/{self.total} rows covered, 0 stale.")
         return f"verify FAILED for {self.version}: " + "; ".join(self.problems) + "."
 
@@ -127,8 +129,15 @@ def _compare_sample(field_: Any, version: EmbeddingVersion, encoder: encoders.En
     rows = version.store.sample(sample)
     report.sampled = len(rows)
     if not rows:
-        if report.total:
-            report.problems.append("no stored vectors to compare")
+        # An empty table, or one whose every source is empty, has nothing to compare and that is
+        # not drift; rows with source text but no stored vector are. A list, not an iterator: a
+        # half-read server-side cursor would hold a lock on the user's table.
+        texts = [field_.source_text(obj) for obj in field_.source_queryset().order_by("?")[:sample]]
+        with_text = sum(1 for text in texts if text.strip())  # as sync: blank is empty
+        if with_text:
+            report.problems.append(
+                f"no stored vectors to compare: {with_text} of {len(texts)} sampled rows have "
+                "source text but no vector")
         return
     instances = {obj.pk: obj for obj in field_.source_queryset().filter(pk__in=[r[0] for r in rows])}
     keys, texts, stored = [], [], []
