@@ -15,6 +15,7 @@ from django.conf import settings
 from embeddings_app import active, registry, stores
 from project.news.corpus import iter_articles
 from project.news.models import Article
+from tests import packaging
 from tests.embedding_servers import FaultServer, InfinityServer
 from tests.tinymodel import build_tiny_model
 from tests.workers import ROOT, WorkerProcess
@@ -171,3 +172,15 @@ def fault_server(fault_server_session: FaultServer) -> Iterator[FaultServer]:
     encoders.clear_cache()
     yield fault_server_session
     fault_server_session.reset()
+
+
+@pytest.fixture(scope="session")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> packaging.Dists:
+    """This repository's sdist and wheel, built once per session (``python -m build``)."""
+    return packaging.build(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(dists: packaging.Dists, tmp_path_factory: pytest.TempPathFactory) -> packaging.WheelEnv:
+    """A new virtualenv with the app installed from the wheel only (tests/packaging.py)."""
+    return packaging.wheel_env(tmp_path_factory.mktemp("wheel-venv") / "venv", dists.wheel)
