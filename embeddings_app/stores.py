@@ -141,7 +141,10 @@ class StoreColumn(Expression):
 
     def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
         if self.relation is None:
-            alias = compiler.quote_name_unless_alias(compiler.query.get_initial_alias())
+            # Django 6.1 has quote_name() and deprecates quote_name_unless_alias(); 5.2 has
+            # only the latter. The initial alias is the table's own name: quoted alike by both.
+            quote = getattr(compiler, "quote_name", None) or compiler.quote_name_unless_alias
+            alias = quote(compiler.query.get_initial_alias())
         else:
             alias = connection.ops.quote_name(self.relation)
         return f"{alias}.{connection.ops.quote_name(self.column)}", []
