@@ -348,6 +348,14 @@ def batch_failed(run_id: int, number: int, error: str) -> None:
     """A batch gave up (retries exhausted, or a permanent error): record it; the run ends as
     failed, resumable."""
     batch = BackfillBatch.objects.filter(run_id=run_id, number=number).first()
+    if (batch is not None and batch.status == BackfillBatch.Status.RUNNING
+            and batch.worker != _worker_name() and batch.lease_expires_at is not None
+            and batch.lease_expires_at > timezone.now()):
+        # This delivery lost its lease (the batch was reclaimed) and another worker holds the
+        # batch now: that worker's outcome counts, not this stale delivery's.
+        logger.warning("batch %s of run %s: a stale delivery gave up (%s); %s holds it now",
+                       number, run_id, error, batch.worker)
+        return
     where = f"range [{batch.low}, {batch.high})" if batch else f"batch {number}"
     _complete_batch(run_id, number, sync.SyncStats(), error=f"{where}: {error}")
 
