@@ -36,6 +36,7 @@ from .exceptions import Refused, VersionNotReady
 from .models import EmbeddingVersion, State, VersionEvent
 
 if TYPE_CHECKING:
+    from .config import ModelSpec
     from .indexes import Progress
     from .verify import VerifyReport
 
@@ -97,16 +98,52 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
     ``EMBEDDINGS["LAYOUT"]``)."""
     field = registry.get(target)
     store_class = stores.store_class(layout or get_config().layout)
+    check_version_name(target, version_name)
+    spec, encoder, storage_type = load_new_model(alias)
+    store_class.check_new(field, version_name)
+    # The probe set, embedded now (outside the transaction: an API call can be slow).
+    probe_texts, probe_vectors = probes.initial(encoder, target)
+    with locked_versions(target) as versions:
+        # Again under the lock: a concurrent `add` of the same name has committed by now.
+        check_name_free(target, version_name, versions)
+        store_class.check_new(field, version_name)
+        version = create_version(
+            target, version_name, versions, spec=spec, encoder=encoder, storage=storage_type,
+            layout=store_class.layout, names=store_class.names(field, version_name),
+            probe_texts=probe_texts, probe_vectors=probe_vectors, actor=actor,
+            note=f"added with {spec.model}@{spec.revision} ({store_class.layout} layout)")
+        version.store.add()
+    return version
+
+
+def check_version_name(target: str, version_name: str) -> None:
+    """Refuse an invalid version name, or one the target has (had)."""
     if not VERSION_NAME.fullmatch(version_name or ""):
         raise Refused(
             f'Invalid version name "{version_name}": use a lowercase letter then up to 30 '
             "lowercase letters, digits or underscores (e.g. v2)."
         )
     if EmbeddingVersion.objects.filter(target=target, version=version_name).exists():
-        raise Refused(
-            f'{target} already has a version "{version_name}" (names are never reused, even '
-            "after drop); choose another name."
-        )
+        raise _name_taken(target, version_name)
+
+
+def check_name_free(target: str, version_name: str,
+                    versions: dict[int, EmbeddingVersion]) -> None:
+    """Under ``locked_versions``: refuse a name a concurrent step has just taken."""
+    if any(v.version == version_name for v in versions.values()):
+        raise _name_taken(target, version_name)
+
+
+def _name_taken(target: str, version_name: str) -> Refused:
+    return Refused(
+        f'{target} already has a version "{version_name}" (names are never reused, even '
+        "after drop); choose another name."
+    )
+
+
+def load_new_model(alias: str) -> tuple[ModelSpec, encoders.Encoder, str]:
+    """The alias's spec, its loaded encoder and the storage type (vector or halfvec) of a new
+    version of it; refused when the alias and this process disagree."""
     spec = get_config().model(alias)
     encoder = encoders.load(spec)
     if encoder.precision not in (None, spec.precision):
@@ -128,34 +165,28 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
             f"{encoder.dimensions} dimensions cannot be indexed as vector (pgvector's limit is "
             f'{MAX_INDEXED_VECTOR_DIMENSIONS}); use "storage": "halfvec" for alias "{alias}".'
         )
-    store_class.check_new(field, version_name)
-    # The probe set, embedded now (outside the transaction: an API call can be slow).
-    probe_texts, probe_vectors = probes.initial(encoder, target)
-    taken = Refused(
-        f'{target} already has a version "{version_name}" (names are never reused, even '
-        "after drop); choose another name."
-    )
-    with locked_versions(target) as versions:
-        # Again under the lock: a concurrent `add` of the same name has committed by now.
-        if any(v.version == version_name for v in versions.values()):
-            raise taken
-        store_class.check_new(field, version_name)
-        try:
-            version = EmbeddingVersion.objects.create(
-                target=target, version=version_name, model_alias=alias, model_name=spec.model,
-                revision=spec.revision, fingerprint=encoder.fingerprint,
-                encode_settings=spec.encode_settings(), dimensions=encoder.dimensions,
-                storage=storage_type, layout=store_class.layout,
-                **store_class.names(field, version_name), state=State.NEW,
-                probe_texts=probe_texts, probe_vectors=probe_vectors,
-                library_versions=encoder.library_versions(),
-            )
-        except IntegrityError:  # a writer that bypassed the lock: still one clear line
-            raise taken from None
-        VersionEvent.objects.create(version=version, to_state=State.NEW, actor=actor,
-                                    note=f"added with {spec.model}@{spec.revision} "
-                                         f"({store_class.layout} layout)")
-        version.store.add()
+    return spec, encoder, storage_type
+
+
+def create_version(target: str, version_name: str, versions: dict[int, EmbeddingVersion], *,
+                   spec: ModelSpec, encoder: encoders.Encoder, storage: str, layout: str,
+                   names: dict[str, str], probe_texts: list[str], probe_vectors: bytes,
+                   actor: str, note: str) -> EmbeddingVersion:
+    """The record of a new version (state ``new``) and its first event, inside
+    ``locked_versions(target)`` (``versions``); the caller adds its storage."""
+    check_name_free(target, version_name, versions)
+    try:
+        version = EmbeddingVersion.objects.create(
+            target=target, version=version_name, model_alias=spec.alias, model_name=spec.model,
+            revision=spec.revision, fingerprint=encoder.fingerprint,
+            encode_settings=spec.encode_settings(), dimensions=encoder.dimensions,
+            storage=storage, layout=layout, **names, state=State.NEW,
+            probe_texts=probe_texts, probe_vectors=probe_vectors,
+            library_versions=encoder.library_versions(),
+        )
+    except IntegrityError:  # a writer that bypassed the lock: still one clear line
+        raise _name_taken(target, version_name) from None
+    VersionEvent.objects.create(version=version, to_state=State.NEW, actor=actor, note=note)
     return version
 
 
@@ -359,6 +390,9 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
             f"{version} is {version.state}; only a retired version can be dropped: run "
             f"`manage.py embeddings retire {version.target} {version.version}` first."
         )
+    refusal = version.store.drop_refusal()  # e.g. the column is a field of the user's model
+    if refusal:
+        raise Refused(refusal)
     grace = timedelta(seconds=get_config().drop_grace_period)
     if not yes and version.deactivated_at and version.deactivated_at > timezone.now() - grace:
         raise Refused(

@@ -266,6 +266,10 @@ class VersionStore:
         """Drop the version's indexes and storage; returns the names of the indexes dropped."""
         raise NotImplementedError
 
+    def drop_refusal(self) -> str | None:
+        """Why ``drop`` must not remove this storage (one line with what to do), or None."""
+        return None
+
     def exists(self) -> bool:
         """Is any of the version's storage still there (e.g. after an interrupted drop)?"""
         raise NotImplementedError
@@ -417,6 +421,8 @@ class ColumnStore(VersionStore):
     rewrites_row = True
 
     sql_add = "ALTER TABLE {table} ADD COLUMN {vector} {vec_type}, ADD COLUMN {hash} bytea"
+    # An adopted column (``embeddings_app.adopt``): the vectors are there, only the hashes are new.
+    sql_add_hash = "ALTER TABLE {table} ADD COLUMN {hash} bytea"
     sql_drop_columns = "ALTER TABLE {table} {drops}"
     sql_write = ("UPDATE {table} AS t SET {vector} = s.vec, {hash} = s.source_hash "
                  "FROM {staging} AS s WHERE t.{pk} = s.pk AND t.{pk} = ANY(%s::{pk_type}[]) "
@@ -434,6 +440,45 @@ class ColumnStore(VersionStore):
             if name in present:
                 raise Refused(f'Column "{name}" already exists on table {field.table}; '
                               "choose another version name.")
+
+    @classmethod
+    def adopted_names(cls, field: VersionedEmbedding, version_name: str,
+                      column: str) -> dict[str, str]:
+        """The names of a version adopting the existing vector column ``column`` of the user's
+        table: the vectors stay where they are, the source hashes get a column of their own."""
+        hash_column = cls.names(field, version_name)["hash_column"]
+        if len(hash_column) > MAX_IDENTIFIER_LENGTH:
+            raise Refused(f'The name "{hash_column}" is longer than PostgreSQL\'s '
+                          f"{MAX_IDENTIFIER_LENGTH} characters; choose a shorter version name.")
+        if hash_column in existing_columns(field.table):
+            raise Refused(f'Column "{hash_column}" already exists on table {field.table}; '
+                          "choose another version name.")
+        return {"column": column, "hash_column": hash_column, "table": ""}
+
+    def add_adopted(self) -> None:
+        """The storage of an adopted version: its source-hash column (the vectors exist)."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(self.sql_lock_timeout)
+            cursor.execute(self._format(self.sql_add_hash))
+
+    def model_field(self) -> models.Field | None:
+        """The field of the user's model whose column holds the vectors (an adopted
+        ``VectorField``), or None."""
+        return next((f for f in self.field.model._meta.concrete_fields
+                     if f.column == self.vector_column), None)
+
+    def drop_refusal(self) -> str | None:
+        model_field = self.model_field()
+        if model_field is None or self.vector_column not in existing_columns(self.table):
+            return None
+        model = self.field.model._meta
+        return (f"{self.version}'s vectors are column {self.vector_column} of table {self.table}, "
+                f"the field {model.label}.{model_field.name} of your model: dropping it here "
+                f"would break the model. Remove the field {model_field.name} from {model.label}, "
+                f"run `manage.py makemigrations {model.app_label}` and `manage.py migrate "
+                f"{model.app_label}` (Django drops the column), then run `manage.py embeddings "
+                f"drop {self.version.target} {self.version.version}` again to drop "
+                f"{self.hash_column}.")
 
     @property
     def relation(self) -> str:
@@ -560,6 +605,120 @@ class TableStore(VersionStore):
     def catch_up(self, queryset: models.QuerySet, write_xids: Sequence[str]) -> models.QuerySet:
         # A row whose version is the one its vector was written against is unchanged since.
         return queryset.extra(where=[self._format(self.sql_catch_up)])
+
+
+class ExistingVectors:
+    """Vectors an application already has, read by ``embeddings adopt``
+    (``embeddings_app.adopt``): a vector column of the user's table (``table`` None), or a
+    table of its own holding a key -> vector mapping (``key``: a unique column holding the
+    user's primary key; by default that table's own primary key).
+
+    Only reads: the column or table is the user's. Rows of such a table whose key is not a row
+    of the user's table are ignored."""
+
+    sql_type = ("SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND a.attnum > 0 "
+                "AND NOT a.attisdropped")
+    # The single-column unique indexes of a table: (column, is primary key).
+    sql_unique_columns = ("SELECT a.attname, x.indisprimary FROM pg_index x "
+                          "JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0] "
+                          "WHERE x.indrelid = to_regclass(%s) AND x.indisunique AND x.indnkeyatts = 1 "
+                          "AND x.indpred IS NULL")
+    sql_sample = ("SELECT v.{key}, v.{vector} FROM {relation} AS v JOIN {table} AS t "
+                  "ON t.{pk} = v.{key} WHERE v.{vector} IS NOT NULL ORDER BY random() LIMIT %s")
+    sql_read = ("SELECT v.{key}, v.{vector} FROM {relation} AS v "
+                "WHERE v.{key} = ANY(%s::{pk_type}[]) AND v.{vector} IS NOT NULL")
+    sql_count = ("SELECT count(*) FROM {relation} AS v JOIN {table} AS t ON t.{pk} = v.{key} "
+                 "WHERE v.{vector} IS NOT NULL")
+    TYPE = re.compile(r"(vector|halfvec)\((\d+)\)")
+
+    def __init__(self, field: VersionedEmbedding, column: str, table: str | None = None,
+                 key: str | None = None) -> None:
+        self.field = field
+        self.column = column
+        self.relation = table or field.table
+        self.in_table = table is not None
+        self.key = key or (self._primary_key() if table else field.model._meta.pk.column)
+
+    def describe(self) -> str:
+        return (f"column {self.column} of table {self.relation}" + (
+            f" (keyed by {self.key})" if self.in_table else ""))
+
+    def _primary_key(self) -> str:
+        unique = self._unique_columns()
+        primary = [name for name, is_primary in unique.items() if is_primary]
+        if not primary:
+            raise Refused(f"Table {self.relation} has no single-column primary key; name the "
+                          "column holding the key of your rows with --key.")
+        return primary[0]
+
+    def _unique_columns(self) -> dict[str, bool]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass(%s)", [qn(self.relation)])
+            if cursor.fetchone()[0] is None:
+                raise Refused(f"There is no table {self.relation}; name an existing table with "
+                              "--table.")
+            cursor.execute(self.sql_unique_columns, [qn(self.relation)])
+            return dict(cursor.fetchall())
+
+    def _format(self, template: str) -> str:
+        return template.format(relation=qn(self.relation), table=qn(self.field.table),
+                               key=qn(self.key), vector=qn(self.column),
+                               pk=qn(self.field.model._meta.pk.column),
+                               pk_type=pk_db_type(self.field))
+
+    def inspect(self) -> tuple[str, int]:
+        """(storage, dimensions) of the column: ``vector(N)`` or ``halfvec(N)``; refused with
+        the reason for anything else (a missing column or table, another type, no dimension,
+        a key that is not unique)."""
+        if self.in_table:
+            unique = self._unique_columns()
+            if self.key not in existing_columns(self.relation):
+                raise Refused(f"Table {self.relation} has no column {self.key}; name the column "
+                              "holding the key of your rows with --key.")
+            if self.key not in unique:
+                raise Refused(f"Column {self.key} of table {self.relation} is not unique (no "
+                              "unique index or primary key on it alone): a row could have two "
+                              "vectors. Add a unique index, or name another column with --key.")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass(%s)", [qn(self.relation)])
+            if cursor.fetchone()[0] is None:
+                raise Refused(f"There is no table {self.relation}.")
+            cursor.execute(self.sql_type, [qn(self.relation), self.column])
+            row = cursor.fetchone()
+        if row is None:
+            raise Refused(f"Table {self.relation} has no column {self.column}; name the column "
+                          "holding your vectors with --column.")
+        found = self.TYPE.fullmatch(row[0])
+        if found is None:
+            raise Refused(f"Column {self.column} of table {self.relation} is {row[0]}, not a "
+                          "pgvector vector(N) or halfvec(N) with a fixed dimension; nothing to "
+                          "adopt (ALTER it to vector(N) first, or add a new version).")
+        return found.group(1), int(found.group(2))
+
+    def count(self) -> int:
+        """Rows of the user's table with a vector here."""
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_count))
+            return int(cursor.fetchone()[0])
+
+    def sample(self, size: int) -> dict[Any, np.ndarray]:
+        """``size`` random rows of the user's table with a vector: pk -> vector (float32)."""
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_sample), [size])
+            return {pk: np.asarray(vector.to_numpy(), dtype=np.float32)
+                    for pk, vector in cursor.fetchall()}
+
+    def read(self, pks: Sequence[Any]) -> dict[Any, np.ndarray]:
+        """pk -> vector (float32) for those of ``pks`` with a vector."""
+        if not pks:
+            return {}
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_read), [list(pks)])
+            return {pk: np.asarray(vector.to_numpy(), dtype=np.float32)
+                    for pk, vector in cursor.fetchall()}
 
 
 STORES: dict[str, type[VersionStore]] = {store.layout: store for store in (ColumnStore, TableStore)}

@@ -34,6 +34,32 @@ class Command(BaseCommand):
         p.add_argument("--layout", choices=LAYOUTS,
                        help='where its vectors live (default: EMBEDDINGS["LAYOUT"], "column")')
 
+        p = sub.add_parser("adopt", help="register vectors you already have as a version, "
+                           "without re-encoding them (a sample is re-embedded and compared)")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--model", required=True, metavar="ALIAS",
+                       help="the model (alias) that made the vectors")
+        p.add_argument("--column", required=True, metavar="NAME",
+                       help="the vector column: of the target's table, or of --table")
+        p.add_argument("--table", metavar="NAME",
+                       help="a table of its own holding key -> vector (copied into the version)")
+        p.add_argument("--key", metavar="NAME",
+                       help="--table's column holding your rows' primary key (default: its "
+                            "primary key)")
+        p.add_argument("--layout", choices=LAYOUTS,
+                       help="where the version's vectors live (default: a column of the "
+                            "target's table in place; --table's copied into a side table)")
+        p.add_argument("--sample", type=int,
+                       help='rows re-embedded and compared (EMBEDDINGS["VERIFY_SAMPLE"])')
+        p.add_argument("--threshold", type=float, help="min cosine similarity (the verify "
+                                                       "threshold)")
+        p.add_argument("--verify-all", action="store_true",
+                       help="re-embed every row; replace the vectors that do not match")
+        p.add_argument("--inline", action="store_true",
+                       help="run the backfill of missing or changed rows in this process")
+        p.add_argument("--batch-size", type=int)
+
         p = sub.add_parser("backfill", help="embed every missing or stale row of a version")
         p.add_argument("target")
         p.add_argument("version")
@@ -173,6 +199,33 @@ class Command(BaseCommand):
             f"{record.store.describe()}. Next: embeddings backfill {target} {version}"
         ))
         self._layout_advice(record)
+
+    def do_adopt(self, target: str, version: str, model: str, column: str,
+                 table: str | None = None, key: str | None = None, layout: str | None = None,
+                 sample: int | None = None, threshold: float | None = None,
+                 verify_all: bool = False, inline: bool = False, batch_size: int | None = None,
+                 **_: Any) -> None:
+        from embeddings_app import adopt
+
+        field = registry.get(target)
+        bar = tqdm(total=field.model._base_manager.count(), unit="row",
+                   desc=f"adopt {version}", file=self.stderr._out, disable=None,
+                   dynamic_ncols=True)
+        try:
+            record, report = adopt.adopt(
+                field.target, version, model, column=column, table=table, key=key,
+                layout=layout, sample=sample, threshold=threshold, verify_all=verify_all,
+                batch_size=batch_size, actor=ACTOR, progress=bar.update)
+        finally:
+            bar.close()
+        for line in report.lines():
+            self.stdout.write(line)
+        # Rows without a vector, changed meanwhile or with empty text: the usual backfill.
+        self._backfill(record, inline=inline, batch_size=batch_size, wait=True)
+        self.stdout.write(self.style.SUCCESS(
+            f"{record} is ready ({record.store.describe()}). Next: embeddings index "
+            f"{field.target} {version}, verify, activate (or `embeddings migrate "
+            f"{field.target} --to {model}`, which resumes it)."))
 
     def _layout_advice(self, record: EmbeddingVersion) -> None:
         """For a version added in a column: why a table of its own may be better, and what a
