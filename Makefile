@@ -11,12 +11,25 @@ STAMP := $(VENV)/.installed
 # virtualenv, since it needs sentence-transformers < 4.
 INFINITY_VENV ?= .venv-infinity
 INFINITY_STAMP := $(INFINITY_VENV)/.installed
+# Django 6.1, the second supported Django (README, "Requirements"), needs Python 3.12+: its own
+# virtualenv, where `make test` runs the quickstart and the suites that touch Django's internals
+# after the whole suite has run on Django 5.2 in .venv. DJANGO6_PYTHON: the first Python 3.12+
+# found (on PATH, else pyenv's).
+DJANGO6_VENV ?= .venv-django6
+DJANGO6_STAMP := $(DJANGO6_VENV)/.installed
+DJANGO6_PYTHON ?= $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.12*/bin/python3.12 \
+  $$HOME/.pyenv/versions/3.13*/bin/python3.13; do \
+  $$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+DJANGO6_TESTS ?= tests/test_quickstart.py tests/test_packaging.py tests/test_search_compiled.py \
+  tests/test_search_settings.py tests/test_checks.py tests/test_checks_deploy.py \
+  tests/test_migrations.py tests/test_admin.py tests/test_async_search.py tests/test_beat_schedule.py
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv infinity browser demo test lint bench clean-data
+.PHONY: venv infinity django6 browser demo test test-django6 lint bench clean-data
 
-$(STAMP): requirements/base.txt requirements/data.txt requirements/dev.txt pyproject.toml
+$(STAMP): requirements/base.txt requirements/django-5.2.txt requirements/data.txt requirements/dev.txt \
+  pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
@@ -31,6 +44,14 @@ $(INFINITY_STAMP): requirements/infinity.txt
 
 infinity: $(INFINITY_STAMP)
 
+$(DJANGO6_STAMP): requirements/dev-django6.txt requirements/django-6.1.txt requirements/base.txt
+	@test -n "$(DJANGO6_PYTHON)" || { echo "Django 6 needs Python 3.12+ and none was found: set DJANGO6_PYTHON"; exit 1; }
+	test -x $(DJANGO6_VENV)/bin/python || $(DJANGO6_PYTHON) -m venv $(DJANGO6_VENV)
+	$(DJANGO6_VENV)/bin/python -m pip install -q -r requirements/dev-django6.txt
+	touch $(DJANGO6_STAMP)
+
+django6: $(DJANGO6_STAMP)
+
 demo: venv
 	$(PY) manage.py demo $(ARGS)
 
@@ -43,8 +64,13 @@ browser:
 	    || echo "WARNING: could not install chromium; the browser tests will fail"; \
 	fi
 
-test: venv infinity browser
+# The whole suite on Django 5.2, then DJANGO6_TESTS on Django 6.1 (ARGS6: its pytest options).
+test: venv infinity browser django6
 	$(PY) -m pytest $(ARGS)
+	$(DJANGO6_VENV)/bin/python -m pytest $(ARGS6) $(DJANGO6_TESTS)
+
+test-django6: django6
+	$(DJANGO6_VENV)/bin/python -m pytest $(ARGS6) $(DJANGO6_TESTS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

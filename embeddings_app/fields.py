@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from asgiref.sync import sync_to_async
 from django.db import models
 
 from . import registry
@@ -106,6 +107,22 @@ class VersionedEmbedding:
 
         return search.search_vector(self, vector, version=version, k=k, queryset=queryset)
 
+    async def asearch(self, text: str, k: int = 10,
+                      queryset: models.QuerySet | None = None) -> list[Any]:
+        """``search`` for async code (ASGI views): the same snapshot guarantee (search.py)."""
+        from . import search
+
+        return await search.asearch(self, text, k=k, queryset=queryset)
+
+    async def asearch_vector(
+        self, vector: Any, version: str | None = None, k: int = 10,
+        queryset: models.QuerySet | None = None,
+    ) -> list[Any]:
+        """``search_vector`` for async code."""
+        from . import search
+
+        return await search.asearch_vector(self, vector, version=version, k=k, queryset=queryset)
+
     def sync(self, queryset: models.QuerySet | None = None) -> int:
         """Re-embed the rows of ``queryset`` (all rows if None) whose source changed behind the
         app's back (``bulk_update``, ``QuerySet.update()``, raw SQL). Returns rows re-embedded."""
@@ -136,3 +153,7 @@ class BoundEmbedding:
         record = (versions.active_for(self.field.target) if version is None
                   else versions.get_version(self.field.target, version))
         return record.store.read_vector(self.instance.pk)
+
+    async def avector(self, version: str | None = None) -> np.ndarray | None:
+        """``vector`` for async code: the version record and the read in one sync call."""
+        return await sync_to_async(self.vector, thread_sensitive=True)(version)

@@ -1,4 +1,12 @@
-"""Reads: always the active version, its model for the query and its store for the vectors."""
+"""Reads: always the active version, its model for the query and its store for the vectors.
+
+Invariant: one search takes one snapshot of the active version (``active.get``) and uses it for
+both the query's embedding and the store searched, so a result is never a mix of two versions.
+The async calls (``asearch``, ``asearch_vector``) run the whole sync search as one call in
+Django's thread for the caller's async context (``sync_to_async``, thread-sensitive, as Django's
+own async ORM methods do): the same snapshot, the same connection, the same guarantees; under
+ASGI each request has its own thread, so concurrent requests search concurrently.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from asgiref.sync import sync_to_async
 from django.db import connection, connections, models
 
 from . import active, encoders, limits
@@ -44,6 +53,19 @@ def search_vector(field: VersionedEmbedding, vector: Any, *, version: str | None
     check_arguments(field, k, queryset)
     array = limits.query_vector(vector, current.dimensions, current.version)
     return _nearest(field, current, array, k, queryset)
+
+
+async def asearch(field: VersionedEmbedding, text: str, *, k: int = 10,
+                  queryset: models.QuerySet | None = None) -> list[Any]:
+    """``search`` for async code (module docstring): one snapshot per search."""
+    return await sync_to_async(search, thread_sensitive=True)(field, text, k=k, queryset=queryset)
+
+
+async def asearch_vector(field: VersionedEmbedding, vector: Any, *, version: str | None = None,
+                         k: int = 10, queryset: models.QuerySet | None = None) -> list[Any]:
+    """``search_vector`` for async code: ``VersionMismatch`` unless ``version`` is active."""
+    return await sync_to_async(search_vector, thread_sensitive=True)(
+        field, vector, version=version, k=k, queryset=queryset)
 
 
 def check_arguments(field: VersionedEmbedding, k: Any, queryset: Any) -> None:

@@ -5,11 +5,13 @@ Invariants: the wheel is built from the sdist (``python -m build``'s default), s
 checked by one build; the virtualenv gets the app *only* from the wheel (``--no-deps``,
 ``--no-index``) and every other package from the running interpreter's site-packages, added by a
 ``.pth`` line (a plain path: the editable install's finder there is not activated), so it is fast
-and needs no network.
+and needs no network. The commands of those requirements that a project runs (``django-admin``,
+``celery``) get launchers in the virtualenv's ``bin``, as pip writes them, for its interpreter.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -20,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST_NAME = "django_embedding_versions"
+# Distributions whose console scripts the wheel's virtualenv gets (they come from the shared
+# site-packages, so pip does not write them there).
+COMMANDS_OF = ("Django", "celery")
 
 
 @dataclass(frozen=True)
@@ -82,4 +87,12 @@ def wheel_env(path: Path, wheel: Path) -> WheelEnv:
          "--no-deps", "--no-index", "--no-cache-dir", str(wheel)],
         check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
+    for entry in importlib.metadata.entry_points(group="console_scripts"):
+        if entry.dist is not None and entry.dist.name in COMMANDS_OF:
+            script = env.bin / entry.name
+            module, _, attr = entry.value.partition(":")
+            head = attr.split(".")[0]
+            script.write_text(f"#!{env.python}\nimport sys\nfrom {module} import {head}\n"
+                              f"sys.exit({attr}())\n")
+            script.chmod(0o755)
     return env
