@@ -20,10 +20,10 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.views import View
 
-from . import backfill, lifecycle, progress, registry
+from . import backfill, indexes, lifecycle, progress, registry, tasks
 from .config import get_config
 from .exceptions import EmbeddingError
-from .models import BackfillRun, EmbeddingVersion, State
+from .models import BackfillRun, EmbeddingVersion, State, VersionEvent
 
 # Permission (codename on EmbeddingVersion.Meta) by action group.
 PERMISSIONS = {"backfill": "run_backfill", "switch": "switch_active", "drop": "drop_version"}
@@ -95,9 +95,17 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
         return [f"Backfill run {run.pk} of {record}: {batches} sent to queue "
                 f"'{get_config().queue}'; progress below."]
     if step.name == "index":
+        # On a worker, like the backfill: a large build takes hours (docs/cutover.md, "Large
+        # indexes"). The state is checked here, the rest of the refusals by the task.
         record = _record(version)
-        index = lifecycle.build_index(target, name)
-        return [f"Index {index} on {record.store.describe()} is valid."]
+        indexes.check_buildable(record)
+        queue = get_config().queue
+        tasks.build_index.apply_async(args=[record.pk, who], queue=queue)
+        VersionEvent.objects.create(version=record, from_state=record.state,
+                                    to_state=record.state, actor=who,
+                                    note=f"index build sent to queue '{queue}'")
+        return [f"Index build of {record} sent to queue '{queue}'; its progress shows below "
+                "and its result in the history."]
     if step.name == "verify":
         report = lifecycle.verify(registry.get(target).target, name, actor=who)
         if not report.passed:

@@ -12,8 +12,8 @@ from typing import Any
 
 from django.conf import settings
 
-from .exceptions import ConfigurationError
-from .limits import MAX_BATCH_SIZE
+from .exceptions import ConfigurationError, Refused
+from .limits import MAX_BATCH_SIZE, PARALLEL_MAINTENANCE_WORKERS, memory_kb
 
 DUAL_WRITE_MODES = ("sync", "on_commit", "celery")
 LAYOUTS = ("column", "table")  # where a new version's vectors live (embeddings_app.stores)
@@ -46,7 +46,12 @@ CUTOVER_DEFAULTS: dict[str, Any] = {
     # expired (its worker died) is re-dispatched by whoever follows the run (docs/backfill.md).
     "BATCH_LEASE": 60.0,
 }
-TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS, *CUTOVER_DEFAULTS})
+# Index builds (optional; None: the server's own setting). Flags of `index` override them.
+INDEX_DEFAULTS: dict[str, Any] = {
+    "INDEX_MAINTENANCE_WORK_MEM": None,  # e.g. "2GB": maintenance_work_mem of the build's session
+    "INDEX_PARALLEL_WORKERS": None,  # max_parallel_maintenance_workers of the build's session
+}
+TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS, *CUTOVER_DEFAULTS, *INDEX_DEFAULTS})
 
 # key -> (accepted types, description used in messages)
 MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -172,6 +177,8 @@ class EmbeddingsConfig:
     verify_max_age: float = CUTOVER_DEFAULTS["VERIFY_MAX_AGE"]
     drop_grace_period: float = CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"]
     batch_lease: float = CUTOVER_DEFAULTS["BATCH_LEASE"]
+    index_maintenance_work_mem: str | int | None = None
+    index_parallel_workers: int | None = None
 
     def model(self, alias: str) -> ModelSpec:
         try:
@@ -242,6 +249,29 @@ def validate(raw: Any) -> list[Problem]:
                                 'see docs/backfill.md, "Choosing a layout"); "column" is the '
                                 "default."))
     problems.extend(_validate_cutover(raw))
+    problems.extend(_validate_index(raw))
+    return problems
+
+
+def _validate_index(raw: dict[str, Any]) -> list[Problem]:
+    problems = []
+    memory = raw.get("INDEX_MAINTENANCE_WORK_MEM")
+    if memory is not None:
+        try:
+            memory_kb('EMBEDDINGS["INDEX_MAINTENANCE_WORK_MEM"]', memory)
+        except Refused as exc:  # the same line as the flag's
+            problems.append(Problem("embeddings.E050", str(exc),
+                                    'e.g. "2GB": about 1.3 x rows x (8 + 4 x dimensions) bytes '
+                                    "keeps an HNSW graph in memory (docs/cutover.md, \"Large "
+                                    'indexes")'))
+    workers = raw.get("INDEX_PARALLEL_WORKERS")
+    low, high = PARALLEL_MAINTENANCE_WORKERS
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or not low <= workers <= high):
+        problems.append(Problem("embeddings.E051",
+                                f'EMBEDDINGS["INDEX_PARALLEL_WORKERS"] must be an integer from '
+                                f"{low} to {high}, not {workers!r}.",
+                                "e.g. 4; the server's max_parallel_workers caps it"))
     return problems
 
 
@@ -428,6 +458,8 @@ def parse(raw: Any) -> EmbeddingsConfig:
         drop_grace_period=float(values.get("DROP_GRACE_PERIOD",
                                            CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"])),
         batch_lease=float(values.get("BATCH_LEASE", CUTOVER_DEFAULTS["BATCH_LEASE"])),
+        index_maintenance_work_mem=values.get("INDEX_MAINTENANCE_WORK_MEM"),
+        index_parallel_workers=values.get("INDEX_PARALLEL_WORKERS"),
     )
 
 

@@ -37,7 +37,7 @@ from .models import EmbeddingVersion, State, VersionEvent
 
 if TYPE_CHECKING:
     from .config import ModelSpec
-    from .indexes import Progress
+    from .indexes import BuildPlan, Progress
     from .verify import VerifyReport
 
 VERSION_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
@@ -475,9 +475,13 @@ def verify(target: str, version_name: str, *, sample: int | None = None,
 
 def build_index(target: str, version_name: str, *, m: int | None = None,
                 ef_construction: int | None = None, ef_search: int | None = None,
-                progress: Callable[[Progress], None] | None = None) -> str:
+                progress: Callable[[Progress], None] | None = None,
+                maintenance_work_mem: str | int | None = None,
+                parallel_workers: int | None = None,
+                on_plan: Callable[[BuildPlan], None] | None = None) -> str:
     """Build (or rebuild, if INVALID or built with other parameters) the version's HNSW index
-    concurrently; ``ef_search`` sets the version's ``hnsw.ef_search`` for its searches."""
+    concurrently; ``ef_search`` sets the version's ``hnsw.ef_search`` for its searches. The
+    build's session settings and memory estimate: ``indexes.plan`` (``on_plan`` sees it)."""
     from . import indexes
 
     version = EmbeddingVersion.objects.get_version(target, version_name)
@@ -486,8 +490,14 @@ def build_index(target: str, version_name: str, *, m: int | None = None,
     # Every number is checked before anything is stored.
     limits.hnsw(version.hnsw_m if m is None else m,
                 version.hnsw_ef_construction if ef_construction is None else ef_construction)
+    if maintenance_work_mem is not None:
+        limits.memory_kb("--maintenance-work-mem", maintenance_work_mem)
+    if parallel_workers is not None:
+        limits.integer("--parallel-workers", parallel_workers, *limits.PARALLEL_MAINTENANCE_WORKERS)
     if ef_search is not None:
         version.hnsw_ef_search = ef_search
         version.save(update_fields=["hnsw_ef_search"])
         active.invalidate(target)
-    return indexes.build(version, m=m, ef_construction=ef_construction, progress=progress)
+    return indexes.build(version, m=m, ef_construction=ef_construction, progress=progress,
+                         maintenance_work_mem=maintenance_work_mem,
+                         parallel_workers=parallel_workers, on_plan=on_plan)

@@ -11,11 +11,16 @@ Where a bound comes from:
 * a verify threshold is a cosine similarity a sampled vector must reach: finite, in (0, 1].
 * a query vector: finite, not all zeros (its cosine distance to anything is undefined), and of
   the version's dimension.
+* an index build's ``maintenance_work_mem``: PostgreSQL's own range for the setting (1 MB to
+  2147483647 kB), in its units (``kB``, ``MB``, ``GB``, ``TB``; a bare integer is MB); its
+  parallel maintenance workers 0..1024 (PostgreSQL's range; the server's ``max_parallel_workers``
+  caps them at build time, ``indexes.plan``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,10 @@ MAX_BATCH_SIZE = 10_000
 MAX_K = 1000
 MAX_VERIFY_SAMPLE = 100_000
 MAX_COMPARE_SAMPLE = 10_000
+MAINTENANCE_WORK_MEM_KB = (1024, 2_147_483_647)  # PostgreSQL's bounds of the setting
+PARALLEL_MAINTENANCE_WORKERS = (0, 1024)
+MEMORY_UNITS_KB = {"kb": 1, "mb": 1024, "gb": 1024 ** 2, "tb": 1024 ** 3}
+MEMORY = re.compile(r"\s*(\d+)\s*(kB|MB|GB|TB)?\s*", re.IGNORECASE)
 
 
 def integer(name: str, value: Any, low: int, high: int) -> int:
@@ -73,3 +82,18 @@ def query_vector(vector: Any, dimensions: int, version: str) -> np.ndarray:
         raise VersionMismatch("The query vector is all zeros: its cosine distance to any row is "
                               "undefined.")
     return array
+
+
+def memory_kb(name: str, value: Any) -> int:
+    """``value`` (an integer of MB, or a string such as ``"512MB"`` or ``"2GB"``) in kB, if it
+    is within PostgreSQL's bounds of ``maintenance_work_mem``; else a one-line refusal."""
+    low, high = MAINTENANCE_WORK_MEM_KB
+    kb = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        kb = value * 1024
+    elif isinstance(value, str) and (found := MEMORY.fullmatch(value)):
+        kb = int(found.group(1)) * MEMORY_UNITS_KB[(found.group(2) or "MB").lower()]
+    if kb is None or not low <= kb <= high:
+        raise Refused(f"{name} must be a memory size from 1MB to 2047GB (e.g. 512MB, 2GB; a "
+                      f"bare number is MB), not {value!r}.")
+    return kb

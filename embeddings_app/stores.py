@@ -176,6 +176,7 @@ class VersionStore:
     sql_add: ClassVar[str]
     sql_write: ClassVar[str]
     sql_coverage = "SELECT (SELECT count({hash}) FROM {relation}), (SELECT count(*) FROM {table})"
+    sql_count_vectors = "SELECT count({vector}) FROM {relation}"
     sql_read_vector = "SELECT {vector} FROM {relation} WHERE {key} = %s"
     sql_read_all = ("SELECT t.{pk}, v.{vector}, v.{hash} FROM {table} AS t "
                     "LEFT JOIN {relation} AS v ON v.{key} = t.{pk}")
@@ -359,6 +360,12 @@ class VersionStore:
             return {pk: (None if vector is None else np.asarray(vector.to_numpy(), dtype=np.float32),
                          None if source_hash is None else bytes(source_hash))
                     for pk, vector, source_hash in cursor.fetchall()}
+
+    def vector_count(self) -> int:
+        """Vectors stored (the rows an index build inserts): one scan of ``relation``."""
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_count_vectors))
+            return int(cursor.fetchone()[0])
 
     def coverage(self) -> tuple[int, int]:
         """(rows with a vector or a recorded source hash, all rows of the user's table)."""

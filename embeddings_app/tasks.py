@@ -14,6 +14,7 @@ a batch that is still running to a second worker. Workers should run with
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,9 +22,9 @@ import psycopg
 from celery import Task, shared_task
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
-from . import backfill, probes, registry, sync
+from . import backfill, lifecycle, probes, registry, sync
 from .exceptions import ProviderUnavailable
-from .models import EmbeddingVersion
+from .models import EmbeddingVersion, VersionEvent
 
 # Connection errors, Django's and psycopg's alike: psycopg's own escape Django's wrapper where
 # the app talks to the driver directly (pgvector's type registration, COPY), e.g. the
@@ -165,3 +166,39 @@ def probe(target: str | None = None) -> dict[str, bool]:
     if target:
         versions = versions.filter(target=registry.get(target).target)
     return {str(version): probes.run(version).passed for version in versions}
+
+
+@shared_task(name="embeddings_app.build_index", ignore_result=True, acks_late=False)
+@reconnecting
+def build_index(version_id: int, actor: str = "") -> str:
+    """The admin's "Build index": ``lifecycle.build_index`` on a worker (the same build as
+    ``embeddings index``, with ``EMBEDDINGS["INDEX_*"]``). Its progress is the server's
+    (``pg_stat_progress_create_index``, which the admin polls); its plan and outcome are recorded
+    in the version's history.
+
+    Acknowledged on receipt, not late, and never retried: a build may outlast the broker's
+    visibility timeout, and a second delivery must not start a second build (the build's
+    advisory lock would refuse it anyway). If the worker dies, the build is lost (an INVALID
+    index remains, which the next build replaces): start it again."""
+    version = EmbeddingVersion.objects.get(pk=version_id)
+    notes: list[str] = []
+
+    def on_plan(plan: Any) -> None:
+        if plan.session:
+            notes.extend(f"PostgreSQL: {notice}" for notice in plan.notices)
+        else:
+            notes.extend([*plan.lines(), *(f"Warning: {w}" for w in plan.warnings)])
+
+    started = time.monotonic()
+    try:
+        name = lifecycle.build_index(version.target, version.version, on_plan=on_plan)
+    except Exception as exc:
+        VersionEvent.objects.create(
+            version=version, from_state=version.state, to_state=version.state, actor=actor,
+            note=" ".join([f"index build failed: {type(exc).__name__}: {exc}", *notes])[:2000])
+        raise
+    VersionEvent.objects.create(
+        version=version, from_state=version.state, to_state=version.state, actor=actor,
+        note=" ".join([f"index {name} built and valid ({time.monotonic() - started:.1f}s).",
+                       *notes])[:2000])
+    return name

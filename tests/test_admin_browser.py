@@ -83,7 +83,7 @@ def bar(driver: webdriver.Chrome, version: EmbeddingVersion) -> tuple[float, str
 
 
 def test_watch_a_running_backfill_then_activate_through_the_confirmation_page(
-        live_server, browser, make_articles):
+        live_server, browser, make_articles, celery_worker):
     make_articles(200)
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny")
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny_other")
@@ -149,9 +149,18 @@ def test_watch_a_running_backfill_then_activate_through_the_confirmation_page(
     points = int(browser.find_element(By.CSS_SELECTOR, "#ev-chart svg").get_attribute("data-points"))
     assert points >= 5, points  # samples about a second apart over a run of 8+ seconds
     screenshot(browser, "detail-ready")
+    # "Build index" runs on a real Celery worker; the page follows it without a reload.
+    worker = celery_worker(concurrency=1)
     click_to_next_page(browser, "ev-step-index", timeout=60)
     WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".messagelist")))
-    assert "is valid" in browser.find_element(By.CSS_SELECTOR, ".messagelist").text
+    assert "sent to queue" in browser.find_element(By.CSS_SELECTOR, ".messagelist").text
+    browser.execute_script("window.__notReloaded = 'index page';")
+    index_cell = f"[data-ev-id='{v2.pk}'][data-ev-field='index']"
+    WebDriverWait(browser, 120).until(lambda driver: driver.find_element(
+        By.CSS_SELECTOR, index_cell).text == "valid", message=worker.log()[-3000:])
+    assert browser.execute_script("return window.__notReloaded") == "index page"
+    assert "embeddings_app.build_index" in worker.log()
+    assert v2.events.filter(note__contains="built and valid").exists()
     click_to_next_page(browser, "ev-step-verify", timeout=60)
     WebDriverWait(browser, 60).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".messagelist")))
     assert "PASSED" in browser.find_element(By.CSS_SELECTOR, ".messagelist").text

@@ -75,6 +75,12 @@ class Command(BaseCommand):
         p.add_argument("--m", type=int, help="HNSW m (default: the version's, 16)")
         p.add_argument("--ef-construction", type=int, help="HNSW ef_construction (default 64)")
         p.add_argument("--ef-search", type=int, help="hnsw.ef_search for this version's searches")
+        p.add_argument("--maintenance-work-mem", metavar="SIZE",
+                       help='the build session\'s maintenance_work_mem, e.g. 2GB (default: '
+                            'EMBEDDINGS["INDEX_MAINTENANCE_WORK_MEM"], else the server\'s)')
+        p.add_argument("--parallel-workers", type=int, metavar="N",
+                       help="the build session's max_parallel_maintenance_workers (default: "
+                            'EMBEDDINGS["INDEX_PARALLEL_WORKERS"], else the server\'s)')
 
         p = sub.add_parser("verify", help="re-embed a sample and compare; exit 1 on any drift")
         p.add_argument("target")
@@ -256,9 +262,11 @@ class Command(BaseCommand):
 
     def do_index(self, target: str, version: str, m: int | None = None,
                  ef_construction: int | None = None, ef_search: int | None = None,
+                 maintenance_work_mem: str | None = None, parallel_workers: int | None = None,
                  **_: Any) -> None:
         target = registry.get(target).target
-        self._index(target, version, m=m, ef_construction=ef_construction, ef_search=ef_search)
+        self._index(target, version, m=m, ef_construction=ef_construction, ef_search=ef_search,
+                    maintenance_work_mem=maintenance_work_mem, parallel_workers=parallel_workers)
 
     def _index(self, target: str, version: str, **params: Any) -> None:
         record = EmbeddingVersion.objects.get_version(target, version)
@@ -275,8 +283,19 @@ class Command(BaseCommand):
             if reading.fraction is not None:
                 bar.update(max(int(reading.fraction * 100) - bar.n, 0))
 
+        def on_plan(plan: indexes.BuildPlan) -> None:
+            if plan.session:  # the build is over: what the server said during it
+                for notice in plan.notices:
+                    self.stderr.write(self.style.WARNING(f"PostgreSQL: {notice}"))
+                return
+            for line in plan.lines():  # before the build: the estimate and the settings
+                self.stdout.write(line)
+            for warning in plan.warnings:
+                self.stderr.write(self.style.WARNING(f"Warning: {warning}"))
+
         try:
-            name = lifecycle.build_index(target, version, progress=progress, **params)
+            name = lifecycle.build_index(target, version, progress=progress, on_plan=on_plan,
+                                         **params)
         finally:
             bar.close()
         record.refresh_from_db()
