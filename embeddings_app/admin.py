@@ -16,7 +16,7 @@ from django.http import HttpRequest
 from django.urls import URLPattern, path
 from django.utils.html import format_html
 
-from . import admin_views, progress
+from . import admin_views, capture, progress, registry
 from .models import EmbeddingVersion, State
 
 
@@ -27,8 +27,11 @@ class StatusChangeList(ChangeList):
         super().get_results(request)
         versions = list(self.result_list)
         found = progress.statuses(versions)
+        queues = {target: capture.queue_label(registry.get(target))
+                  for target in {v.target for v in versions} if target in registry.all_targets()}
         for version in versions:
             version.ev_status = found[version.pk]
+            version.ev_capture = queues.get(version.target, "")
 
 
 def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
@@ -41,7 +44,7 @@ def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
 class EmbeddingVersionAdmin(admin.ModelAdmin):
     list_display = ("target", "version", "model_at_revision", "dims", "storage", "layout",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
-                    "index_state", "rate_eta", "last_change")
+                    "index_state", "rate_eta", "change_queue", "last_change")
     list_display_links = ("target", "version")
     list_filter = ("target", "state", "layout")
     search_fields = ("model_name", "model_alias")
@@ -134,6 +137,15 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
     def rate_eta(self, obj: EmbeddingVersion) -> str:
         status = self._status(obj)
         return _cell(obj, "rate_label", progress.rate_label(status.rate, status.eta_seconds))
+
+    @admin.display(description="change queue")
+    def change_queue(self, obj: EmbeddingVersion) -> str:
+        """The target's change capture: rows waiting for the sweep and the oldest one's age."""
+        label = getattr(obj, "ev_capture", None)
+        if label is None:
+            label = capture.queue_label(registry.get(obj.target))
+        return _cell(obj, "change_queue", label,
+                     title="rows written without a save signal, waiting for the sweep's drain")
 
     @admin.display(description="last change", ordering="state_changed_at")
     def last_change(self, obj: EmbeddingVersion) -> str:

@@ -121,3 +121,42 @@ def check_unwritten_versions(app_configs: Any = None, **kwargs: Any) -> list[che
         hint="Until then rollback refuses it and saves leave it out.",
         id="embeddings.W110",
     ) for version in broken]
+
+
+@checks.register("embeddings", deploy=True)
+def check_change_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``manage.py check --deploy``: a target with written versions whose writes the database
+    cannot capture (a callable source: W120), or whose capture is not installed (versions added
+    before change capture existed, or with it off: W121), is kept fresh behind the app's back
+    only by full scans of its table."""
+    if config.validate(getattr(settings, "EMBEDDINGS", None)):
+        return []
+    from django.db import DatabaseError
+
+    from . import capture, registry
+    from .models import WRITTEN_STATES, EmbeddingVersion
+
+    try:
+        written = set(EmbeddingVersion.objects.filter(state__in=WRITTEN_STATES)
+                      .values_list("target", flat=True).distinct())
+        messages: list[checks.CheckMessage] = []
+        for target in sorted(written & set(registry.all_targets())):
+            field = registry.get(target)
+            reason = capture.uncapturable_reason(field)
+            if reason is not None:
+                messages.append(checks.Warning(
+                    f"{target}: writes that bypass save signals cannot be captured ({reason}); "
+                    "its sweep reads every row of the table.",
+                    hint=f"After bulk writes (bulk_update, QuerySet.update(), raw SQL) call "
+                    f"{field.model.__name__}.{field.name}.sync(queryset), or declare the source "
+                    "as a list of columns.",
+                    id="embeddings.W120"))
+            elif config.get_config().change_capture and capture.queue_stats(field) is None:
+                messages.append(checks.Warning(
+                    f"{target}: its change capture is not installed; its sweep reads every row "
+                    "of the table.",
+                    hint=f"Run `manage.py embeddings capture {target}`.",
+                    id="embeddings.W121"))
+    except DatabaseError:
+        return []  # reported by check_active_fingerprints
+    return messages

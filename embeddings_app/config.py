@@ -34,7 +34,12 @@ DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "e
                              # query vectors kept per model (repeated queries skip the encoder)
                              "QUERY_CACHE_SIZE": 1024,
                              # a new version's layout unless `add` is told otherwise
-                             "LAYOUT": "column"}
+                             "LAYOUT": "column",
+                             # change capture (docs/backfill.md): a trigger queues the rows
+                             # written behind the app's back; the sweep drains the queue
+                             "CHANGE_CAPTURE": True,
+                             # the sweep also reads every row (the safety net; off: it drains)
+                             "SWEEP_FULL_SCAN": False}
 # Cutover settings (optional): seconds, or a cosine similarity for VERIFY_THRESHOLD.
 CUTOVER_DEFAULTS: dict[str, Any] = {
     "ACTIVE_CACHE_TTL": 1.0,  # a serving process re-reads the active version at most this late
@@ -171,6 +176,8 @@ class EmbeddingsConfig:
     queue: str
     query_cache_size: int = DEFAULTS["QUERY_CACHE_SIZE"]
     layout: str = DEFAULTS["LAYOUT"]
+    change_capture: bool = DEFAULTS["CHANGE_CAPTURE"]
+    sweep_full_scan: bool = DEFAULTS["SWEEP_FULL_SCAN"]
     active_cache_ttl: float = CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"]
     verify_threshold: float = CUTOVER_DEFAULTS["VERIFY_THRESHOLD"]
     verify_sample: int = CUTOVER_DEFAULTS["VERIFY_SAMPLE"]
@@ -248,6 +255,10 @@ def validate(raw: Any) -> list[Problem]:
                                 '"table" keeps each version in a table of its own (large tables, '
                                 'see docs/backfill.md, "Choosing a layout"); "column" is the '
                                 "default."))
+    for key, check_id in (("CHANGE_CAPTURE", "embeddings.E060"), ("SWEEP_FULL_SCAN", "embeddings.E061")):
+        if key in raw and not isinstance(raw[key], bool):
+            problems.append(Problem(check_id, f'EMBEDDINGS["{key}"] must be True or False, '
+                                    f"not {raw[key]!r}.", CAPTURE_HINTS[key]))
     problems.extend(_validate_cutover(raw))
     problems.extend(_validate_index(raw))
     return problems
@@ -273,6 +284,16 @@ def _validate_index(raw: dict[str, Any]) -> list[Problem]:
                                 f"{low} to {high}, not {workers!r}.",
                                 "e.g. 4; the server's max_parallel_workers caps it"))
     return problems
+
+
+CAPTURE_HINTS = {
+    "CHANGE_CAPTURE": "True (the default): `add` installs a trigger that queues the rows written "
+                      "without a save signal, and the sweep drains the queue; False: no trigger, "
+                      "the sweep reads every row (docs/backfill.md, \"Change capture\").",
+    "SWEEP_FULL_SCAN": "False (the default): the sweep drains the change queue; True: it also "
+                       "reads every row, the safety net for writes made with the trigger "
+                       "disabled (docs/backfill.md, \"Change capture\").",
+}
 
 
 def _validate_cutover(raw: dict[str, Any]) -> list[Problem]:
@@ -451,6 +472,8 @@ def parse(raw: Any) -> EmbeddingsConfig:
         queue=values["QUEUE"],
         query_cache_size=values["QUERY_CACHE_SIZE"],
         layout=values["LAYOUT"],
+        change_capture=values["CHANGE_CAPTURE"],
+        sweep_full_scan=values["SWEEP_FULL_SCAN"],
         active_cache_ttl=float(values.get("ACTIVE_CACHE_TTL", CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"])),
         verify_threshold=float(values.get("VERIFY_THRESHOLD", CUTOVER_DEFAULTS["VERIFY_THRESHOLD"])),
         verify_sample=int(values.get("VERIFY_SAMPLE", CUTOVER_DEFAULTS["VERIFY_SAMPLE"])),

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import active, encoders, limits, probes, registry, stores, sync
+from . import active, capture, encoders, limits, probes, registry, stores, sync
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, get_config
 from .exceptions import Refused, VersionNotReady
 from .models import EmbeddingVersion, State, VersionEvent
 
 if TYPE_CHECKING:
     from .config import ModelSpec
+    from .fields import VersionedEmbedding
     from .indexes import BuildPlan, Progress
     from .verify import VerifyReport
 
@@ -172,8 +173,9 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
                    spec: ModelSpec, encoder: encoders.Encoder, storage: str, layout: str,
                    names: dict[str, str], probe_texts: list[str], probe_vectors: bytes,
                    actor: str, note: str) -> EmbeddingVersion:
-    """The record of a new version (state ``new``) and its first event, inside
-    ``locked_versions(target)`` (``versions``); the caller adds its storage."""
+    """The record of a new version (state ``new``) and its first event, and the target's change
+    capture (installed or brought up to date), inside ``locked_versions(target)``
+    (``versions``); the caller adds its storage."""
     check_name_free(target, version_name, versions)
     try:
         version = EmbeddingVersion.objects.create(
@@ -187,6 +189,8 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
     except IntegrityError:  # a writer that bypassed the lock: still one clear line
         raise _name_taken(target, version_name) from None
     VersionEvent.objects.create(version=version, to_state=State.NEW, actor=actor, note=note)
+    # Change capture (docs/backfill.md): in place before the version is first written.
+    capture.install(registry.get(target))
     return version
 
 
@@ -382,7 +386,7 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
     if version.state == State.ACTIVE:
         raise Refused(f"{version} is active and cannot be dropped; activate another version first.")
     if version.state == State.DROPPED:
-        if version.store.exists():
+        if version.store.exists() or _capture_left(version.target):
             return  # a drop interrupted after its state change: finishing it is allowed
         raise Refused(f"{version} is already dropped.")
     if version.state != State.RETIRED:
@@ -437,12 +441,54 @@ def drop(target: str, version_name: str, *, actor: str = "", yes: bool = False) 
     active.invalidate(target)
     store = stores.store_for(version, field)
     dropped_indexes = store.drop()
+    _remove_capture_after_last(target, field)
     event = version.events.filter(to_state=State.DROPPED).order_by("-at", "-id").first()
     if event is not None:
         VersionEvent.objects.filter(pk=event.pk).update(
             note=f"drop: {store.describe_storage()} and indexes "
                  + (", ".join(dropped_indexes) or "(none)"))
     return dropped_indexes
+
+
+def install_capture(target: str) -> None:
+    """Install (or bring up to date with the declared source columns) the target's change
+    capture: for versions added before it existed, or after the source fields changed."""
+    field = registry.get(target)
+    reason = capture.uncapturable_reason(field)
+    if reason is not None:
+        raise Refused(f"{target} cannot be captured: {reason}; its sweep reads every row (call "
+                      f"{field.model.__name__}.{field.name}.sync(queryset) after bulk writes).")
+    if not get_config().change_capture:
+        raise Refused('EMBEDDINGS["CHANGE_CAPTURE"] is False; set it to True (the default) to '
+                      "capture writes.")
+    with locked_versions(target):
+        capture.install(field)
+
+
+def remove_capture(target: str) -> None:
+    """Remove the target's change capture (its sweep then reads every row)."""
+    field = registry.get(target)
+    with locked_versions(target):
+        capture.remove(field)
+
+
+def _capture_left(target: str) -> bool:
+    """Is the target's change capture still installed although every version is dropped (a
+    ``drop`` of the last one interrupted before it removed it)?"""
+    field = registry.get(target)
+    return (capture.capturable(field) and stores.ChangeQueue(field).installed()
+            and not EmbeddingVersion.objects.for_target(target).exclude(
+                state=State.DROPPED).exists())
+
+
+def _remove_capture_after_last(target: str, field: VersionedEmbedding) -> None:
+    """The last version dropped removes the target's change capture: under the lifecycle lock,
+    so a concurrent ``add`` (which installs it) serializes with it."""
+    if not capture.capturable(field):
+        return  # never installed
+    with locked_versions(target) as versions:
+        if all(v.state == State.DROPPED for v in versions.values()):
+            capture.remove(field)
 
 
 def verify(target: str, version_name: str, *, sample: int | None = None,

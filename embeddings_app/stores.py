@@ -28,6 +28,7 @@ of the model loads a vector: neither the columns nor the side table are model fi
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -728,6 +729,159 @@ class ExistingVectors:
                     for pk, vector in cursor.fetchall()}
 
 
+class ChangeQueue:
+    """Change capture of one target (docs/backfill.md, "Change capture"): a queue table of its
+    own and a trigger on the user's table that appends the key of every row inserted, or updated
+    in one of the source columns to another value, whatever wrote it (``QuerySet.update()``,
+    ``bulk_update``, ``bulk_create``, raw SQL, ``COPY``, another service). One per target, not
+    per version: one entry serves every written version.
+
+    * The queue is append-only (``id`` from an identity, ``row_key``, ``queued_at``): a change
+      committed while a drain works on an earlier entry of the same row gets an entry of its own,
+      so deleting the entries a drain took never loses a later change.
+    * Two row triggers share one function: ``AFTER INSERT``, and ``AFTER UPDATE OF`` the source
+      columns ``WHEN`` one of them ``IS DISTINCT FROM`` its old value (PostgreSQL evaluates the
+      column list and the condition without calling the function: an update of other columns, or
+      one that writes the same text, costs nothing and queues nothing).
+    * The function names its queue with the schema it was installed in, so a writer with another
+      ``search_path`` queues into the same table.
+    """
+
+    sql_create_queue = ("CREATE TABLE IF NOT EXISTS {queue} ("
+                        "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                        "row_key {pk_type} NOT NULL, "
+                        "queued_at timestamptz NOT NULL DEFAULT now())")
+    sql_comment = "COMMENT ON TABLE {queue} IS %s"
+    sql_create_function = ("CREATE OR REPLACE FUNCTION {function}() RETURNS trigger "
+                           "LANGUAGE plpgsql AS $capture$ BEGIN "
+                           "INSERT INTO {queue} (row_key) VALUES (NEW.{pk}); RETURN NULL; "
+                           "END $capture$")
+    sql_create_insert_trigger = ("CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON "
+                                 "{table} FOR EACH ROW EXECUTE FUNCTION {function}()")
+    sql_create_update_trigger = ("CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF "
+                                 "{columns} ON {table} FOR EACH ROW WHEN ({changed}) "
+                                 "EXECUTE FUNCTION {function}()")
+    sql_column_changed = "OLD.{column} IS DISTINCT FROM NEW.{column}"
+    sql_drop_trigger = "DROP TRIGGER IF EXISTS {trigger} ON {table}"
+    sql_drop_function = "DROP FUNCTION IF EXISTS {function}()"
+    sql_drop_queue = "DROP TABLE IF EXISTS {queue}"
+    sql_installed = ("SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                     "AND tgname = ANY(%s) AND NOT tgisinternal) = 2 AND to_regclass(%s) IS NOT NULL")
+    # The oldest entry is the one with the lowest id (ids are taken in insert order; a
+    # transaction that commits late may hold a lower id than one that committed before it).
+    sql_stats = ("SELECT count(*), extract(epoch FROM now() - (SELECT queued_at FROM {queue} "
+                 "ORDER BY id LIMIT 1)) FROM {queue}")
+    sql_claim = ("SELECT id, row_key FROM {queue} ORDER BY id LIMIT %s "
+                 "FOR UPDATE SKIP LOCKED")
+    sql_delete = "DELETE FROM {queue} WHERE id = ANY(%s)"
+
+    def __init__(self, field: VersionedEmbedding) -> None:
+        self.field = field
+
+    # --- names ------------------------------------------------------------------------------
+    @property
+    def queue(self) -> str:
+        """``<table>_<field>__changes``: no version's table (``<table>_<field>_<version>``, a
+        version name starts with a letter) can take it."""
+        return _bounded(f"{self.field.table}_{self.field.name}", "__changes")
+
+    @property
+    def function(self) -> str:
+        return _bounded(f"{self.field.table}_{self.field.name}", "__capture")
+
+    @property
+    def triggers(self) -> tuple[str, str]:
+        """(the INSERT trigger, the UPDATE trigger): names of the user's table's namespace."""
+        return (_bounded(f"embeddings_{self.field.name}", "_insert"),
+                _bounded(f"embeddings_{self.field.name}", "_update"))
+
+    def source_columns(self) -> list[str]:
+        assert self.field.source_fields is not None
+        return [self.field.model._meta.get_field(name).column for name in self.field.source_fields]
+
+    def _format(self, template: str, schema: str | None = None, **extra: Any) -> str:
+        queue = qn(self.queue) if schema is None else f"{qn(schema)}.{qn(self.queue)}"
+        function = qn(self.function) if schema is None else f"{qn(schema)}.{qn(self.function)}"
+        insert_trigger, update_trigger = self.triggers
+        return template.format(
+            queue=queue, function=function, table=qn(self.field.table),
+            pk=qn(self.field.model._meta.pk.column), pk_type=pk_db_type(self.field),
+            insert_trigger=qn(insert_trigger), update_trigger=qn(update_trigger), **extra)
+
+    # --- install and remove -----------------------------------------------------------------
+    def install(self) -> None:
+        """Create the queue, the function and both triggers (idempotent), in the caller's
+        transaction if any; creating a trigger waits for the table's writes in flight and
+        blocks new ones briefly, bounded by the same lock timeout as a store's DDL."""
+        columns = self.source_columns()
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SELECT current_schema()")
+            (schema,) = cursor.fetchone()
+            cursor.execute(self.sql_lock_timeout)
+            cursor.execute(self._format(self.sql_create_queue, schema))
+            cursor.execute(self._format(self.sql_comment, schema),
+                           [CAPTURE_COMMENT.format(target=self.field.target)])
+            cursor.execute(self._format(self.sql_create_function, schema))
+            cursor.execute(self._format(self.sql_create_insert_trigger, schema))
+            changed = " OR ".join(self.sql_column_changed.format(column=qn(column))
+                                  for column in columns)
+            cursor.execute(self._format(self.sql_create_update_trigger, schema,
+                                        columns=", ".join(qn(column) for column in columns),
+                                        changed=changed))
+
+    sql_lock_timeout = VersionStore.sql_lock_timeout
+
+    def remove(self) -> None:
+        """Drop both triggers, the function and the queue (idempotent)."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(self.sql_lock_timeout)
+            for trigger in self.triggers:
+                cursor.execute(self.sql_drop_trigger.format(trigger=qn(trigger),
+                                                            table=qn(self.field.table)))
+            cursor.execute(self._format(self.sql_drop_function))
+            cursor.execute(self._format(self.sql_drop_queue))
+
+    def installed(self) -> bool:
+        """Are both triggers on the user's table and the queue there?"""
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql_installed,
+                           [qn(self.field.table), list(self.triggers), qn(self.queue)])
+            return bool(cursor.fetchone()[0])
+
+    # --- the queue --------------------------------------------------------------------------
+    def stats(self) -> tuple[int, float | None]:
+        """(entries waiting, age in seconds of the oldest, None when empty): one count of the
+        queue, which a drain keeps small."""
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_stats))
+            depth, age = cursor.fetchone()
+        return int(depth), None if age is None else max(float(age), 0.0)
+
+    def claim(self, cursor: Any, limit: int) -> list[tuple[int, Any]]:
+        """Lock up to ``limit`` of the oldest entries no other transaction holds (``FOR UPDATE
+        SKIP LOCKED``: two drains never take the same entry), in ``cursor``'s transaction:
+        [(entry id, row key)]."""
+        cursor.execute(self._format(self.sql_claim), [limit])
+        return [(int(entry), key) for entry, key in cursor.fetchall()]
+
+    def delete(self, cursor: Any, entries: Sequence[int]) -> None:
+        cursor.execute(self._format(self.sql_delete), [list(entries)])
+
+
+# The comment on a change queue: how leftovers of a target are found again (``drop_leftovers``).
+CAPTURE_COMMENT = "embeddings_app change queue of {target}"
+
+
+def _bounded(base: str, suffix: str) -> str:
+    """``base + suffix``, shortened with a checksum of ``base`` to PostgreSQL's identifier
+    length."""
+    name = base + suffix
+    if len(name) <= MAX_IDENTIFIER_LENGTH:
+        return name
+    digest = f"{zlib.crc32(base.encode()):08x}"
+    return f"{base[:MAX_IDENTIFIER_LENGTH - len(suffix) - 9]}_{digest}{suffix}"
+
+
 STORES: dict[str, type[VersionStore]] = {store.layout: store for store in (ColumnStore, TableStore)}
 
 
@@ -782,9 +936,11 @@ def stored_hashes(
 
 def drop_leftovers(field: VersionedEmbedding) -> None:
     """Drop every version store of ``field``, whatever version records say: the columns of its
-    table that are not model fields, and the tables marked as stores of its target. For the
-    tests, the demo's reset and the benchmarks, which delete the version records too."""
+    table that are not model fields, the tables marked as stores of its target, and its change
+    capture. For the tests, the demo's reset and the benchmarks, which delete the version
+    records too."""
     model_columns = {f.column for f in field.model._meta.concrete_fields}
+    ChangeQueue(field).remove()
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "

@@ -22,7 +22,7 @@ import psycopg
 from celery import Task, shared_task
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
-from . import backfill, lifecycle, probes, registry, sync
+from . import backfill, capture, lifecycle, probes, registry, sync
 from .exceptions import ProviderUnavailable
 from .models import EmbeddingVersion, VersionEvent
 
@@ -60,6 +60,9 @@ def reconnecting(func: F) -> F:
 # stay below the broker's visibility timeout (Redis/SQS default 3600 s).
 BATCH_SOFT_TIME_LIMIT = 900
 BATCH_TIME_LIMIT = 1200
+# A drain task stops taking batches after this long (well inside the soft limit) and sends
+# itself again if entries are left: a long queue never holds one task past its time limit.
+DRAIN_SECONDS = 300
 
 RETRY_OPTIONS: dict[str, Any] = {
     "autoretry_for": RETRYABLE,
@@ -123,9 +126,12 @@ def refresh_rows_task(target: str, pks: list[Any]) -> int:
     **RETRY_OPTIONS,
 )
 @reconnecting
-def sweep(target: str | None = None) -> dict[str, int]:
-    """Find and re-embed rows whose source changed without a save signal (``bulk_update``,
-    ``QuerySet.update()``, raw SQL), for every version still written, of one target or all.
+def sweep(target: str | None = None, full_scan: bool | None = None) -> dict[str, int]:
+    """Re-embed rows whose source changed without a save signal (``bulk_update``,
+    ``QuerySet.update()``, raw SQL), for every version still written, of one target or all:
+    drains each target's change queue; reads every row only of a target whose writes are not
+    captured, or with ``full_scan`` (default ``EMBEDDINGS["SWEEP_FULL_SCAN"]``). Returns the
+    rows written per target.
 
     Schedule it with Celery beat, e.g.::
 
@@ -134,7 +140,40 @@ def sweep(target: str | None = None) -> dict[str, int]:
     """
     backfill.reclaim_expired()  # batches of dead workers, if no `backfill` command follows them
     targets = [target] if target else registry.all_targets()
-    return {name: sync.sync_queryset(registry.get(name)) for name in targets}
+    return {name: capture.sweep_target(registry.get(name), full_scan=full_scan)
+            for name in targets}
+
+
+@shared_task(
+    name="embeddings_app.drain",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=BATCH_SOFT_TIME_LIMIT,
+    time_limit=BATCH_TIME_LIMIT,
+    ignore_result=True,
+    **RETRY_OPTIONS,
+)
+@reconnecting
+def drain(target: str | None = None) -> dict[str, dict[str, int]]:
+    """Drain the change queue of one target or of all (``capture.drain``): the rows written
+    behind the app's back since, refreshed in batches. Several drains may run at once, on any
+    workers: they never take the same entries. Stops after ``DRAIN_SECONDS`` and sends itself
+    again if entries are left. Schedule it often (the lag bound, docs/backfill.md), e.g.::
+
+        CELERY_BEAT_SCHEDULE = {"embeddings-drain": {
+            "task": "embeddings_app.drain", "schedule": 10, "options": {"queue": "embeddings"}}}
+    """
+    from .config import get_config
+
+    targets = [target] if target else registry.all_targets()
+    result = {}
+    for name in targets:
+        field = registry.get(name)
+        stats = capture.drain(field, max_seconds=DRAIN_SECONDS)
+        result[name] = stats.as_dict()
+        if not stats.emptied:  # out of time with entries left: carry on in a new task
+            drain.apply_async((name,), queue=get_config().queue)
+    return result
 
 
 @shared_task(name="embeddings_app.reclaim", ignore_result=True, **RETRY_OPTIONS)

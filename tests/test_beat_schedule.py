@@ -36,7 +36,8 @@ def test_every_readme_beat_entry_names_a_registered_task_on_the_embeddings_queue
     app.loader.import_default_modules()  # autodiscover the INSTALLED_APPS' tasks, as beat does
     schedule = readme_schedule()
     tasks = {entry["task"] for entry in schedule.values()}
-    assert {"embeddings_app.sweep", "embeddings_app.probe", "embeddings_app.reclaim"} <= tasks
+    assert {"embeddings_app.sweep", "embeddings_app.probe", "embeddings_app.reclaim",
+            "embeddings_app.drain"} <= tasks
     for name, entry in schedule.items():
         assert entry["task"] in app.tasks, f"{name}: {entry['task']} is not a registered task"
         assert entry["options"]["queue"] == settings.EMBEDDINGS["QUEUE"]

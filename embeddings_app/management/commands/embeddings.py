@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 from tqdm import tqdm
 
-from embeddings_app import backfill, indexes, layout, lifecycle, probes, registry, sync
+from embeddings_app import backfill, capture, indexes, layout, lifecycle, probes, registry, sync
 from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.exceptions import EmbeddingError
 from embeddings_app.models import BackfillRun, EmbeddingVersion, State
@@ -121,6 +121,11 @@ class Command(BaseCommand):
         p.add_argument("version")
         p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
+        p = sub.add_parser("capture", help="install (or update) the trigger that queues rows "
+                           "written without a save signal; --remove removes it")
+        p.add_argument("target")
+        p.add_argument("--remove", action="store_true")
+
         p = sub.add_parser("migrate", help="add, backfill, index, verify, activate; resumable")
         p.add_argument("target")
         p.add_argument("--to", required=True, metavar="ALIAS")
@@ -187,6 +192,10 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
         for v, run in runs:  # the progress record of each version's last backfill (no scan)
             self.stdout.write(_run_line(v, run))
+        for name in targets:  # change capture: what waits for the sweep, and since when
+            line = capture_line(name)
+            if line:
+                self.stdout.write(line)
         # Before a backfill, while the advice can still help.
         # (A version in a table of its own does not rewrite the target's table.)
         pending = EmbeddingVersion.objects.filter(target__in=targets, layout="column",
@@ -196,6 +205,20 @@ class Command(BaseCommand):
             advice = layout.backfill_advice(table)
             if advice:
                 self.stdout.write(self.style.WARNING(advice))
+
+    def do_capture(self, target: str, remove: bool = False, **_: Any) -> None:
+        field = registry.get(target)
+        if remove:
+            lifecycle.remove_capture(field.target)
+            self.stdout.write(self.style.SUCCESS(
+                f"Removed the change capture of {field.target}; its sweep reads every row."))
+            return
+        lifecycle.install_capture(field.target)
+        queue = capture.queue(field)
+        assert queue is not None
+        self.stdout.write(self.style.SUCCESS(
+            f"Change capture of {field.target} installed: rows inserted, or updated in "
+            f"{', '.join(field.source_fields or ())}, are queued in {queue.queue}."))
 
     def do_add(self, target: str, version: str, model: str, layout: str | None = None,
                **_: Any) -> None:
@@ -537,3 +560,20 @@ def _next_version_name(names: Any) -> str:
     while f"v{number}" in taken:
         number += 1
     return f"v{number}"
+
+
+def capture_line(target: str) -> str:
+    """The change capture of ``target`` for ``status``: its queue's depth and the age of its
+    oldest entry, or why its sweep reads every row; empty for a target without versions."""
+    if not EmbeddingVersion.objects.for_target(target).exclude(state=State.DROPPED).exists():
+        return ""
+    field = registry.get(target)
+    reason = capture.uncapturable_reason(field)
+    if reason is not None:
+        return (f"{target}: change capture impossible ({reason}): the sweep reads every row; "
+                f"call {field.model.__name__}.{field.name}.sync(queryset) after bulk writes")
+    stats = capture.queue_stats(field)
+    if stats is None:
+        return (f"{target}: change capture not installed: the sweep reads every row; run "
+                f"`manage.py embeddings capture {target}`")
+    return f"{target}: change queue {capture.lag_label(*stats)}"
