@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import django
 import numpy as np
 import psycopg
 import pytest
 from django.conf import settings
 from psycopg import sql
 
+import embeddings_app
 from tests.packaging import ROOT, WheelEnv
 
 README = ROOT / "README.md"
@@ -236,12 +238,15 @@ def test_the_readme_quickstart_runs_as_written_from_the_wheel_in_a_new_project(
                     after = _row(conn, saved_title)
                 assert output.strip().splitlines()[-1] == "(256,) (384,)", output
 
-        # The app the project ran is the wheel's copy, not this repository's.
+        # The app the project ran is the wheel's copy, not this repository's, on this run's Django
+        # (5.2 in .venv, 6.1 in .venv-django6).
         location = quickstart.python(
-            "import embeddings_app, importlib.metadata as m; print(embeddings_app.__file__); "
-            "print(m.version('django-embedding-versions'))").split()
+            "import django, embeddings_app, importlib.metadata as m; print(embeddings_app.__file__); "
+            "print(m.version('django-embedding-versions')); print(django.get_version())").split()
         assert Path(location[0]).is_relative_to(wheel_venv.site_packages), location
         assert not Path(location[0]).is_relative_to(ROOT)
+        assert location[1] == embeddings_app.__version__
+        assert location[2] == django.get_version()
 
         # The backfill ran as Celery batches on the README's worker.
         worker_log = quickstart.background[0][1].read_text()
