@@ -143,8 +143,8 @@ def drain(field: VersionedEmbedding, *, batch_size: int | None = None,
     passed: the entries left wait for the next drain). Returns what it did."""
     change_queue = queue(field)
     stats = DrainStats()
-    if change_queue is None:
-        return stats
+    if change_queue is None or not change_queue.installed():
+        return stats  # nothing captured (yet): the sweep reads the table instead
     batch_size = batch_size or get_config().batch_size
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     claim = _claim_connection(field)

@@ -257,6 +257,7 @@ def test_concurrent_drains_share_the_queue_and_every_row_ends_fresh(two_versions
 def test_the_first_version_installs_capture_and_the_last_dropped_removes_it(make_articles):
     make_articles(3)
     assert not queue().installed()
+    assert capture.drain(field()).as_dict()["entries"] == 0  # a scheduled drain before any add
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny")
     assert queue().installed()
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny")
