@@ -53,6 +53,9 @@ def uncapturable_reason(field: VersionedEmbedding) -> str | None:
         return "its source is a callable, which the database cannot evaluate"
     if sync._plain_source_fields(field) is None:
         return "its source names a field that is not a plain column of its table"
+    for name in field.source_fields:
+        if field.model._meta.get_field(name).model._meta.db_table != field.table:
+            return f'its source field "{name}" is a column of a parent model\'s table'
     return None
 
 
