@@ -14,11 +14,12 @@ INFINITY_STAMP := $(INFINITY_VENV)/.installed
 # Django 6.1, the second supported Django (README, "Requirements"), needs Python 3.12+: its own
 # virtualenv, where `make test` runs the quickstart and the suites that touch Django's internals
 # after the whole suite has run on Django 5.2 in .venv. DJANGO6_PYTHON: the first Python 3.12+
-# found (on PATH, else pyenv's).
+# found (on PATH, else in pyenv's versions, also when HOME is unset).
 DJANGO6_VENV ?= .venv-django6
 DJANGO6_STAMP := $(DJANGO6_VENV)/.installed
-DJANGO6_PYTHON ?= $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.12*/bin/python3.12 \
-  $$HOME/.pyenv/versions/3.13*/bin/python3.13; do \
+PYENV_VERSIONS := $(shell echo $${PYENV_ROOT:-$${HOME:-$$(getent passwd $$(id -u) | cut -d: -f6)}/.pyenv}/versions)
+DJANGO6_PYTHON ?= $(shell for p in python3.12 python3.13 $(PYENV_VERSIONS)/3.12*/bin/python3.12 \
+  $(PYENV_VERSIONS)/3.13*/bin/python3.13; do \
   $$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 DJANGO6_TESTS ?= tests/test_quickstart.py tests/test_packaging.py tests/test_search_compiled.py \
   tests/test_search_settings.py tests/test_checks.py tests/test_checks_deploy.py \
