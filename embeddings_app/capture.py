@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
+from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, router, transaction
 from django.db.utils import load_backend
 
@@ -51,10 +52,14 @@ def uncapturable_reason(field: VersionedEmbedding) -> str | None:
     """Why ``field``'s writes cannot be captured by a trigger, or None when they can."""
     if field.source_fields is None:
         return "its source is a callable, which the database cannot evaluate"
-    if sync._plain_source_fields(field) is None:
-        return "its source names a field that is not a plain column of its table"
     for name in field.source_fields:
-        if field.model._meta.get_field(name).model._meta.db_table != field.table:
+        try:
+            model_field = field.model._meta.get_field(name)
+        except FieldDoesNotExist:
+            return f'its source names "{name}", which is not a field of the model'
+        if not model_field.concrete or model_field.is_relation or model_field.attname != name:
+            return f'its source field "{name}" is not a plain column'
+        if model_field.model._meta.db_table != field.table:
             return f'its source field "{name}" is a column of a parent model\'s table'
     return None
 
