@@ -113,7 +113,10 @@ def user_app(tmp_path: Path):
     '''))
     yield tmp_path
     with connection.cursor() as cursor:  # the user's table is no model of this process
-        cursor.execute("DROP TABLE IF EXISTS userapp_paper CASCADE")
+        cursor.execute("DROP TABLE IF EXISTS userapp_paper CASCADE")  # and its capture triggers
+        # The target's change capture (stores.ChangeQueue): its queue and trigger function.
+        cursor.execute("DROP TABLE IF EXISTS userapp_paper_embedding__changes")
+        cursor.execute("DROP FUNCTION IF EXISTS userapp_paper_embedding__capture()")
         cursor.execute("DELETE FROM django_migrations WHERE app = 'userapp'")
 
 
@@ -172,3 +175,6 @@ def test_a_vectorfield_adopted_as_v1_migrated_to_v2_then_retired_and_dropped_the
     assert not {c for c in columns() if c.startswith("embedding_v1")}
     assert {"embedding_v2", "embedding_v2_source_hash"} <= columns()
     assert "'v2')" in out.split("hits")[1]  # the model still works, and so do searches
+    with connection.cursor() as cursor:  # what the fixture's teardown removes
+        cursor.execute("SELECT to_regclass('userapp_paper_embedding__changes') IS NOT NULL")
+        assert cursor.fetchone()[0]
