@@ -5,10 +5,13 @@ virtualenv where ``import embeddings_app`` is the wheel's copy, not this reposit
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tarfile
 from email.parser import Parser
 from pathlib import Path
+
+import django
 
 import embeddings_app
 from tests.packaging import ROOT, Dists, WheelEnv
@@ -87,3 +90,26 @@ def test_the_installed_app_is_the_wheels_copy_with_its_templates_and_migrations(
     assert location == wheel_venv.site_packages / "embeddings_app"
     assert not location.is_relative_to(ROOT)
     assert out[1:5] == [embeddings_app.__version__, "True", "True", "True"]
+
+
+def test_the_readme_requirements_name_the_django_and_python_versions_the_wheel_and_pins_do(
+        dists: Dists) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Requirements\n", 1)[1].split("\n## ", 1)[0]
+    django_row = re.search(r"^\| Django \| ([0-9.]+) LTS and ([0-9.]+) ", section, re.MULTILINE)
+    python_row = re.search(r"^\| Python \| ([0-9.]+)\+ ", section, re.MULTILINE)
+    assert django_row and python_row, section
+    documented = set(django_row.groups())
+    meta = _metadata(dists)
+    classified = {c.rsplit(" :: ", 1)[1] for c in meta.get_all("Classifier")
+                  if c.startswith("Framework :: Django :: ")}
+    assert classified == documented
+    pinned = set()
+    for version in documented:
+        pins = (ROOT / "requirements" / f"django-{version}.txt").read_text()
+        pin = re.search(r"^Django==([0-9.]+)$", pins, re.MULTILINE)
+        assert pin and pin[1].startswith(version + "."), pins
+        pinned.add(version)
+    assert pinned == documented
+    assert meta["Requires-Python"] == f">={python_row[1]}"
+    assert django.get_version().rsplit(".", 1)[0] in documented  # this run's Django is one of them
