@@ -160,3 +160,43 @@ def check_change_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.
     except DatabaseError:
         return []  # reported by check_active_fingerprints
     return messages
+
+
+@checks.register("embeddings", deploy=True)
+def check_adopted_model_fields(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``manage.py check --deploy``: a written version whose vectors are a field of the user's
+    model (an adopted ``VectorField``, docs/cutover.md, "Adopting existing vectors"). Django's
+    ``save()`` writes that field too, with the value loaded into the instance: an instance loaded
+    before a backfill or ``sync`` re-embedded its row writes the older vector back under a current
+    source hash."""
+    if config.validate(getattr(settings, "EMBEDDINGS", None)):
+        return []
+    from django.db import DatabaseError
+
+    from .exceptions import EmbeddingError
+    from .models import WRITTEN_STATES, EmbeddingVersion
+    from .stores import ColumnStore
+
+    try:
+        written = list(EmbeddingVersion.objects.filter(state__in=WRITTEN_STATES, layout="column"))
+    except DatabaseError:
+        return []  # reported by check_active_fingerprints
+    messages: list[checks.CheckMessage] = []
+    for version in written:
+        try:
+            store = version.store
+        except EmbeddingError:
+            continue  # an undeclared target: not this check's business
+        model_field = store.model_field() if isinstance(store, ColumnStore) else None
+        if model_field is not None:
+            messages.append(checks.Warning(
+                f"{version} stores its vectors in the field "
+                f"{model_field.model._meta.label}.{model_field.name} of your model: save() "
+                "writes it with the value loaded into the instance.",
+                hint="Save with update_fields (leaving the field out) where an instance may be "
+                "older than a backfill or sync of its row, and stop your own code writing it; "
+                "or migrate to a version the app owns and remove the field "
+                '(docs/cutover.md, "Adopting existing vectors").',
+                id="embeddings.W130",
+            ))
+    return messages

@@ -69,13 +69,17 @@ print("hits", [(hit.pk, hit.embedding_version) for hit in hits])
 COMMANDS = """
 from django.core.management import CommandError, call_command
 T = "userapp.Paper.embedding"
-for args in (["adopt", T, "v1", "--model", "minilm", "--column", "vector", "--inline"],
+from embeddings_app.checks import check_adopted_model_fields
+for args in (["adopt", T, "v1", "--model", "minilm", "--column", "vector", "--inline"], "check",
              ["index", T, "v1"], ["verify", T, "v1"], ["activate", T, "v1"], "search",
              ["migrate", T, "--to", "tiny", "--inline"], "search", ["retire", T, "v1"],
              ["drop", T, "v1", "--yes"], ["status", T]):
     print("$", args)
     if args == "search":
         exec(SEARCH)
+        continue
+    if args == "check":
+        print([(m.id, m.msg) for m in check_adopted_model_fields()])
         continue
     try:
         call_command("embeddings", *args)
@@ -142,6 +146,10 @@ def test_a_vectorfield_adopted_as_v1_migrated_to_v2_then_retired_and_dropped_the
     assert "Adopted 25 vectors of column vector of table userapp_paper" in adopted
     assert "Backfill of userapp.Paper.embedding@v1 done: 5 embedded, 0 empty, 25 already fresh" \
         in adopted  # only the 5 rows the user never embedded
+    assert steps["check"].strip() == str([(
+        "embeddings.W130", "userapp.Paper.embedding@v1 stores its vectors in the field "
+        "userapp.Paper.vector of your model: save() writes it with the value loaded into the "
+        "instance.")])
     assert "verify PASSED" in steps["['verify', 'userapp.Paper.embedding', 'v1']"]
     first, second = out.split("$ search\n")[1:3]
     assert "'v1')" in first.split("\n")[0] and "'v2')" not in first.split("\n")[0]
@@ -170,7 +178,10 @@ def test_a_vectorfield_adopted_as_v1_migrated_to_v2_then_retired_and_dropped_the
     assert "vector" not in columns()
 
     out = shell(user_app, f'from django.core.management import call_command\n'
-                          f'call_command("embeddings", "drop", "{TARGET}", "v1", "--yes")\n{SEARCH}')
+                          f'call_command("embeddings", "drop", "{TARGET}", "v1", "--yes")\n{SEARCH}'
+                          "from embeddings_app.checks import check_adopted_model_fields\n"
+                          "print('W130', check_adopted_model_fields())\n")
+    assert "W130 []" in out  # no version of the app's is a field of the model any more
     assert "userapp.Paper.embedding@v1 dropped: columns vector and embedding_v1_source_hash" in out
     assert not {c for c in columns() if c.startswith("embedding_v1")}
     assert {"embedding_v2", "embedding_v2_source_hash"} <= columns()
