@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     harness.setup_django()
     from django.core.management import call_command
 
-    from embeddings_app import backfill
+    from embeddings_app import backfill, tasks
     from embeddings_app.models import EmbeddingVersion, ProviderPause, ProviderUsage
     from project.news.models import Article
     from tests.workers import WorkerProcess, wait_for_run
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     try:
         started = time.monotonic()
         run, ranges = backfill.start(version, mode="celery")
-        backfill.dispatch(run, ranges)
+        tasks.dispatch(run, ranges)
         run = wait_for_run(run.pk, timeout=3600, poll=0.5)
         ours_seconds = time.monotonic() - started
     finally:

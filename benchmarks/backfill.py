@@ -252,7 +252,7 @@ def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
 
     from django.conf import settings
 
-    from embeddings_app import backfill, lifecycle
+    from embeddings_app import backfill, lifecycle, tasks
     from embeddings_app.models import BackfillRun
     from project.news.models import Ticket
     from tests.workers import WorkerProcess, wait_for_run
@@ -279,7 +279,7 @@ def workers(docs: int, batch_size: int, repeat: int) -> list[harness.Row]:
             version = lifecycle.add(target, name, "minilm")
             run, ranges = backfill.start(version, batch_size=size)
             started_at = time.perf_counter()
-            backfill.dispatch(run, ranges)
+            tasks.dispatch(run, ranges)
             run = wait_for_run(run.pk, timeout=600, poll=0.05)
             seconds = time.perf_counter() - started_at
             assert run.status == BackfillRun.Status.DONE, run.last_error
@@ -336,7 +336,7 @@ def database_workers(rows: int, batch_size: int, repeat: int) -> list[harness.Ro
 
     from django.conf import settings
 
-    from embeddings_app import backfill, lifecycle
+    from embeddings_app import backfill, lifecycle, tasks
     from embeddings_app.models import BackfillRun
     from tests.workers import WorkerProcess, wait_for_run
 
@@ -353,7 +353,7 @@ def database_workers(rows: int, batch_size: int, repeat: int) -> list[harness.Ro
         version = lifecycle.add(TARGET, f"w{next(counter)}", "tiny")
         with harness.stopwatch() as clock:
             run, ranges = backfill.start(version, batch_size=batch_size)
-            backfill.dispatch(run, ranges)
+            tasks.dispatch(run, ranges)
             run = wait_for_run(run.pk, timeout=600, poll=0.01)
         assert run.status == BackfillRun.Status.DONE and run.rows_embedded == expected_rows, (
             run.status, run.rows_embedded, run.last_error)

@@ -20,7 +20,7 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.views import View
 
-from . import backfill, indexes, lifecycle, progress, registry, tasks
+from . import backfill, estimate, indexes, lifecycle, progress, registry, tasks
 from .config import get_config
 from .exceptions import EmbeddingError
 from .models import BackfillRun, EmbeddingVersion, State, VersionEvent
@@ -55,8 +55,6 @@ def confirms(step: Step, version: EmbeddingVersion) -> bool:
         return True
     if step.name != "backfill":
         return False
-    from .config import get_config
-
     try:
         return get_config().model(version.model_alias).is_api
     except EmbeddingError:
@@ -90,7 +88,7 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
     if step.name == "backfill":
         record = _record(version)
         run, ranges = backfill.start(record, mode="celery", actor=who)
-        backfill.dispatch(run, ranges)
+        tasks.dispatch(run, ranges)
         batches = f"{len(ranges)} batch" + ("" if len(ranges) == 1 else "es")
         return [f"Backfill run {run.pk} of {record}: {batches} sent to queue "
                 f"'{get_config().queue}'; progress below."]
@@ -168,8 +166,6 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
                 f"{active} becomes standby." if active else f"{version.target} has no active "
                 "version now."]
     if step.name == "backfill":
-        from . import estimate
-
         try:
             found = estimate.for_backfill(version)
         except EmbeddingError as exc:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from django.db import transaction
 
-from . import encoders, lifecycle, limits, probes, registry, stores, sync
+from . import encoders, lifecycle, limits, probes, registry, sources, stores, sync
 from .config import get_config
 from .exceptions import Refused
 from .models import EmbeddingVersion
@@ -214,7 +214,7 @@ def _record(version: EmbeddingVersion, field_: Any, source: stores.ExistingVecto
     (``verify_all``), every vector is compared with the model's first."""
     store = version.store
     minimum = None
-    for page, _ in sync.iter_source_pages(field_, [], field_.source_queryset(), page_size):
+    for page, _ in sources.iter_source_pages(field_, [], field_.source_queryset(), page_size):
         # After the text: a row changed in between has another version (xmin) than the text's,
         # so its write below is refused.
         vectors = source.read([pk for pk, _, _, _ in page])

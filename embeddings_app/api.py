@@ -70,7 +70,7 @@ class TokenCounter:
         self._tokenizer: Any = None
         path = Path(spec.model).expanduser() / "tokenizer.json"
         if path.is_file():
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # lazy: only an alias with a tokenizer.json needs it
 
             self._tokenizer = Tokenizer.from_file(str(path))
             self._tokenizer.no_truncation()

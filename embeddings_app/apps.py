@@ -1,3 +1,4 @@
+from celery.signals import worker_init, worker_ready
 from django.apps import AppConfig
 
 
@@ -8,9 +9,9 @@ class EmbeddingsAppConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from celery.signals import worker_init, worker_ready
-
-        from . import checks, devices, signals  # noqa: F401  (registers the system checks)
+        # Load-bearing lazy import: these modules import the app's models, which exist only once
+        # the app registry is ready (it is, when ready() runs); importing checks registers them.
+        from . import checks, devices, signals  # noqa: F401
 
         signals.connect()
         # A worker validates its device options before taking a task (docs/devices.md).

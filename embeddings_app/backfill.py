@@ -1,8 +1,9 @@
 """Backfill: embed every row of a version that is missing or stale, in primary-key ranges.
 
 ``start()`` plans the ranges (keyset boundaries, never OFFSET) and records a ``BackfillRun`` with
-one ``BackfillBatch`` per range; each batch is one ``run_batch()`` call, as a Celery task or
-in-process (``--inline``). A batch is idempotent (it only embeds rows that are not fresh, and writes
+one ``BackfillBatch`` per range; each batch is one ``run_batch()`` call, as a Celery task
+(``tasks.dispatch``, which also re-dispatches batches whose lease expired) or in-process
+(``run_inline``). A batch is idempotent (it only embeds rows that are not fresh, and writes
 with compare-and-set), so a redelivered or retried batch is harmless; its result is counted into
 the run exactly once. The batch that finishes last finalizes the run: a catch-up pass over rows
 that changed under a batch, then the version becomes ``ready`` once every row is covered, or
@@ -27,7 +28,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import encoders, lifecycle, limits, registry, stores, sync
+from . import encoders, lifecycle, limits, registry, sources, stores, sync
 from .config import get_config
 from .exceptions import Refused
 from .models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
@@ -70,7 +71,7 @@ def start(version: EmbeddingVersion, *, batch_size: int | None = None, mode: str
     _check_backfillable(version)
     encoders.for_version(version)  # refuse now, not in every worker, if the model files changed
     batch_size = get_config().batch_size if batch_size is None else batch_size
-    limits.integer("--batch-size", batch_size, 1, limits.MAX_BATCH_SIZE)
+    limits.integer("The batch size", batch_size, 1, limits.MAX_BATCH_SIZE, "batch_size")
     ranges = plan_ranges(version, batch_size)
     field = registry.get(version.target)
     with lifecycle.locked_versions(version.target) as versions:
@@ -172,7 +173,7 @@ def _run_claimed_batch(run_id: int, number: int, stats: sync.SyncStats) -> sync.
             queryset = queryset.filter(pk__gte=batch.low)
         if batch.high is not None:
             queryset = queryset.filter(pk__lt=batch.high)
-        for page, last in sync.iter_source_pages(field, [version], queryset, run.batch_size):
+        for page, last in sources.iter_source_pages(field, [version], queryset, run.batch_size):
             prepared = sync.prepare(field, [version], page)  # encodes: outside any transaction
             with transaction.atomic():
                 # The last page's rows and the batch's completion commit together: one commit
@@ -231,44 +232,6 @@ def _close_quietly(conn: Any) -> None:
         conn.close()
     except Exception:  # a broken connection can fail to close; it is dropped either way
         conn.connection = None
-
-
-def reclaim_expired(run_id: int | None = None) -> list[BackfillBatch]:
-    """Reclaim the batches whose lease expired (their worker died, or lost its database for
-    longer than the lease): each is set pending again, with its ``reclaims`` count, time and note
-    (whose lease expired when) recorded on the batch, and re-dispatched to the queue. A run whose
-    batches are all counted but whose finalizer died is finalized here. Called by the
-    ``backfill`` command while it waits, by the sweep and by the ``embeddings_app.reclaim``
-    task. Returns the batches reclaimed (as they were before)."""
-    from .tasks import backfill_batch
-
-    now = timezone.now()
-    lease = timedelta(seconds=get_config().batch_lease)
-    expired_batches = BackfillBatch.objects.filter(
-        status=BackfillBatch.Status.RUNNING, lease_expires_at__lt=now,
-        run__status=BackfillRun.Status.RUNNING, run__mode="celery")
-    orphans = BackfillRun.objects.filter(
-        status=BackfillRun.Status.RUNNING, batches_done__gte=F("batches_total")).filter(
-        Q(finished_at__isnull=True, updated_at__lt=now - lease) | Q(finished_at__lt=now - lease))
-    if run_id is not None:
-        expired_batches = expired_batches.filter(run_id=run_id)
-        orphans = orphans.filter(pk=run_id)
-    with transaction.atomic():
-        expired = list(expired_batches.select_for_update(skip_locked=True, of=("self",)))
-        for batch in expired:
-            note = (f"{now:%Y-%m-%d %H:%M:%S} UTC: the lease of {batch.worker or '?'} (attempt "
-                    f"{batch.attempts}) expired at {batch.lease_expires_at:%H:%M:%S}; reclaimed "
-                    "and re-dispatched")
-            BackfillBatch.objects.filter(pk=batch.pk).update(
-                status=BackfillBatch.Status.PENDING, lease_expires_at=None,
-                reclaims=F("reclaims") + 1, reclaimed_at=now,
-                reclaim_note=f"{batch.reclaim_note}\n{note}".strip()[-2000:])
-            # Sent before the commit: if the broker refuses, nothing changed and the next
-            # reclaim tries again; a delivery that arrives first claims the running batch.
-            backfill_batch.apply_async((batch.run_id, batch.number), queue=get_config().queue)
-    for run in orphans:
-        finalize(run.pk)
-    return expired
 
 
 def with_live_lease(runs: QuerySet[BackfillRun]) -> QuerySet[BackfillRun]:
@@ -433,17 +396,6 @@ def _catch_up(run: BackfillRun, version: EmbeddingVersion, field: VersionedEmbed
         return rows.exclude(pk__in=failed_keys) if failed_keys else rows
 
     sync.sync_queryset(field, versions=[version], page_size=run.batch_size, refine=changed_since)
-
-
-def dispatch(run: BackfillRun, ranges: list[Range]) -> None:
-    """Send every batch of ``run`` to the workers of ``EMBEDDINGS["QUEUE"]``, as one group."""
-    from celery import group
-
-    from .tasks import backfill_batch
-
-    queue = get_config().queue
-    group(backfill_batch.si(run.pk, number) for number in range(len(ranges))).apply_async(
-        queue=queue)
 
 
 def run_inline(run: BackfillRun, ranges: list[Range], progress: Any = None) -> None:

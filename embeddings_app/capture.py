@@ -37,7 +37,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, router, transaction
 from django.db.utils import load_backend
 
-from . import stores, sync
+from . import sources, stores, sync
 from .config import get_config
 from .fields import VersionedEmbedding
 from .models import EmbeddingVersion
@@ -194,7 +194,7 @@ def _refresh(field: VersionedEmbedding, versions: list[EmbeddingVersion], keys: 
     are not fresh and write them by compare-and-set: the path of every other write."""
     stats = sync.SyncStats()
     rows = field.source_queryset().filter(pk__in=keys)
-    for page, _ in sync.iter_source_pages(field, versions, rows, batch_size):
+    for page, _ in sources.iter_source_pages(field, versions, rows, batch_size):
         prepared = sync.prepare(field, versions, page)
         if prepared.pending:
             with transaction.atomic():

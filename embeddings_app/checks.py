@@ -6,8 +6,13 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.db import DatabaseError
 
-from . import config
+from . import config, devices, probes
+from .encoders import fingerprint, resolve_model_path
+from .exceptions import DeviceError, EmbeddingError
+from .lifecycle import unwritable_reason
+from .models import WRITTEN_STATES, EmbeddingVersion, State
 
 
 @checks.register("embeddings")
@@ -24,9 +29,6 @@ def check_process_devices(app_configs: Any = None, **kwargs: Any) -> list[checks
     """This process's ``EMBEDDINGS_DEVICE`` / ``EMBEDDINGS_PRECISION`` /
     ``EMBEDDINGS_ENCODE_BATCH_SIZE`` (its environment, not the settings): run ``manage.py check``
     with a worker's environment to check that worker's options (docs/devices.md)."""
-    from . import devices
-    from .exceptions import DeviceError
-
     try:
         devices.current()
     except DeviceError as exc:
@@ -44,13 +46,6 @@ def check_active_fingerprints(app_configs: Any = None, **kwargs: Any) -> list[ch
     computes the version's probe vectors (an API or a library may change under the name)."""
     if config.validate(getattr(settings, "EMBEDDINGS", None)):
         return []  # reported by check_embeddings_setting
-    from django.db import DatabaseError
-
-    from . import probes
-    from .encoders import fingerprint, resolve_model_path
-    from .exceptions import EmbeddingError
-    from .models import EmbeddingVersion, State
-
     try:
         active_versions = list(EmbeddingVersion.objects.filter(state=State.ACTIVE))
     except DatabaseError as exc:
@@ -106,11 +101,6 @@ def check_unwritten_versions(app_configs: Any = None, **kwargs: Any) -> list[che
     could not write (its model failed to load) is stale and no rollback target."""
     if config.validate(getattr(settings, "EMBEDDINGS", None)):
         return []
-    from django.db import DatabaseError
-
-    from .lifecycle import unwritable_reason
-    from .models import WRITTEN_STATES, EmbeddingVersion
-
     try:
         broken = list(EmbeddingVersion.objects.filter(state__in=WRITTEN_STATES)
                       .exclude(write_error=""))

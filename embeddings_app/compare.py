@@ -123,8 +123,8 @@ def _scores(found: list[str], relevant: set[str], k: int) -> tuple[float, float]
 
 def compare(target: str, version_a: str, version_b: str, *, queries: list[Query] | None = None,
             k: int = 10, sample: int = 100, seed: int = 0, source: str = "") -> CompareReport:
-    limits.integer("--k", k, 1, limits.MAX_K)
-    limits.integer("--sample", sample, 1, limits.MAX_COMPARE_SAMPLE)
+    limits.integer("k", k, 1, limits.MAX_K, "k")
+    limits.integer("The comparison sample", sample, 1, limits.MAX_COMPARE_SAMPLE, "sample")
     field_ = registry.get(target)
     versions = [EmbeddingVersion.objects.get_version(target, name)
                 for name in (version_a, version_b)]

@@ -94,7 +94,7 @@ def resolve_device(value: str) -> str:
 
 
 def _torch_version() -> str:
-    import torch
+    import torch  # lazy: web processes that never encode do not pay for torch
 
     return str(torch.__version__)
 

@@ -32,13 +32,14 @@ import threading
 from collections import OrderedDict
 from contextvars import ContextVar
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from . import devices
-from .config import DEFAULT_PRECISION, ModelSpec
+from .config import DEFAULT_PRECISION, ModelSpec, get_config
 from .exceptions import (
     DeviceUnavailable,
     FingerprintMismatch,
@@ -82,7 +83,7 @@ def resolve_model_path(spec: ModelSpec) -> Path:
             f'Model folder "{spec.model}" of alias "{spec.alias}" does not exist; '
             "provision it or fix EMBEDDINGS[\"MODELS\"]."
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: only a model not yet on disk needs it
 
     try:
         return Path(snapshot_download(spec.model, revision=spec.revision, local_files_only=True))
@@ -182,8 +183,6 @@ class Encoder:
             self._query_cache.clear()
 
     def encode_query(self, text: str) -> np.ndarray:
-        from .config import get_config
-
         size = get_config().query_cache_size
         with self._cache_lock:
             cached = self._query_cache.get(text)
@@ -266,7 +265,7 @@ class SentenceTransformersEncoder(Encoder):
 
 def _release_device_memory(device: str) -> None:
     """Give back the blocks torch's caching allocator holds after an out-of-memory error."""
-    import torch
+    import torch  # lazy: loaded with the model already; web processes never import it
 
     if device.startswith("cuda") and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
@@ -274,13 +273,11 @@ def _release_device_memory(device: str) -> None:
 
 @functools.cache  # installed packages do not change under a running process
 def local_library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for name in ("sentence-transformers", "transformers", "torch"):
         try:
-            found[name] = version(name)
-        except PackageNotFoundError:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             found[name] = "absent"
     return found
 
@@ -321,6 +318,8 @@ def load(spec: ModelSpec) -> Encoder:
 def _load_uncached(spec: ModelSpec, folder: Path, stats: tuple[FileStat, ...],
                    options: devices.ProcessOptions) -> SentenceTransformersEncoder:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Lazy, load-bearing: these libraries read HF_HUB_OFFLINE when imported (just set), and a
+    # process that never encodes (a web process, an API-only worker) never pays for torch.
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
@@ -360,8 +359,6 @@ def clear_cache() -> None:
 
 def for_version(version: EmbeddingVersion) -> Encoder:
     """The encoder of ``version``'s pinned model; refuses model files other than the pinned ones."""
-    from .config import get_config
-
     spec = get_config().model(version.model_alias)
     # Only the content matters: the same files moved to another folder are the same model.
     encoder = load(spec)
@@ -398,6 +395,8 @@ def _check_probes_once(version: EmbeddingVersion, encoder: Encoder) -> None:
     sentence-transformers), or this process computes at a precision the alias accepts for the
     version: not a refusal, a probe comparison, once per process; only a changed output
     refuses."""
+    # Load-bearing lazy import: probes encodes through this module (a cycle), and imports the
+    # app's models, which a worker's Celery app module importing encoders may not have loaded.
     from . import probes
 
     key = (version.pk, encoder.fingerprint, encoder.precision)

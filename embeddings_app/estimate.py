@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import registry, sync
+from . import registry, sources
 from .config import ModelSpec, get_config
+from .ratelimit import SharedRateLimiter
 
 if TYPE_CHECKING:
     from .models import EmbeddingVersion
@@ -56,8 +57,7 @@ def _duration(seconds: float) -> str:
 
 def for_texts(spec: ModelSpec, pages: list[list[str]]) -> Estimate:
     """The estimate of embedding ``pages`` of texts (each page one encode call) with ``spec``."""
-    from .api import TokenCounter, plan_requests
-    from .ratelimit import SharedRateLimiter
+    from .api import TokenCounter, plan_requests  # lazy: the SDK only where an API is estimated
 
     counter = TokenCounter(spec)
     prompt = spec.document_prompt or ""
@@ -86,7 +86,7 @@ def _pages(target: str, version: EmbeddingVersion | None, page_size: int) -> lis
     versions = [version] if version is not None else []
     pages: list[list[str]] = []
     current: list[str] = []
-    for page, _ in sync.iter_source_pages(field, versions, field.source_queryset(), page_size):
+    for page, _ in sources.iter_source_pages(field, versions, field.source_queryset(), page_size):
         for _pk, text, stored, _xmin in page:
             if not text.strip():
                 continue

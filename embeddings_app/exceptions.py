@@ -1,9 +1,18 @@
 """Every error the app raises is an ``EmbeddingError``; messages are one line saying why and what
-to do, so commands and the admin can show them as they are."""
+to do, so commands and the admin can show them as they are.
+
+A message names no command-line flag (the admin and the Python API show it too). An error about
+one argument of the call, or one that an argument would waive, names it in ``option`` (the
+keyword argument: ``"batch_size"``, ``"yes"``); the management command adds its own flag for it
+(``--batch-size``, ``--yes``) when it prints the error."""
 
 
 class EmbeddingError(Exception):
     """Base class of every error raised by embeddings_app."""
+
+    def __init__(self, *args: object, option: str | None = None) -> None:
+        super().__init__(*args)
+        self.option = option
 
 
 class ConfigurationError(EmbeddingError):

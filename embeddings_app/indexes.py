@@ -1,6 +1,6 @@
 """HNSW indexes on a version's vectors (in its column or its table), built without blocking writes.
 
-``build()`` runs the store's ``CREATE INDEX CONCURRENTLY ... USING hnsw`` with the operator class
+``build()`` runs the store's concurrent HNSW index build (``sql_create_index``) with the operator class
 of the version's storage and distance, and the version's ``hnsw_m`` / ``hnsw_ef_construction``. An INVALID
 index (left by a failed or interrupted concurrent build) is detected in ``pg_index`` and rebuilt.
 While it builds, a second connection polls ``pg_stat_progress_create_index`` for progress.
@@ -197,7 +197,8 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
           progress: Callable[[Progress], None] | None = None,
           maintenance_work_mem: str | int | None = None, parallel_workers: int | None = None,
           on_plan: Callable[[BuildPlan], None] | None = None) -> str:
-    """CREATE INDEX CONCURRENTLY (an INVALID leftover of a failed build is dropped first).
+    """Build the version's HNSW index concurrently (an INVALID leftover of a failed build is
+    dropped first).
 
     ``m`` / ``ef_construction`` default to the version's ``hnsw_m`` / ``hnsw_ef_construction``;
     given, they are stored on the version. ``progress`` is called with each progress reading;
@@ -281,7 +282,7 @@ def _build(store: stores.VersionStore, state: str, built: BuildPlan,
             built.session = dict(zip(SESSION_SETTINGS, cursor.fetchone(), strict=True))
             if state != "none":  # invalid, or valid with other build parameters
                 cursor.execute(store.drop_index_sql())
-            poller = _ProgressPoller(store.relation, progress) if progress else None
+            poller = _ProgressPoller(store.index_progress_query(), progress) if progress else None
             try:
                 cursor.execute(store.create_index_sql())
             finally:
@@ -295,10 +296,11 @@ def _build(store: stores.VersionStore, state: str, built: BuildPlan,
 
 
 class _ProgressPoller:
-    """Reads ``pg_stat_progress_create_index`` for ``table`` from its own connection."""
+    """Runs the store's progress query (``pg_stat_progress_create_index``) from its own
+    connection."""
 
-    def __init__(self, table: str, callback: Callable[[Progress], None]) -> None:
-        self.table = table
+    def __init__(self, query: tuple[str, list[str]], callback: Callable[[Progress], None]) -> None:
+        self.query = query
         self.callback = callback
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="index-progress", daemon=True)
@@ -310,11 +312,7 @@ class _ProgressPoller:
         try:
             while not self._stop.wait(PROGRESS_INTERVAL):
                 with thread_connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
-                        "FROM pg_stat_progress_create_index WHERE relid = %s::regclass",
-                        [stores.qn(self.table)],
-                    )
+                    cursor.execute(*self.query)
                     row = cursor.fetchone()
                 if row is not None:
                     self.callback(Progress(row[0], *(int(value or 0) for value in row[1:])))

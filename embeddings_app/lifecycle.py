@@ -27,19 +27,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import active, capture, encoders, limits, probes, registry, stores, sync
-from .config import MAX_INDEXED_VECTOR_DIMENSIONS, get_config
+from . import active, capture, encoders, indexes, limits, probes, registry, stores, sync
+from .config import MAX_INDEXED_VECTOR_DIMENSIONS, ModelSpec, get_config
 from .exceptions import Refused, VersionNotReady
+from .indexes import BuildPlan, Progress
 from .models import EmbeddingVersion, State, VersionEvent
+from .verify import VerifyReport
+from .verify import verify as run_verify
 
 if TYPE_CHECKING:
-    from .config import ModelSpec
     from .fields import VersionedEmbedding
-    from .indexes import BuildPlan, Progress
-    from .verify import VerifyReport
 
 VERSION_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
 
@@ -234,7 +235,8 @@ FORCIBLE_STATES = (State.NEW, State.BACKFILLING, State.FAILED, State.READY, Stat
 
 
 def activate(target: str, version_name: str, *, force: bool = False, actor: str = "") -> list[str]:
-    """The atomic flip of reads to ``version_name``. Returns warnings (``--force`` overrides)."""
+    """The atomic flip of reads to ``version_name``. Returns warnings: the problems ``force``
+    overrode."""
     version = EmbeddingVersion.objects.get_version(target, version_name)
     _check_activatable(version, force=force)
     # The readiness checks read the whole table: outside the lock. The state is checked again
@@ -243,7 +245,7 @@ def activate(target: str, version_name: str, *, force: bool = False, actor: str 
     for message in activation_problems(version):
         if not force:
             raise VersionNotReady(message)
-        warnings.append(f"--force: activating anyway, although {message}")
+        warnings.append(f"Activating anyway (forced), although {message}")
     seen = version.state
 
     def recheck(locked: EmbeddingVersion) -> None:
@@ -280,8 +282,6 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
     It must be complete and fresh, verified (a passing ``verify`` of its current fingerprint, at
     most ``EMBEDDINGS["VERIFY_MAX_AGE"]`` seconds old) and indexed (a valid HNSW index).
     """
-    from . import indexes
-
     target, name = version.target, version.version
     problems = []
     ready = readiness(version, settle=True)
@@ -401,8 +401,8 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
     if not yes and version.deactivated_at and version.deactivated_at > timezone.now() - grace:
         raise Refused(
             f"{version} was active until {version.deactivated_at:%Y-%m-%d %H:%M:%S %Z}, less "
-            f"than the grace period ({grace}) ago; confirm with --yes to drop it anyway."
-        )
+            f"than the grace period ({grace}) ago; confirm the drop to drop it anyway.",
+            option="yes")
 
 
 def dropped_meanwhile(exc: BaseException) -> Refused | None:
@@ -410,8 +410,6 @@ def dropped_meanwhile(exc: BaseException) -> Refused | None:
     was reading (PostgreSQL's undefined column or table, 42703 / 42P01): the lock serializes
     state changes, not the long reads of ``activate``, ``verify``, ``index`` or ``status``.
     None for any other error."""
-    import psycopg
-
     cause = exc.__cause__ if not isinstance(exc, psycopg.Error) else exc
     if not isinstance(cause, (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable)):
         return None
@@ -497,8 +495,6 @@ def verify(target: str, version_name: str, *, sample: int | None = None,
     """Run ``verify`` (see ``embeddings_app.verify``) and record the result on the version
     (``verified_at``, ``verify_passed``, ``verify_report``) unless ``model`` names another alias.
     Drift does not raise: check ``report.passed``."""
-    from .verify import verify as run_verify
-
     version = EmbeddingVersion.objects.get_version(target, version_name)
     report = run_verify(version, sample=sample, threshold=threshold, alias=model)
     if model is None or model == version.model_alias:
@@ -528,8 +524,6 @@ def build_index(target: str, version_name: str, *, m: int | None = None,
     """Build (or rebuild, if INVALID or built with other parameters) the version's HNSW index
     concurrently; ``ef_search`` sets the version's ``hnsw.ef_search`` for its searches. The
     build's session settings and memory estimate: ``indexes.plan`` (``on_plan`` sees it)."""
-    from . import indexes
-
     version = EmbeddingVersion.objects.get_version(target, version_name)
     if ef_search is not None:
         limits.integer("HNSW ef_search", ef_search, *limits.HNSW_EF_SEARCH)

@@ -40,11 +40,13 @@ MEMORY_UNITS_KB = {"kb": 1, "mb": 1024, "gb": 1024 ** 2, "tb": 1024 ** 3}
 MEMORY = re.compile(r"\s*(\d+)\s*(kB|MB|GB|TB)?\s*", re.IGNORECASE)
 
 
-def integer(name: str, value: Any, low: int, high: int) -> int:
-    """``value`` if it is an integer in [low, high]; else a one-line refusal naming ``name``."""
+def integer(name: str, value: Any, low: int, high: int, option: str | None = None) -> int:
+    """``value`` if it is an integer in [low, high]; else a one-line refusal naming ``name``
+    (words, not a flag) whose ``option`` is the keyword argument that passed it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
             low <= value <= high):
-        raise Refused(f"{name} must be an integer from {low} to {high}, not {value!r}.")
+        raise Refused(f"{name} must be an integer from {low} to {high}, not {value!r}.",
+                      option=option)
     return int(value)
 
 

@@ -49,7 +49,7 @@ class EmbeddingVersionQuerySet(models.QuerySet["EmbeddingVersion"]):
         if version is None:
             raise VersionNotReady(
                 f"{target} has no active version; add, backfill and activate one "
-                f"(`manage.py embeddings migrate {target} --to ALIAS`)."
+                "(the `embeddings migrate` command does all three)."
             )
         return version
 

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from django.utils import timezone
 
+from . import encoders, registry
 from .config import ModelSpec, get_config
+from .exceptions import EmbeddingError, ProviderError
+from .models import EmbeddingVersion
 
 if TYPE_CHECKING:
     from .encoders import Encoder
-    from .models import EmbeddingVersion
 
 SAMPLED_ROWS = 3
 # Seconds an API may spend retrying transient failures of one probe comparison: a probe run by
@@ -54,8 +56,6 @@ def threshold_for(spec: ModelSpec) -> float:
 
 def sample_texts(target: str, count: int = SAMPLED_ROWS) -> list[str]:
     """A few non-empty source texts of the target's rows, chosen at random."""
-    from . import registry
-
     field_ = registry.get(target)
     texts = []
     for obj in field_.source_queryset().order_by("?")[:count * 3]:
@@ -70,8 +70,6 @@ def sample_texts(target: str, count: int = SAMPLED_ROWS) -> list[str]:
 def initial(encoder: Encoder, target: str) -> tuple[list[str], bytes]:
     """The probe texts of a new version and their vectors: the built-in texts and a few sampled
     rows (left out if the model rejects one of them: a bad row must not block ``add``)."""
-    from .exceptions import ProviderError
-
     texts = [*PROBE_TEXTS, *sample_texts(target)]
     try:
         return texts, embed(encoder, texts)
@@ -124,9 +122,6 @@ class ProbeReport:
 def compare(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeReport:
     """Re-embed ``version``'s probes with its alias's model now and compare (never raises for a
     mismatch; an unreachable provider is reported as a problem)."""
-    from . import encoders
-    from .exceptions import EmbeddingError
-
     spec = get_config().model(version.model_alias)
     report = ProbeReport(version=str(version), threshold=threshold_for(spec),
                          library_versions_then=dict(version.library_versions or {}))
@@ -173,8 +168,6 @@ def compare(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeR
 
 def run(version: EmbeddingVersion, encoder: Encoder | None = None) -> ProbeReport:
     """``compare`` and record the result on the version (``status``, the admin, ``activate``)."""
-    from .models import EmbeddingVersion
-
     report = compare(version, encoder)
     if report.recorded and report.reachable:  # an outage says nothing about the output
         EmbeddingVersion.objects.filter(pk=version.pk).update(

@@ -27,7 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from django.db import connections, router
+from django.db.utils import load_backend
+
 from .config import ModelSpec
+from .exceptions import ProviderUnavailable
+from .models import ProviderUsage
 
 MAX_DIVISIONS = 10
 MARGIN = 0.05  # seconds: clock rounding
@@ -44,11 +49,6 @@ _local = threading.local()
 
 def _connection() -> Any:
     """This thread's own connection to the app's database (a new one after a fork)."""
-    from django.db import connections, router
-    from django.db.utils import load_backend
-
-    from .models import ProviderUsage
-
     alias = router.db_for_write(ProviderUsage)
     wrapper = getattr(_local, "wrapper", None)
     if wrapper is None or _local.pid != os.getpid() or _local.alias != alias:
@@ -115,8 +115,6 @@ class SharedRateLimiter:
             if delay <= 0:
                 return waited, entry
             if max_wait is not None and waited + delay > max_wait:
-                from .exceptions import ProviderUnavailable
-
                 raise ProviderUnavailable(
                     f"The embedding API's rate limit leaves no room for {delay:.1f}s (limits: "
                     f"{self.tokens_per_minute or '-'} tokens, {self.requests_per_minute or '-'} "

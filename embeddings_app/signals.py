@@ -27,7 +27,10 @@ from django.db.models.signals import post_save
 from . import registry
 from .config import get_config
 from .encoders import RETRY_BUDGET
+from .exceptions import ProviderError
 from .models import EmbeddingVersion
+from .sync import record_failures, refresh_rows
+from .tasks import refresh_rows_task
 
 logger = logging.getLogger(__name__)
 # Seconds a save's dual-write may wait for an embedding API that fails transiently.
@@ -48,8 +51,6 @@ def embed_saved_row(sender: type[models.Model], instance: models.Model, raw: boo
         elif mode == "on_commit":
             transaction.on_commit(lambda f=field, i=instance: refresh_saved(f.target, i))
         else:
-            from .tasks import refresh_rows_task
-
             transaction.on_commit(
                 lambda f=field, pk=instance.pk: refresh_rows_task.apply_async(
                     (f.target, [pk]), queue=get_config().queue
@@ -58,9 +59,6 @@ def embed_saved_row(sender: type[models.Model], instance: models.Model, raw: boo
 
 
 def refresh_saved(target: str, instance: models.Model) -> None:
-    from .exceptions import ProviderError
-    from .sync import record_failures, refresh_rows
-
     field = registry.get(target)
     versions = list(EmbeddingVersion.objects.for_target(target).written())
     if versions:

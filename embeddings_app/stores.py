@@ -66,6 +66,14 @@ OPCLASSES = {
 }
 
 
+# Not a version's storage: the advice for a column backfill on the user's table (``layout``).
+SQL_SET_FILLFACTOR = "ALTER TABLE {table} SET (fillfactor = {fillfactor})"
+
+
+def set_fillfactor_sql(table: str, fillfactor: int) -> str:
+    return SQL_SET_FILLFACTOR.format(table=qn(table), fillfactor=int(fillfactor))
+
+
 def qn(name: str) -> str:
     return connection.ops.quote_name(name)
 
@@ -166,6 +174,8 @@ class VersionStore:
     sql_create_index = ("CREATE INDEX CONCURRENTLY {name} ON {relation} USING hnsw "
                         "({vector} {opclass}) WITH (m = {m}, ef_construction = {ef_construction})")
     sql_drop_index = "DROP INDEX CONCURRENTLY IF EXISTS {name}"
+    sql_index_progress = ("SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
+                          "FROM pg_stat_progress_create_index WHERE relid = %s::regclass")
     sql_staging = ("CREATE TEMP TABLE IF NOT EXISTS {staging} (pk {pk_type} PRIMARY KEY, "
                    "vec {vec_type}, source_hash bytea, read_version text) ON COMMIT DELETE ROWS")
     # Rows an earlier write of this transaction left (the commit empties the table). DELETE, not
@@ -300,6 +310,11 @@ class VersionStore:
 
     def drop_index_sql(self, name: str | None = None) -> str:
         return self.sql_drop_index.format(name=qn(name or self.index_name()))
+
+    def index_progress_query(self) -> tuple[str, list[str]]:
+        """The query (and its parameters) reading the progress of an index build on the
+        version's vectors (one row while a build runs, none otherwise)."""
+        return self.sql_index_progress, [qn(self.relation)]
 
     # --- the write path ---------------------------------------------------------------------
     def write(self, rows: Sequence[tuple[Any, bytes, np.ndarray | None]],

@@ -24,23 +24,21 @@ Per-row policy (docs/backfill.md):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
-from django.db.models.expressions import RawSQL
+from django.utils import timezone
 
-from . import encoders, stores
+from . import encoders, sources, stores
+from .config import get_config
 from .exceptions import PrecisionMismatch, ProviderError
-from .fields import SOURCE_SEPARATOR, VersionedEmbedding
-from .models import EmbeddingVersion, State
+from .models import EmbeddingVersion, RowFailure, State, VersionEvent
+from .sources import EmbeddingSource, SourceRow
 
 MAX_RECORDED_ERRORS = 1000  # per batch; counts stay exact beyond it
-SCAN_CHUNK = 2000  # rows fetched per round trip by the streaming scans
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +68,6 @@ class _Pending:
     rows: list[tuple[Any, bytes, np.ndarray | None]]  # (pk, source hash, vector or None)
 
 
-# One row as read for a refresh: (pk, source text, stored source hash of each version, the row
-# version it was read from: PostgreSQL's xmin, or None when the text did not come from the table).
-SourceRow = tuple[Any, str, tuple[bytes | None, ...], str | None]
-
-
 @dataclass
 class Prepared:
     """Rows encoded outside any transaction, waiting for their compare-and-set write."""
@@ -86,7 +79,7 @@ class Prepared:
 
 
 def refresh_rows(
-    field: VersionedEmbedding,
+    field: EmbeddingSource,
     versions: Sequence[EmbeddingVersion],
     instances: Sequence[models.Model],
 ) -> SyncStats:
@@ -111,15 +104,15 @@ def refresh_rows(
     return prepared.stats
 
 
-def still_written(field: VersionedEmbedding,
+def still_written(field: EmbeddingSource,
                   versions: Sequence[EmbeddingVersion]) -> list[EmbeddingVersion]:
     """Those of ``versions`` not retired or dropped since they were read, read in the caller's
     transaction after locking ``field``'s table against DDL (``ROW EXCLUSIVE``, what the write
     takes anyway).
 
     A version's storage exists for as long as the caller's transaction lasts: ``drop`` commits
-    the ``dropped`` state before it removes it, and waits for this lock to do so (its ``ALTER
-    TABLE``; or, for a table of the version's own, its ``DROP TABLE``, which locks this table
+    the ``dropped`` state before it removes it, and waits for this lock to do so (dropping its
+    columns; or, for a table of the version's own, dropping that table, which locks this table
     exclusively to remove the foreign key); ``add`` commits a version and its storage together."""
     assert transaction.get_connection().in_atomic_block, "still_written needs a transaction"
     if not versions:
@@ -131,7 +124,7 @@ def still_written(field: VersionedEmbedding,
     return [version for version in versions if version.pk in written]
 
 
-def prepare(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion],
+def prepare(field: EmbeddingSource, versions: Sequence[EmbeddingVersion],
             rows: Sequence[SourceRow], *, dual_write: bool = False) -> Prepared:
     """Encode, for each of ``versions``, the ``rows`` whose stored hash is not their source's
     (outside any transaction: this is the slow part). ``write_prepared`` writes them.
@@ -183,10 +176,6 @@ def mark_unwritable(version: EmbeddingVersion, reason: str) -> None:
     the reason), and ``status``, the admin and ``check --deploy`` report it. A ``backfill`` that
     finds its model loading again clears the mark. Recorded when the saving transaction commits
     (after the save's own locks are released), once."""
-    from django.utils import timezone
-
-    from .models import VersionEvent
-
     logger.warning("%s is no longer written: %s", version, reason)
     version.write_error = reason[:2000]
 
@@ -230,8 +219,6 @@ def _encode_isolating(
 
 def record_failures(stats: SyncStats, run_id: int | None = None) -> None:
     """Record the rows of ``stats`` that could not be embedded (for ``status`` and the admin)."""
-    from .models import RowFailure
-
     if stats.errors:
         RowFailure.objects.bulk_create([
             RowFailure(version_id=version_id, run_id=run_id, row_key=str(pk)[:200], error=error)
@@ -239,7 +226,7 @@ def record_failures(stats: SyncStats, run_id: int | None = None) -> None:
         ])
 
 
-def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
+def write_prepared(field: EmbeddingSource, prepared: Prepared) -> set[str]:
     """The compare-and-set write of ``prepare``'s rows, in the caller's transaction: a row is
     written only while its source is still the text that was encoded. Counts into
     ``prepared.stats``.
@@ -280,7 +267,8 @@ def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
     if recheck:
         locked = stores.lock_rows(field, recheck)  # in key order
         expected.update(locked)
-        query, decode = _source_query(field, [], field.source_queryset().filter(pk__in=list(locked)))
+        query, decode = sources.source_query(field, [],
+                                              field.source_queryset().filter(pk__in=list(locked)))
         current = {row[0]: field.source_hash(row[1]) for row in map(decode, query)}
         for index, item in enumerate(prepared.pending):
             write(index, [row for row in item.rows if row[0] in locked
@@ -294,128 +282,8 @@ def write_prepared(field: VersionedEmbedding, prepared: Prepared) -> set[str]:
     return write_xids
 
 
-def _plain_source_fields(field: VersionedEmbedding) -> tuple[str, ...] | None:
-    """The source fields when each is a plain column of the model, so the source text can be
-    built from the column values without model instances; None for a callable or a relation."""
-    if field.source_fields is None:
-        return None
-    for name in field.source_fields:
-        try:
-            model_field = field.model._meta.get_field(name)
-        except FieldDoesNotExist:
-            return None
-        if not model_field.concrete or model_field.is_relation or model_field.attname != name:
-            return None
-    return field.source_fields
-
-
-def _as_bytes(value: Any) -> bytes | None:
-    return None if value is None else bytes(value)
-
-
-def _source_query(
-    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], queryset: models.QuerySet
-) -> tuple[models.QuerySet, Callable[[Any], SourceRow]]:
-    """``queryset`` as one query returning each row's source and its stored hash of every
-    version, and the function turning one of its results into a ``SourceRow``."""
-    table = stores.qn(field.table)
-    aliases = [f"_embeddings_stored_{index}" for index in range(len(versions))]
-    annotated = queryset.annotate(**{
-        alias: RawSQL(stores.store_for(version, field).hash_sql(table), ())
-        for alias, version in zip(aliases, versions, strict=True)
-    }, _embeddings_xmin=RawSQL(f"{table}.xmin::text", ()))
-    plain = _plain_source_fields(field)
-    if plain is None:  # a callable source needs the model instance
-        def decode_instance(obj: Any) -> SourceRow:
-            return (obj.pk, field.source_text(obj),
-                    tuple(_as_bytes(getattr(obj, alias)) for alias in aliases),
-                    obj._embeddings_xmin)
-
-        return annotated, decode_instance
-    stored_and_version = (*aliases, "_embeddings_xmin")
-
-    def decode_values(values: Any) -> SourceRow:
-        return (values[0], values[1], tuple(_as_bytes(value) for value in values[2:-1]),
-                values[-1])
-
-    default_join = type(field).source_text is VersionedEmbedding.source_text
-    text_sql = _source_text_sql(field, plain) if default_join else None
-    if text_sql is not None:  # the text joined by PostgreSQL: less to transfer and to decode
-        annotated = annotated.annotate(_embeddings_source=text_sql)
-        return annotated.values_list("pk", "_embeddings_source", *stored_and_version), decode_values
-    width = len(plain)
-    if default_join:
-        # VersionedEmbedding.source_text's join, on the values without an object per row (the
-        # decode was a third of a 100,000-row scan); tests/test_backfill_internals.py checks.
-        def text_of(values: Any) -> str:
-            return SOURCE_SEPARATOR.join(str(part) for part in values if part not in (None, ""))
-    else:  # a subclass with its own source_text gets an object with the source attributes
-        def text_of(values: Any) -> str:
-            return field.source_text(SimpleNamespace(**dict(zip(plain, values, strict=True))))
-
-    def decode_columns(values: Any) -> SourceRow:
-        return decode_values((values[0], text_of(values[1:width + 1]), *values[width + 1:]))
-
-    return annotated.values_list("pk", *plain, *stored_and_version), decode_columns
-
-
-def _source_text_sql(field: VersionedEmbedding, plain: tuple[str, ...]) -> RawSQL | None:
-    """``VersionedEmbedding.source_text``'s join as SQL, for source fields that are all text
-    columns (``str()`` of a date or a number is not PostgreSQL's text of it); None otherwise.
-
-    The same text: the non-empty values joined by ``SOURCE_SEPARATOR``, NULL and ``""`` left
-    out (``concat_ws`` skips NULLs; ``NULLIF`` makes ``""`` one)."""
-    columns = [field.model._meta.get_field(name) for name in plain]
-    if any(column.get_internal_type() not in ("CharField", "TextField") for column in columns):
-        return None
-    table = stores.qn(field.table)
-    parts = ", ".join(f"NULLIF({table}.{stores.qn(column.column)}, '')" for column in columns)
-    return RawSQL(f"concat_ws(%s, {parts})", (SOURCE_SEPARATOR,), output_field=models.TextField())
-
-
-def iter_source_pages(
-    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], queryset: models.QuerySet,
-    page_size: int,
-) -> Iterator[tuple[list[SourceRow], bool]]:
-    """Walk ``queryset`` by primary key (keyset pagination, never OFFSET), one query per page:
-    (the page's rows with their stored hashes, whether it is the last page)."""
-    query, decode = _source_query(field, versions, queryset.order_by("pk"))
-    last = None
-    while True:
-        page_query = query if last is None else query.filter(pk__gt=last)
-        rows = [decode(result) for result in page_query[:page_size + 1]]  # +1: is there more?
-        more = len(rows) > page_size
-        page = rows[:page_size]
-        yield page, not more
-        if not more:
-            return
-        last = page[-1][0]
-
-
-def scan_unfresh(
-    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion], queryset: models.QuerySet,
-) -> Iterator[tuple[Any, bytes, tuple[bytes | None, ...]]]:
-    """Read every row of ``queryset`` in one streamed query (a server-side cursor, nothing
-    proportional to the table held) and yield (pk, hash of its current source, its stored hash
-    of each version) for the rows that are not fresh for one of ``versions``."""
-    connection = transaction.get_connection(queryset.db)
-    if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
-        # Without server-side cursors (transaction pooling) the driver would load the whole
-        # result at once: keyset pages keep the memory bounded instead.
-        rows: Iterable[SourceRow] = (
-            row for page, _ in iter_source_pages(field, versions, queryset, SCAN_CHUNK)
-            for row in page)
-    else:
-        query, decode = _source_query(field, versions, queryset.order_by())
-        rows = map(decode, query.iterator(chunk_size=SCAN_CHUNK))
-    for pk, text, stored, _ in rows:
-        current = field.source_hash(text)
-        if any(value != current for value in stored):
-            yield pk, current, stored
-
-
 def sync_queryset(
-    field: VersionedEmbedding,
+    field: EmbeddingSource,
     queryset: models.QuerySet | None = None,
     versions: Iterable[EmbeddingVersion] | None = None,
     page_size: int | None = None,
@@ -425,8 +293,6 @@ def sync_queryset(
 
     ``refine`` narrows the rows read in the same query (not as a subquery): a store's catch-up
     filter names the user's table, which a subquery would rename."""
-    from .config import get_config
-
     versions = list(versions) if versions is not None else list(
         EmbeddingVersion.objects.for_target(field.target).written()
     )
@@ -442,7 +308,7 @@ def sync_queryset(
 
     def refresh(keys: list[Any]) -> None:
         # Read again: the rows may have changed since the scan saw them.
-        for page, _ in iter_source_pages(field, versions, base.filter(pk__in=keys), page_size):
+        for page, _ in sources.iter_source_pages(field, versions, base.filter(pk__in=keys), page_size):
             prepared = prepare(field, versions, page)
             if prepared.pending:
                 with transaction.atomic():
@@ -453,7 +319,7 @@ def sync_queryset(
     # One streamed read of the rows finds the unfresh ones; only those are read again, encoded
     # and written, a page at a time.
     keys: list[Any] = []
-    for pk, _, _ in scan_unfresh(field, versions, base):
+    for pk, _, _ in sources.scan_unfresh(field, versions, base):
         keys.append(pk)
         if len(keys) >= page_size:
             refresh(keys)
@@ -463,20 +329,20 @@ def sync_queryset(
     return stats.embedded + stats.skipped
 
 
-def count_stale(field: VersionedEmbedding, versions: Sequence[EmbeddingVersion]) -> list[int]:
+def count_stale(field: EmbeddingSource, versions: Sequence[EmbeddingVersion]) -> list[int]:
     """Per version: rows embedded from a source text that has changed since (a full read)."""
     return [len(stale) for _, stale in unfresh_rows(field, versions)]
 
 
 def unfresh_rows(
-    field: VersionedEmbedding, versions: Sequence[EmbeddingVersion]
+    field: EmbeddingSource, versions: Sequence[EmbeddingVersion]
 ) -> list[tuple[set[Any], set[Any]]]:
     """Per version: (keys of rows without a vector or hash, keys of stale rows), in one read of
     the table."""
     result: list[tuple[set[Any], set[Any]]] = [(set(), set()) for _ in versions]
     if not versions:
         return result
-    for pk, current, stored in scan_unfresh(field, versions, field.source_queryset()):
+    for pk, current, stored in sources.scan_unfresh(field, versions, field.source_queryset()):
         for (missing, stale), value in zip(result, stored, strict=True):
             if value is None:
                 missing.add(pk)

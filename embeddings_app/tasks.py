@@ -1,9 +1,12 @@
-"""Celery tasks. They are ``shared_task``s: they run on the project's own Celery app and broker,
-routed to ``EMBEDDINGS["QUEUE"]`` by whoever dispatches them.
+"""Celery tasks, and the only code that sends them. They are ``shared_task``s: they run on the
+project's own Celery app and broker, routed to ``EMBEDDINGS["QUEUE"]``: ``dispatch`` sends a
+backfill run's batches (``backfill.start`` plans them), ``reclaim_expired`` sends again those
+whose lease expired, and ``signals`` sends ``refresh_rows_task`` in the ``"celery"`` dual-write
+mode.
 
 Reliability settings (docs/backfill.md): a batch is idempotent, so it is acknowledged late and
 re-queued if its worker process dies (``acks_late`` + ``reject_on_worker_lost``), and if the whole
-worker dies its lease expires and the batch is reclaimed (``backfill.reclaim_expired``); transient
+worker dies its lease expires and the batch is reclaimed (``reclaim_expired``); transient
 database errors (Django's and psycopg's) are retried with exponential backoff and jitter, on a new
 connection; a batch has a hard time limit
 well below the broker's visibility timeout (Redis: 1 hour by default), so the broker never hands
@@ -16,15 +19,19 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import psycopg
-from celery import Task, shared_task
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from celery import Task, group, shared_task
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db.models import F, Q
+from django.utils import timezone
 
 from . import backfill, capture, lifecycle, probes, registry, sync
+from .config import get_config
 from .exceptions import ProviderUnavailable
-from .models import EmbeddingVersion, VersionEvent
+from .models import STORED_STATES, BackfillBatch, BackfillRun, EmbeddingVersion, VersionEvent
 
 # Connection errors, Django's and psycopg's alike: psycopg's own escape Django's wrapper where
 # the app talks to the driver directly (pgvector's type registration, COPY), e.g. the
@@ -38,10 +45,10 @@ CONNECTION_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError,
 # precision or on another device than its worker's (docs/devices.md).
 RETRYABLE = (*CONNECTION_ERRORS, ProviderUnavailable)
 
-F = TypeVar("F", bound=Callable[..., Any])
+Func = TypeVar("Func", bound=Callable[..., Any])
 
 
-def reconnecting(func: F) -> F:
+def reconnecting(func: Func) -> Func:
     """After a connection error, close this process's Django connection before the error reaches
     Celery's retry: Django closes a broken connection only when the error went through its own
     wrapper, so the retry would otherwise run on the dead one."""
@@ -138,7 +145,7 @@ def sweep(target: str | None = None, full_scan: bool | None = None) -> dict[str,
         CELERY_BEAT_SCHEDULE = {"embeddings-sweep": {
             "task": "embeddings_app.sweep", "schedule": 3600, "options": {"queue": "embeddings"}}}
     """
-    backfill.reclaim_expired()  # batches of dead workers, if no `backfill` command follows them
+    reclaim_expired()  # batches of dead workers, if no `backfill` command follows them
     targets = [target] if target else registry.all_targets()
     return {name: capture.sweep_target(registry.get(name), full_scan=full_scan)
             for name in targets}
@@ -163,8 +170,6 @@ def drain(target: str | None = None) -> dict[str, dict[str, int]]:
         CELERY_BEAT_SCHEDULE = {"embeddings-drain": {
             "task": "embeddings_app.drain", "schedule": 10, "options": {"queue": "embeddings"}}}
     """
-    from .config import get_config
-
     targets = [target] if target else registry.all_targets()
     result = {}
     for name in targets:
@@ -180,14 +185,14 @@ def drain(target: str | None = None) -> dict[str, dict[str, int]]:
 @reconnecting
 def reclaim() -> int:
     """Re-dispatch the backfill batches whose lease expired (their worker died) and finalize runs
-    whose finalizer died (``backfill.reclaim_expired``). The ``backfill`` command does this while
+    whose finalizer died (``reclaim_expired``). The ``backfill`` command does this while
     it waits; after ``--no-wait`` or an admin backfill, schedule this with Celery beat, e.g.
     every ``EMBEDDINGS["BATCH_LEASE"]`` seconds::
 
         CELERY_BEAT_SCHEDULE = {"embeddings-reclaim": {
             "task": "embeddings_app.reclaim", "schedule": 60, "options": {"queue": "embeddings"}}}
     """
-    return len(backfill.reclaim_expired())
+    return len(reclaim_expired())
 
 
 @shared_task(name="embeddings_app.probe", ignore_result=True)
@@ -199,8 +204,6 @@ def probe(target: str | None = None) -> dict[str, bool]:
         CELERY_BEAT_SCHEDULE = {"embeddings-probe": {
             "task": "embeddings_app.probe", "schedule": 3600, "options": {"queue": "embeddings"}}}
     """
-    from .models import STORED_STATES
-
     versions = EmbeddingVersion.objects.filter(state__in=STORED_STATES)
     if target:
         versions = versions.filter(target=registry.get(target).target)
@@ -241,3 +244,46 @@ def build_index(version_id: int, actor: str = "") -> str:
         note=" ".join([f"index {name} built and valid ({time.monotonic() - started:.1f}s).",
                        *notes])[:2000])
     return name
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+def dispatch(run: BackfillRun, ranges: list[backfill.Range]) -> None:
+    """Send every batch of ``run`` to the workers of ``EMBEDDINGS["QUEUE"]``, as one group."""
+    group(backfill_batch.si(run.pk, number) for number in range(len(ranges))).apply_async(
+        queue=get_config().queue)
+
+
+def reclaim_expired(run_id: int | None = None) -> list[BackfillBatch]:
+    """Reclaim the batches whose lease expired (their worker died, or lost its database for
+    longer than the lease): each is set pending again, with its ``reclaims`` count, time and note
+    (whose lease expired when) recorded on the batch, and re-dispatched to the queue. A run whose
+    batches are all counted but whose finalizer died is finalized here. Called by the
+    ``backfill`` command while it waits, by the sweep and by the ``embeddings_app.reclaim``
+    task. Returns the batches reclaimed (as they were before)."""
+    now = timezone.now()
+    lease = timedelta(seconds=get_config().batch_lease)
+    expired_batches = BackfillBatch.objects.filter(
+        status=BackfillBatch.Status.RUNNING, lease_expires_at__lt=now,
+        run__status=BackfillRun.Status.RUNNING, run__mode="celery")
+    orphans = BackfillRun.objects.filter(
+        status=BackfillRun.Status.RUNNING, batches_done__gte=F("batches_total")).filter(
+        Q(finished_at__isnull=True, updated_at__lt=now - lease) | Q(finished_at__lt=now - lease))
+    if run_id is not None:
+        expired_batches = expired_batches.filter(run_id=run_id)
+        orphans = orphans.filter(pk=run_id)
+    with transaction.atomic():
+        expired = list(expired_batches.select_for_update(skip_locked=True, of=("self",)))
+        for batch in expired:
+            note = (f"{now:%Y-%m-%d %H:%M:%S} UTC: the lease of {batch.worker or '?'} (attempt "
+                    f"{batch.attempts}) expired at {batch.lease_expires_at:%H:%M:%S}; reclaimed "
+                    "and re-dispatched")
+            BackfillBatch.objects.filter(pk=batch.pk).update(
+                status=BackfillBatch.Status.PENDING, lease_expires_at=None,
+                reclaims=F("reclaims") + 1, reclaimed_at=now,
+                reclaim_note=f"{batch.reclaim_note}\n{note}".strip()[-2000:])
+            # Sent before the commit: if the broker refuses, nothing changed and the next
+            # reclaim tries again; a delivery that arrives first claims the running batch.
+            backfill_batch.apply_async((batch.run_id, batch.number), queue=get_config().queue)
+    for run in orphans:
+        backfill.finalize(run.pk)
+    return expired

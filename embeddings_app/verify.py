@@ -72,7 +72,7 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
         raise Refused(f"{version} is dropped; there are no stored vectors to verify.")
     config = get_config()
     sample = config.verify_sample if sample is None else sample
-    limits.integer("--sample", sample, 1, limits.MAX_VERIFY_SAMPLE)
+    limits.integer("The verify sample", sample, 1, limits.MAX_VERIFY_SAMPLE, "sample")
     if threshold is not None:
         limits.threshold(threshold)
     own_alias = alias is None or alias == version.model_alias

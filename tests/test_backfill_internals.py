@@ -7,7 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.db import transaction
 
-from embeddings_app import backfill, lifecycle, registry, stores, sync
+from embeddings_app import backfill, lifecycle, registry, sources, stores, sync
 from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -47,10 +47,10 @@ def test_source_read_from_values_is_the_fields_source_text(make_articles, monkey
     Article.objects.filter(pk=articles[2].pk).update(title=" ", body="x")
     Article.objects.filter(pk=articles[3].pk).update(title="Café ☕ \u00e9\u0301", body="")
     field = registry.get(TARGET)
-    assert sync._source_text_sql(field, ("title", "body")) is not None
+    assert sources.source_text_sql(field, ("title", "body")) is not None
     if joined_by == "python":
-        monkeypatch.setattr(sync, "_source_text_sql", lambda *args: None)
-    ((page, last),) = list(sync.iter_source_pages(field, [version], field.source_queryset(), 10))
+        monkeypatch.setattr(sources, "source_text_sql", lambda *args: None)
+    ((page, last),) = list(sources.iter_source_pages(field, [version], field.source_queryset(), 10))
     assert last and len(page) == 4
     expected = {obj.pk: field.source_text(obj) for obj in field.source_queryset()}
     assert {pk: text for pk, text, _, _ in page} == expected
@@ -75,7 +75,7 @@ def test_write_rereads_only_rows_whose_version_changed(make_articles):
     row changes elsewhere (new xmin, same text: re-read under the lock, written)."""
     articles, version = _version(make_articles, 5)
     field = registry.get(TARGET)
-    ((page, _),) = list(sync.iter_source_pages(field, [version], field.source_queryset(), 10))
+    ((page, _),) = list(sources.iter_source_pages(field, [version], field.source_queryset(), 10))
     prepared = sync.prepare(field, [version], page)
     changed_text, changed_other = articles[0].pk, articles[1].pk
     Article.objects.filter(pk=changed_text).update(title="Another text altogether")
@@ -97,7 +97,7 @@ def test_unfresh_scan_without_server_side_cursors_pages_by_key(make_articles, mo
     field = registry.get(TARGET)
     expected = sync.unfresh_rows(field, [version])
     monkeypatch.setitem(connection.settings_dict, "DISABLE_SERVER_SIDE_CURSORS", True)
-    monkeypatch.setattr(sync, "SCAN_CHUNK", 2)  # several pages
+    monkeypatch.setattr(sources, "SCAN_CHUNK", 2)  # several pages
     assert sync.unfresh_rows(field, [version]) == expected == [(set(),
                                                                 {a.pk for a in articles[:3]})]
 
@@ -105,7 +105,7 @@ def test_unfresh_scan_without_server_side_cursors_pages_by_key(make_articles, mo
 def _rows_read(monkeypatch) -> list:
     """From now on, the key of every row a source read decodes (batch pages, scans, re-reads)."""
     read: list = []
-    real_source_query = sync._source_query
+    real_source_query = sources.source_query
 
     def recording_source_query(*args):
         query, decode = real_source_query(*args)
@@ -117,7 +117,7 @@ def _rows_read(monkeypatch) -> list:
 
         return query, decode_and_record
 
-    monkeypatch.setattr(sync, "_source_query", recording_source_query)
+    monkeypatch.setattr(sources, "source_query", recording_source_query)
     return read
 
 
@@ -194,7 +194,7 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
 
     articles, version = _version(make_articles, 5)
     field = registry.get(TARGET)
-    ((page, _),) = list(sync.iter_source_pages(field, [version], field.source_queryset(), 10))
+    ((page, _),) = list(sources.iter_source_pages(field, [version], field.source_queryset(), 10))
     prepared = sync.prepare(field, [version], page)
     held = sorted(a.pk for a in articles)[2]
     writer = raw_connection()
@@ -234,7 +234,7 @@ def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles
     with transaction.atomic():
         lifecycle.transition(v2, State.BACKFILLING, note="test: being backfilled")
     field = registry.get(TARGET)
-    ((page, _),) = list(sync.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
+    ((page, _),) = list(sources.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
     prepared = sync.prepare(field, [v1, v2], page)
     locked: list = []
     real_lock_rows = stores.lock_rows

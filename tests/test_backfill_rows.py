@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from embeddings_app import backfill, encoders, registry
+from embeddings_app import backfill, encoders, registry, tasks
 from embeddings_app.models import BackfillBatch, BackfillRun, EmbeddingVersion, RowFailure, State
 from project.news.models import Ticket
 from tests.backfill_helpers import (
@@ -105,7 +105,7 @@ def test_uuid_primary_key_backfills_on_workers(celery_worker):
     low = Ticket.objects.create(id="00000000-0000-4000-8000-000000000000", subject="Early key",
                                 raw_body=b"inserted after planning")
     celery_worker(concurrency=2, extra_env=WORKER_ENV)
-    backfill.dispatch(run, ranges)
+    tasks.dispatch(run, ranges)
     run = wait_for_run(run.pk)
     assert run.status == BackfillRun.Status.DONE, run.last_error
     assert assert_every_row_fresh(TICKETS, "v1") == len(tickets) + 1

@@ -10,7 +10,7 @@ import signal
 import pytest
 from django.core.management import call_command
 
-from embeddings_app import backfill
+from embeddings_app import backfill, tasks
 from embeddings_app.models import BackfillBatch, BackfillRun, EmbeddingVersion, State
 from project.news.models import Article
 from tests.backfill_helpers import (
@@ -105,7 +105,7 @@ def test_worker_killed_mid_batch_backfill_completes_after_restart(broker, layout
     locker = _lock_row_in_batch(run, 3)
     worker = celery_worker(concurrency=2, extra_env=WORKER_ENV)
     try:
-        backfill.dispatch(run, ranges)
+        tasks.dispatch(run, ranges)
         wait_until(lambda: blocked_backends(locker), what="batch 3 to block on the row lock")
         batch = run.batches.get(number=3)
         assert batch.status == BackfillBatch.Status.RUNNING
@@ -143,7 +143,7 @@ def test_database_connection_cut_under_a_batch_is_retried(celery_worker):
     locker = _lock_row_in_batch(run, 2)
     worker = celery_worker(concurrency=2, extra_env=WORKER_ENV)
     try:
-        backfill.dispatch(run, ranges)
+        tasks.dispatch(run, ranges)
         backends = wait_until(lambda: blocked_backends(locker),
                               what="batch 2 to block on the row lock")
         with raw_connection() as admin:

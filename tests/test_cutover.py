@@ -17,7 +17,7 @@ from django.db import connection
 from django.test import override_settings
 
 from embeddings_app import encoders, lifecycle
-from embeddings_app.exceptions import VersionNotReady
+from embeddings_app.exceptions import Refused, VersionNotReady
 from embeddings_app.models import EmbeddingVersion, State, VersionEvent
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -170,8 +170,8 @@ def test_force_activates_with_a_warning(make_articles, capsys):
     call_command("embeddings", "backfill", TARGET, "v1", "--inline")
     call_command("embeddings", "activate", TARGET, "v1", "--force")
     err = capsys.readouterr().err
-    assert "--force: activating anyway, although news.Article.embedding@v1 has no passing verify" in err
-    assert "--force: activating anyway, although news.Article.embedding@v1 has no valid HNSW" in err
+    assert "Activating anyway (forced), although news.Article.embedding@v1 has no passing verify" in err
+    assert "Activating anyway (forced), although news.Article.embedding@v1 has no valid HNSW" in err
     assert Article.embedding.active().version == "v1"
 
 
@@ -199,8 +199,12 @@ def test_standby_is_dual_written_rollback_flips_back_and_drop_waits_for_the_grac
 
     call_command("embeddings", "retire", TARGET, "v2")
     with pytest.raises(CommandError, match=r"was active until .* less than the grace period "
-                                           r"\(1 day, 0:00:00\) ago; confirm with --yes"):
+                                           r"\(1 day, 0:00:00\) ago; confirm the drop to drop it "
+                                           r"anyway\. \[--yes\]$"):
         call_command("embeddings", "drop", TARGET, "v2")
+    with pytest.raises(Refused, match=r"confirm the drop to drop it anyway\.$") as refused:
+        lifecycle.drop(TARGET, "v2")  # the library's line names no flag; its option is `yes`
+    assert refused.value.option == "yes"
     with pytest.raises(VersionNotReady):
         lifecycle.activate(TARGET, "v2")  # retired: never activated again
     with override_settings(EMBEDDINGS={**settings.EMBEDDINGS, "DROP_GRACE_PERIOD": 0}):

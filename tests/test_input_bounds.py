@@ -54,15 +54,20 @@ def test_hnsw_parameters_outside_pgvectors_bounds_are_refused(args, expected):
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("0", "--batch-size must be an integer from 1 to 10000, not 0."),
-    ("-5", "--batch-size must be an integer from 1 to 10000, not -5."),
-    (str(limits.MAX_BATCH_SIZE + 1), "--batch-size must be an integer from 1 to 10000"),
+    ("0", "The batch size must be an integer from 1 to 10000, not 0."),
+    ("-5", "The batch size must be an integer from 1 to 10000, not -5."),
+    (str(limits.MAX_BATCH_SIZE + 1), "The batch size must be an integer from 1 to 10000"),
 ])
 def test_batch_sizes_outside_1_to_the_maximum_are_refused_and_zero_is_not_the_default(
         value, expected):
     assert_refused(["backfill", TARGET, "v2", "--inline", "--batch-size", value], expected)
+    assert_refused(["backfill", TARGET, "v2", "--inline", "--batch-size", value],
+                   f"not {int(value)}. [--batch-size]")  # the command adds its flag
     version = EmbeddingVersion.objects.get(target=TARGET, version="v2")
     assert_api_refused(lambda: backfill.start(version, batch_size=int(value)), expected)
+    with pytest.raises(EmbeddingError) as refused:  # the library's line names no flag
+        backfill.start(version, batch_size=int(value))
+    assert "--" not in str(refused.value) and refused.value.option == "batch_size"
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-0.5", "1.5"])
@@ -73,10 +78,12 @@ def test_verify_thresholds_must_be_finite_cosines_in_0_to_1(value):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["verify", TARGET, "v1", "--sample", "0"], "--sample must be an integer from 1 to 100000"),
-    (["compare", TARGET, "v1", "v1", "--k", "0"], "--k must be an integer from 1 to 1000, not 0."),
-    (["compare", TARGET, "v1", "v1", "--k", "1001"], "--k must be an integer from 1 to 1000"),
-    (["compare", TARGET, "v1", "v1", "--sample", "0"], "--sample must be an integer from 1"),
+    (["verify", TARGET, "v1", "--sample", "0"],
+     "The verify sample must be an integer from 1 to 100000, not 0. [--sample]"),
+    (["compare", TARGET, "v1", "v1", "--k", "0"], "k must be an integer from 1 to 1000, not 0. [--k]"),
+    (["compare", TARGET, "v1", "v1", "--k", "1001"], "k must be an integer from 1 to 1000, not 1001. [--k]"),
+    (["compare", TARGET, "v1", "v1", "--sample", "0"],
+     "The comparison sample must be an integer from 1 to 10000, not 0. [--sample]"),
 ])
 def test_samples_and_k_outside_their_bounds_are_refused(args, expected):
     assert_refused(args, expected)

@@ -6,7 +6,7 @@ import uuid
 
 from django.db import models
 
-from embeddings_app.fields import VersionedEmbedding
+from embeddings_app import VersionedEmbedding
 
 
 class Article(models.Model):

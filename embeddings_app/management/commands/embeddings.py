@@ -10,10 +10,23 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 from tqdm import tqdm
 
-from embeddings_app import backfill, capture, indexes, layout, lifecycle, probes, registry, sync
+from embeddings_app import (
+    adopt,
+    backfill,
+    capture,
+    compare,
+    indexes,
+    layout,
+    lifecycle,
+    probes,
+    registry,
+    sync,
+    tasks,
+)
+from embeddings_app import estimate as estimates
 from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.exceptions import EmbeddingError
-from embeddings_app.models import BackfillRun, EmbeddingVersion, State
+from embeddings_app.models import STORED_STATES, BackfillRun, EmbeddingVersion, State
 
 ACTOR = "manage.py"
 
@@ -69,7 +82,7 @@ class Command(BaseCommand):
         p.add_argument("--estimate", action="store_true",
                        help="print rows, tokens, requests, time and cost; embed nothing")
 
-        p = sub.add_parser("index", help="build the HNSW index (CREATE INDEX CONCURRENTLY)")
+        p = sub.add_parser("index", help="build the HNSW index (concurrently: writes go on)")
         p.add_argument("target")
         p.add_argument("version")
         p.add_argument("--m", type=int, help="HNSW m (default: the version's, 16)")
@@ -141,12 +154,20 @@ class Command(BaseCommand):
         try:
             getattr(self, f"do_{subcommand}")(**options)
         except EmbeddingError as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(self.render(exc, options)) from exc
         except DatabaseError as exc:
             refusal = lifecycle.dropped_meanwhile(exc)
             if refusal is None:
                 raise
             raise CommandError(str(refusal)) from exc
+
+    @staticmethod
+    def render(exc: EmbeddingError, options: dict[str, Any]) -> str:
+        """The error's line, and the flag of the subcommand's option it names (``exc.option``,
+        a keyword argument such as ``batch_size``: the library's message names no flag)."""
+        if exc.option is not None and exc.option in options:
+            return f"{exc} [--{exc.option.replace('_', '-')}]"
+        return str(exc)
 
     # --- subcommands ------------------------------------------------------------------------
     def do_status(self, target: str | None = None, **_: Any) -> None:
@@ -234,8 +255,6 @@ class Command(BaseCommand):
                  sample: int | None = None, threshold: float | None = None,
                  verify_all: bool = False, inline: bool = False, batch_size: int | None = None,
                  **_: Any) -> None:
-        from embeddings_app import adopt
-
         field = registry.get(target)
         bar = tqdm(total=field.model._base_manager.count(), unit="row",
                    desc=f"adopt {version}", file=self.stderr._out, disable=None,
@@ -276,8 +295,6 @@ class Command(BaseCommand):
                     **_: Any) -> None:
         record = EmbeddingVersion.objects.get_version(registry.get(target).target, version)
         if estimate:
-            from embeddings_app import estimate as estimates
-
             for line in estimates.for_backfill(record, batch_size).lines():
                 self.stdout.write(line)
             return
@@ -353,8 +370,6 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(report.summary()))
 
     def do_probe(self, target: str | None = None, **_: Any) -> None:
-        from embeddings_app.models import STORED_STATES
-
         versions = EmbeddingVersion.objects.filter(state__in=STORED_STATES)
         if target:
             versions = versions.filter(target=registry.get(target).target)
@@ -375,8 +390,6 @@ class Command(BaseCommand):
 
     def do_compare(self, target: str, version_a: str, version_b: str, queries: str | None = None,
                    k: int = 10, sample: int = 100, seed: int = 0, **_: Any) -> None:
-        from embeddings_app import compare
-
         target = registry.get(target).target
         parsed = compare.read_queries(queries) if queries else None
         report = compare.compare(target, version_a, version_b, queries=parsed, k=k,
@@ -429,8 +442,6 @@ class Command(BaseCommand):
         record = (resumable.filter(version=version_name).first() if version_name
                   else resumable.order_by("-created_at").first())
         if estimate:  # what a resumed or new migration would embed; nothing is added
-            from embeddings_app import estimate as estimates
-
             found = (estimates.for_backfill(record, batch_size) if record is not None
                      else estimates.for_migration(field.target, to, batch_size))
             for line in found.lines():
@@ -484,7 +495,7 @@ class Command(BaseCommand):
             if inline:
                 backfill.run_inline(run, ranges, progress=bar.update)
             else:
-                backfill.dispatch(run, ranges)
+                tasks.dispatch(run, ranges)
                 if not wait:
                     self.stdout.write(f"Dispatched {len(ranges)} batches to queue "
                                       f"'{get_config().queue}' "
@@ -505,8 +516,6 @@ class Command(BaseCommand):
         """Poll the run's progress record until its last batch finalizes it. Every third of the
         batch lease, reclaim (re-dispatch) its batches whose worker died. A dropped database
         connection is reopened at the next poll."""
-        from embeddings_app.tasks import CONNECTION_ERRORS
-
         reclaim_every = get_config().batch_lease / 3
         next_reclaim = time.monotonic() + reclaim_every
         while True:
@@ -517,10 +526,10 @@ class Command(BaseCommand):
                     return
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + reclaim_every
-                    for batch in backfill.reclaim_expired(run.pk):
+                    for batch in tasks.reclaim_expired(run.pk):
                         bar.write(f"batch {batch.number} reclaimed: the lease of {batch.worker} "
                                   "expired (its worker died?); re-dispatched")
-            except CONNECTION_ERRORS as exc:
+            except tasks.CONNECTION_ERRORS as exc:
                 bar.write(f"database connection lost ({type(exc).__name__}); reconnecting")
                 backfill._close_quietly(connection)
             time.sleep(0.5)
