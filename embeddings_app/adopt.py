@@ -141,11 +141,11 @@ def adopt(target: str, version_name: str, alias: str, *, column: str, table: str
     config = get_config()
     lifecycle.check_version_name(target, version_name)
     sample = config.verify_sample if sample is None else sample
-    limits.integer("--sample", sample, 1, limits.MAX_VERIFY_SAMPLE)
+    limits.integer("The verify sample", sample, 1, limits.MAX_VERIFY_SAMPLE, "sample")
     if threshold is not None:
         limits.threshold(threshold)
     page_size = config.batch_size if batch_size is None else batch_size
-    limits.integer("--batch-size", page_size, 1, limits.MAX_BATCH_SIZE)
+    limits.integer("The batch size", page_size, 1, limits.MAX_BATCH_SIZE, "batch_size")
     source = stores.ExistingVectors(field_, column, table, key)
     storage, dimensions = source.inspect()
     layout = layout or ("table" if table else "column")

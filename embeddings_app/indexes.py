@@ -105,15 +105,16 @@ def plan(version: EmbeddingVersion, *, maintenance_work_mem: str | int | None = 
     memory_kb = workers = None
     memory_source = workers_source = "the server's setting"
     if maintenance_work_mem is not None:
-        memory_kb = limits.memory_kb("--maintenance-work-mem", maintenance_work_mem)
+        memory_kb = limits.memory_kb("The build's maintenance_work_mem", maintenance_work_mem,
+                                     "maintenance_work_mem")
         memory_source = "--maintenance-work-mem"
     elif config.index_maintenance_work_mem is not None:
         memory_kb = limits.memory_kb('EMBEDDINGS["INDEX_MAINTENANCE_WORK_MEM"]',
                                      config.index_maintenance_work_mem)
         memory_source = 'EMBEDDINGS["INDEX_MAINTENANCE_WORK_MEM"]'
     if parallel_workers is not None:
-        workers = limits.integer("--parallel-workers", parallel_workers,
-                                 *limits.PARALLEL_MAINTENANCE_WORKERS)
+        workers = limits.integer("The build's parallel workers", parallel_workers,
+                                 *limits.PARALLEL_MAINTENANCE_WORKERS, "parallel_workers")
         workers_source = "--parallel-workers"
     elif config.index_parallel_workers is not None:
         workers = config.index_parallel_workers
@@ -211,9 +212,11 @@ def build(version: EmbeddingVersion, *, m: int | None = None, ef_construction: i
     limits.hnsw(version.hnsw_m if m is None else m,
                 version.hnsw_ef_construction if ef_construction is None else ef_construction)
     if maintenance_work_mem is not None:  # every flag is checked before anything is read
-        limits.memory_kb("--maintenance-work-mem", maintenance_work_mem)
+        limits.memory_kb("The build's maintenance_work_mem", maintenance_work_mem,
+                                     "maintenance_work_mem")
     if parallel_workers is not None:
-        limits.integer("--parallel-workers", parallel_workers, *limits.PARALLEL_MAINTENANCE_WORKERS)
+        limits.integer("The build's parallel workers", parallel_workers,
+                       *limits.PARALLEL_MAINTENANCE_WORKERS, "parallel_workers")
     changed = []
     if m is not None and m != version.hnsw_m:
         version.hnsw_m = m

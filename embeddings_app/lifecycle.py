@@ -531,9 +531,11 @@ def build_index(target: str, version_name: str, *, m: int | None = None,
     limits.hnsw(version.hnsw_m if m is None else m,
                 version.hnsw_ef_construction if ef_construction is None else ef_construction)
     if maintenance_work_mem is not None:
-        limits.memory_kb("--maintenance-work-mem", maintenance_work_mem)
+        limits.memory_kb("The build's maintenance_work_mem", maintenance_work_mem,
+                         "maintenance_work_mem")
     if parallel_workers is not None:
-        limits.integer("--parallel-workers", parallel_workers, *limits.PARALLEL_MAINTENANCE_WORKERS)
+        limits.integer("The build's parallel workers", parallel_workers,
+                       *limits.PARALLEL_MAINTENANCE_WORKERS, "parallel_workers")
     if ef_search is not None:
         version.hnsw_ef_search = ef_search
         version.save(update_fields=["hnsw_ef_search"])

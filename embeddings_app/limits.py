@@ -86,7 +86,7 @@ def query_vector(vector: Any, dimensions: int, version: str) -> np.ndarray:
     return array
 
 
-def memory_kb(name: str, value: Any) -> int:
+def memory_kb(name: str, value: Any, option: str | None = None) -> int:
     """``value`` (an integer of MB, or a string such as ``"512MB"`` or ``"2GB"``) in kB, if it
     is within PostgreSQL's bounds of ``maintenance_work_mem``; else a one-line refusal."""
     low, high = MAINTENANCE_WORK_MEM_KB
@@ -97,5 +97,5 @@ def memory_kb(name: str, value: Any) -> int:
         kb = int(found.group(1)) * MEMORY_UNITS_KB[(found.group(2) or "MB").lower()]
     if kb is None or not low <= kb <= high:
         raise Refused(f"{name} must be a memory size from 1MB to 2047GB (e.g. 512MB, 2GB; a "
-                      f"bare number is MB), not {value!r}.")
+                      f"bare number is MB), not {value!r}.", option=option)
     return kb

@@ -672,15 +672,15 @@ class ExistingVectors:
         primary = [name for name, is_primary in unique.items() if is_primary]
         if not primary:
             raise Refused(f"Table {self.relation} has no single-column primary key; name the "
-                          "column holding the key of your rows with --key.")
+                          "column holding the key of your rows.", option="key")
         return primary[0]
 
     def _unique_columns(self) -> dict[str, bool]:
         with connection.cursor() as cursor:
             cursor.execute("SELECT to_regclass(%s)", [qn(self.relation)])
             if cursor.fetchone()[0] is None:
-                raise Refused(f"There is no table {self.relation}; name an existing table with "
-                              "--table.")
+                raise Refused(f"There is no table {self.relation}; name an existing table.",
+                              option="table")
             cursor.execute(self.sql_unique_columns, [qn(self.relation)])
             return dict(cursor.fetchall())
 
@@ -698,11 +698,11 @@ class ExistingVectors:
             unique = self._unique_columns()
             if self.key not in existing_columns(self.relation):
                 raise Refused(f"Table {self.relation} has no column {self.key}; name the column "
-                              "holding the key of your rows with --key.")
+                              "holding the key of your rows.", option="key")
             if self.key not in unique:
                 raise Refused(f"Column {self.key} of table {self.relation} is not unique (no "
                               "unique index or primary key on it alone): a row could have two "
-                              "vectors. Add a unique index, or name another column with --key.")
+                              "vectors. Add a unique index, or name another column.", option="key")
         with connection.cursor() as cursor:
             cursor.execute("SELECT to_regclass(%s)", [qn(self.relation)])
             if cursor.fetchone()[0] is None:
@@ -711,7 +711,7 @@ class ExistingVectors:
             row = cursor.fetchone()
         if row is None:
             raise Refused(f"Table {self.relation} has no column {self.column}; name the column "
-                          "holding your vectors with --column.")
+                          "holding your vectors.", option="column")
         found = self.TYPE.fullmatch(row[0])
         if found is None:
             raise Refused(f"Column {self.column} of table {self.relation} is {row[0]}, not a "

@@ -196,8 +196,8 @@ def test_a_key_to_vector_table_is_copied_into_a_side_table_and_left_as_it_was(
 
 @pytest.mark.parametrize(("setup", "args", "message"), [
     ("", ["--column", "nothing"],
-     "Table news_article has no column nothing; name the column holding your vectors with "
-     "--column."),
+     "Table news_article has no column nothing; name the column holding your vectors. "
+     "[--column]"),
     ("ALTER TABLE news_article ADD COLUMN legacy real[]", ["--column", "legacy"],
      "Column legacy of table news_article is real[], not a pgvector vector(N) or halfvec(N) with "
      "a fixed dimension; nothing to adopt (ALTER it to vector(N) first, or add a new version)."),
@@ -211,10 +211,10 @@ def test_a_key_to_vector_table_is_copied_into_a_side_table_and_left_as_it_was(
     (f"CREATE TABLE {LEGACY_TABLE} (article_id integer, embedding vector(32))",
      ["--table", LEGACY_TABLE, "--column", "embedding", "--key", "article_id"],
      f"Column article_id of table {LEGACY_TABLE} is not unique (no unique index or primary key "
-     "on it alone): a row could have two vectors. Add a unique index, or name another column "
-     "with --key."),
+     "on it alone): a row could have two vectors. Add a unique index, or name another column. "
+     "[--key]"),
     ("", ["--table", "no_such_table", "--column", "embedding"],
-     "There is no table no_such_table; name an existing table with --table."),
+     "There is no table no_such_table; name an existing table. [--table]"),
 ])
 def test_what_cannot_be_adopted_is_refused_with_one_line_and_nothing_changes(
         make_articles, legacy_table, setup, args, message):

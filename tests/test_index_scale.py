@@ -127,11 +127,14 @@ def test_parallel_workers_above_the_servers_limit_are_capped_with_a_note(capsys)
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--maintenance-work-mem", "512kB"], "--maintenance-work-mem must be a memory size from 1MB "
-     "to 2047GB (e.g. 512MB, 2GB; a bare number is MB), not '512kB'."),
-    (["--maintenance-work-mem", "2XB"], "--maintenance-work-mem must be a memory size from 1MB "
-     "to 2047GB (e.g. 512MB, 2GB; a bare number is MB), not '2XB'."),
-    (["--parallel-workers", "-1"], "--parallel-workers must be an integer from 0 to 1024, not -1."),
+    (["--maintenance-work-mem", "512kB"], "The build's maintenance_work_mem must be a memory size "
+     "from 1MB to 2047GB (e.g. 512MB, 2GB; a bare number is MB), not '512kB'. "
+     "[--maintenance-work-mem]"),
+    (["--maintenance-work-mem", "2XB"], "The build's maintenance_work_mem must be a memory size "
+     "from 1MB to 2047GB (e.g. 512MB, 2GB; a bare number is MB), not '2XB'. "
+     "[--maintenance-work-mem]"),
+    (["--parallel-workers", "-1"], "The build's parallel workers must be an integer from 0 to "
+     "1024, not -1. [--parallel-workers]"),
 ])
 def test_bad_build_settings_are_refused_with_one_line_and_nothing_is_built(args, message):
     version = version_with_vectors(10)
