@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core import checks
 from django.db import DatabaseError
 
-from . import config, devices, probes
+from . import capture, config, devices, probes, registry
 from .encoders import fingerprint, resolve_model_path
 from .exceptions import DeviceError, EmbeddingError
 from .lifecycle import unwritable_reason
@@ -121,11 +121,6 @@ def check_change_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.
     only by full scans of its table."""
     if config.validate(getattr(settings, "EMBEDDINGS", None)):
         return []
-    from django.db import DatabaseError
-
-    from . import capture, registry
-    from .models import WRITTEN_STATES, EmbeddingVersion
-
     try:
         written = set(EmbeddingVersion.objects.filter(state__in=WRITTEN_STATES)
                       .values_list("target", flat=True).distinct())
