@@ -35,7 +35,7 @@ from .config import get_config
 from .exceptions import Refused
 from .models import EmbeddingVersion
 
-__all__ = ["AdoptReport", "SampleCheck", "adopt", "check_sample"]
+__all__ = ["AdoptReport", "SampleCheck", "adopt", "check_sample", "record"]
 
 WORST_SHOWN = 5
 
@@ -76,13 +76,14 @@ class AdoptReport:
     replaced: int = 0  # verify_all: vectors below the threshold replaced by the model's
     min_cosine: float | None = None  # verify_all: the lowest cosine over every compared row
     replaced_keys: list[str] = field(default_factory=list)
+    verb: str = "Adopted"  # "Derived" (embeddings_app.derive)
 
     def lines(self) -> list[str]:
         where = "used in place" if self.in_place else "copied into the version's store"
         lines = [f"Sample check {'passed' if self.check.passed else 'tolerated (--verify-all)'}: "
                  f"{self.check.summary()}.",
-                 f"Adopted {self.adopted} vectors of {self.source} as {self.version} ({where}, "
-                 "source hashes recorded)."]
+                 f"{self.verb} {self.adopted} vectors of {self.source} as {self.version} "
+                 f"({where}, source hashes recorded)."]
         if self.changed:
             lines.append(f"{self.changed} rows changed while they were read: left for the "
                          "backfill.")
@@ -102,7 +103,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def check_sample(field_: Any, source: stores.ExistingVectors, encoder: encoders.Encoder,
+def check_sample(field_: Any, source: Any, encoder: encoders.Encoder,
                  size: int, threshold: float) -> SampleCheck:
     """Re-embed ``size`` random rows that have an existing vector and compare (nothing is
     written)."""
@@ -201,12 +202,12 @@ def adopt(target: str, version_name: str, alias: str, *, column: str, table: str
             store.add()
     report = AdoptReport(version=str(version), source=source.describe(), in_place=in_place,
                          check=check, rows_with_vector=source.count())
-    _record(version, field_, source, encoder if verify_all else None, threshold, page_size,
+    record(version, field_, source, encoder if verify_all else None, threshold, page_size,
             report, progress)
     return version, report
 
 
-def _record(version: EmbeddingVersion, field_: Any, source: stores.ExistingVectors,
+def record(version: EmbeddingVersion, field_: Any, source: Any,
             encoder: encoders.Encoder | None, threshold: float, page_size: int,
             report: AdoptReport, progress: Callable[[int], Any] | None) -> None:
     """Write each existing vector with the source hash of the text it was read with, a page of
@@ -218,8 +219,13 @@ def _record(version: EmbeddingVersion, field_: Any, source: stores.ExistingVecto
         # After the text: a row changed in between has another version (xmin) than the text's,
         # so its write below is refused.
         vectors = source.read([pk for pk, _, _, _ in page])
+        # A source that knows the text each vector was made from (a parent version, for
+        # ``derive``) gives its hashes: a vector of another text than the row's is not taken.
+        made_from = getattr(source, "last_hashes", None)
         rows, expected, texts = [], {}, {}
         for pk, text, _, row_version in page:
+            if made_from is not None and made_from.get(pk) != field_.source_hash(text):
+                continue  # left missing: the backfill embeds it
             if pk in vectors:
                 rows.append((pk, field_.source_hash(text), vectors[pk]))
                 expected[pk] = row_version

@@ -188,6 +188,8 @@ class VersionStore:
     sql_write: ClassVar[str]
     sql_coverage = "SELECT (SELECT count({hash}) FROM {relation}), (SELECT count(*) FROM {table})"
     sql_count_vectors = "SELECT count({vector}) FROM {relation}"
+    sql_read_vectors = ("SELECT {key}, {vector}, {hash} FROM {relation} "
+                        "WHERE {key} = ANY(%s::{pk_type}[]) AND {vector} IS NOT NULL")
     sql_read_vector = "SELECT {vector} FROM {relation} WHERE {key} = %s"
     sql_read_all = ("SELECT t.{pk}, v.{vector}, v.{hash} FROM {table} AS t "
                     "LEFT JOIN {relation} AS v ON v.{key} = t.{pk}")
@@ -374,6 +376,17 @@ class VersionStore:
         with connection.cursor() as cursor:
             cursor.execute(self._format(self.sql_read_all))
             return {pk: (None if vector is None else np.asarray(vector.to_numpy(), dtype=np.float32),
+                         None if source_hash is None else bytes(source_hash))
+                    for pk, vector, source_hash in cursor.fetchall()}
+
+    def read_vectors(self, pks: Sequence[Any]) -> dict[Any, tuple[np.ndarray, bytes | None]]:
+        """pk -> (vector as float32, stored source hash) for those of ``pks`` with a vector."""
+        if not pks:
+            return {}
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_read_vectors), [list(pks)])
+            return {pk: (np.asarray(vector.to_numpy(), dtype=np.float32),
                          None if source_hash is None else bytes(source_hash))
                     for pk, vector, source_hash in cursor.fetchall()}
 

@@ -13,6 +13,8 @@ EMBEDDINGS = {
         **EMBEDDINGS["MODELS"],
         # A random-initialised 2-layer BERT with the MiniLM tokenizer (tests/tinymodel.py).
         "tiny": {"model": str(TEST_MODELS_DIR / "tiny-bert"), "revision": "tiny-seed-0"},
+        # The packaged MiniLM in half precision (`derive --storage halfvec`, tests/test_derive.py).
+        "minilm_half": {**EMBEDDINGS["MODELS"]["minilm"], "storage": "halfvec"},
         "tiny_other": {"model": str(TEST_MODELS_DIR / "tiny-bert-seed1"), "revision": "tiny-seed-1"},
         # Embedding APIs (tests/embedding_servers.py): the session fixtures start the servers and
         # set these URLs (worker processes read them from the environment).

@@ -73,6 +73,24 @@ class Command(BaseCommand):
                        help="run the backfill of missing or changed rows in this process")
         p.add_argument("--batch-size", type=int)
 
+        p = sub.add_parser("derive", help="a version computed from another's vectors (truncated "
+                           "and re-normalized, or half precision) without running the model")
+        p.add_argument("target")
+        p.add_argument("version")
+        p.add_argument("--from", dest="parent", required=True, metavar="VERSION")
+        p.add_argument("--dimensions", type=int, metavar="N",
+                       help="keep the first N dimensions (a Matryoshka model), re-normalized")
+        p.add_argument("--storage", choices=("vector", "halfvec", "bit"))
+        p.add_argument("--model", metavar="ALIAS", help="the alias computing the derived "
+                       "vectors (default: the one configured with the same model and "
+                       "truncate_dim / storage)")
+        p.add_argument("--layout", choices=LAYOUTS)
+        p.add_argument("--sample", type=int, help="rows whose derived vectors are compared "
+                       "with the alias's output first")
+        p.add_argument("--inline", action="store_true",
+                       help="run the backfill of rows the parent lacks in this process")
+        p.add_argument("--batch-size", type=int)
+
         p = sub.add_parser("backfill", help="embed every missing or stale row of a version")
         p.add_argument("target")
         p.add_argument("version")
@@ -274,6 +292,24 @@ class Command(BaseCommand):
             f"{record} is ready ({record.store.describe()}). Next: embeddings index "
             f"{field.target} {version}, verify, activate (or `embeddings migrate "
             f"{field.target} --to {model}`, which resumes it)."))
+
+    def do_derive(self, target: str, version: str, parent: str, dimensions: int | None = None,
+                  storage: str | None = None, model: str | None = None,
+                  layout: str | None = None, sample: int | None = None, inline: bool = False,
+                  batch_size: int | None = None, **_: Any) -> None:
+        from embeddings_app import derive
+
+        field = registry.get(target)
+        record, report = derive.derive(
+            field.target, version, parent, dimensions=dimensions, storage=storage, alias=model,
+            layout=layout, sample=sample, batch_size=batch_size, actor=ACTOR)
+        for line in report.lines():
+            self.stdout.write(line)
+        self._backfill(record, inline=inline, batch_size=batch_size, wait=True)
+        self.stdout.write(self.style.SUCCESS(
+            f"{record} is ready ({record.model_alias}, {record.storage}({record.dimensions}), "
+            f"{record.store.describe()}). Next: embeddings index {field.target} {version}, "
+            "verify, activate."))
 
     def _layout_advice(self, record: EmbeddingVersion) -> None:
         """For a version added in a column: why a table of its own may be better, and what a
