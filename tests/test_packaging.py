@@ -37,6 +37,7 @@ def test_the_wheel_carries_every_file_of_the_package_directory(dists: Dists) -> 
     assert any("/migrations/0001_initial.py" in n for n in expected)
     assert any(n.startswith("embeddings_app/templates/") for n in expected)
     assert any(n.startswith("embeddings_app/static/") for n in expected)
+    assert "embeddings_app/py.typed" in expected  # PEP 561: the app's annotations are its types
     missing = sorted(expected - names)
     assert not missing, f"not in the wheel: {missing}"
     extra = sorted(n for n in names if not n.startswith("embeddings_app/")
@@ -52,7 +53,7 @@ def test_the_wheel_metadata_names_version_licence_python_and_django(dists: Dists
     assert meta["License-Expression"] == "MIT"
     assert meta["Requires-Python"] == ">=3.11"
     classifiers = meta.get_all("Classifier")
-    for wanted in ("Framework :: Django :: 5.2", "Framework :: Django :: 6.1",
+    for wanted in ("Framework :: Django :: 5.2", "Framework :: Django :: 6.1", "Typing :: Typed",
                    "Programming Language :: Python :: 3.11",
                    "Programming Language :: Python :: 3.12"):
         assert wanted in classifiers
