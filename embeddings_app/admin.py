@@ -27,8 +27,7 @@ class StatusChangeList(ChangeList):
         super().get_results(request)
         versions = list(self.result_list)
         found = progress.statuses(versions)
-        queues = {target: capture.queue_label(registry.get(target))
-                  for target in {v.target for v in versions} if target in registry.all_targets()}
+        queues = admin_views.change_queue_labels(versions)
         for version in versions:
             version.ev_status = found[version.pk]
             version.ev_capture = queues.get(version.target, "")

@@ -20,7 +20,7 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.views import View
 
-from . import backfill, estimate, indexes, lifecycle, progress, registry, tasks
+from . import backfill, capture, estimate, indexes, lifecycle, progress, registry, tasks
 from .config import get_config
 from .exceptions import EmbeddingError
 from .models import BackfillRun, EmbeddingVersion, State, VersionEvent
@@ -280,11 +280,20 @@ class StatusView(AdminView):
             return JsonResponse({"error": "ids must be integers"}, status=400)
         versions = list(EmbeddingVersion.objects.filter(pk__in=ids))
         found = progress.statuses(versions)
-        data: dict[str, Any] = {"versions": {pk: status.as_json() for pk, status in found.items()}}
+        queues = change_queue_labels(versions)  # the list's "change queue" cells, per target
+        data: dict[str, Any] = {"versions": {
+            version.pk: {**found[version.pk].as_json(), "change_queue": queues.get(version.target, "")}
+            for version in versions}}
         if chart_id is not None:
             run = BackfillRun.objects.filter(version_id=chart_id).first()
             data["chart"] = progress.chart_svg(run)
         return JsonResponse(data)
+
+
+def change_queue_labels(versions: list[EmbeddingVersion]) -> dict[str, str]:
+    """target -> its change queue's depth and lag in a few words, once per declared target."""
+    targets = {version.target for version in versions} & set(registry.all_targets())
+    return {target: capture.queue_label(registry.get(target)) for target in targets}
 
 
 # --- the detail page's extra sections -----------------------------------------------------------

@@ -293,9 +293,15 @@ def test_the_admin_list_shows_each_targets_queue_depth_and_oldest_entry(captured
     _update(captured)
     page = client.get("/admin/embeddings_app/embeddingversion/").content.decode()
     assert page.count("10 rows, oldest ") == 2  # one cell per version of the target
+    ids = list(EmbeddingVersion.objects.values_list("pk", flat=True))
+    status = client.get("/admin/embeddings_app/embeddingversion/status/", {"id": ids}).json()
+    assert all(v["change_queue"].startswith("10 rows, oldest ")  # the cells' live refresh
+               for v in status["versions"].values())
     capture.drain(field())
     page = client.get("/admin/embeddings_app/embeddingversion/").content.decode()
     assert "10 rows, oldest " not in page and page.count('data-ev-field="change_queue"') == 2
+    status = client.get("/admin/embeddings_app/embeddingversion/status/", {"id": ids}).json()
+    assert [v["change_queue"] for v in status["versions"].values()] == ["empty", "empty"]
 
 
 def test_the_capture_command_removes_and_reinstalls_it_and_check_deploy_warns_meanwhile(
