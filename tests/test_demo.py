@@ -1,15 +1,19 @@
 """The README's first command, end to end in a reduced size: `manage.py demo --no-serve` as a
 subprocess with its own data folder (its own embedded PostgreSQL and Redis, its own Celery
-workers), then its JSON report, its chart and its processes checked."""
+workers), then its JSON report, its chart and its processes checked; once per layout of v2
+(``--layout column`` and ``--layout table``), each run shared by this module's tests."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -17,7 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = int(os.environ.get("DEMO_TEST_DOCS", "80"))
 
-pytestmark = pytest.mark.timeout(420)
+# About two minutes per run on an idle machine; far more on a loaded one (seven under a load of 11).
+DEMO_TIMEOUT = 900
+pytestmark = pytest.mark.timeout(DEMO_TIMEOUT + 120)
 
 
 def _processes_using(folder: Path) -> list[str]:
@@ -35,7 +41,21 @@ def _processes_using(folder: Path) -> list[str]:
     return found
 
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
+@dataclass
+class DemoRun:
+    layout: str
+    data: Path
+    report: dict[str, Any]
+    log: str
+    elapsed: float
+
+
+@pytest.fixture(scope="module", params=["column", "table"])
+def demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """One run of the demo per layout of v2 (``--layout``), shared by the tests of this module:
+    a run costs about two minutes."""
+    layout = request.param
+    tmp_path = tmp_path_factory.mktemp(f"demo-{layout}")
     data = tmp_path / "data"
     env = {key: value for key, value in os.environ.items()
            if key not in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE",
@@ -45,16 +65,31 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     started = time.monotonic()
     with log.open("w") as out:
-        process = subprocess.run(
+        process = subprocess.Popen(
             [sys.executable, "manage.py", "demo", "--docs", str(DOCS), "--no-serve",
-             "--phase-seconds", "4"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400,
+             "--phase-seconds", "4", "--layout", layout],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
+        try:
+            process.wait(timeout=DEMO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Ctrl-C: the demo stops its traffic and its Celery workers, then the test fails.
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            pytest.fail(f"demo --layout {layout} did not finish in {DEMO_TIMEOUT} s:\n"
+                        + log.read_text(errors="replace")[-4000:])
     text = log.read_text(errors="replace")
     assert process.returncode == 0, text[-4000:]
-    elapsed = time.monotonic() - started
-
     report = json.loads((data / "demo" / "report.json").read_text())
+    return DemoRun(layout, data, report, text, time.monotonic() - started)
+
+
+def test_demo_end_to_end(demo: DemoRun) -> None:
+    report = demo.report
     assert report["docs"] >= DOCS
     # Reads never failed, before, during and after the flip, and each phase had reads.
     assert report["failed_reads"] == 0, report["read_errors"]
@@ -76,10 +111,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert fresh["all_fresh"] is True
     assert fresh["v2"]["fresh"] == fresh["checked"]
     assert fresh["v2"]["min_cosine"] >= 0.999
-    # The old version is gone: state dropped, its column absent.
+    # The old version is gone: state dropped, its column absent; v2 where its layout puts it.
     assert report["v1_dropped"] is True
+    assert report["layout"] == {"v1": "column", "v2": demo.layout}
     assert "embedding_v1" not in report["columns_now"]
-    assert "embedding_v2" in report["columns_now"]
+    assert ("embedding_v2" in report["columns_now"]) == (demo.layout == "column")
     # compare ran on the real models.
     assert report["compare"]["available"] is True, report["compare"]
     chart = Path(report["chart"])
@@ -87,7 +123,47 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert chart.stat().st_size > 10_000
     # Every process the demo started is gone (celery; postgres and redis of its data folder).
     deadline = time.monotonic() + 15
-    while _processes_using(data) and time.monotonic() < deadline:
+    while _processes_using(demo.data) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _processes_using(data) == []
-    print(f"demo --docs {DOCS}: {elapsed:.0f} s; v2 {report['rows_per_second']['v2']} rows/s")
+    assert _processes_using(demo.data) == []
+    print(f"demo --docs {DOCS} --layout {demo.layout}: {demo.elapsed:.0f} s; "
+          f"v2 {report['rows_per_second']['v2']} rows/s")
+
+
+def test_the_demo_reports_table_sizes_before_after_the_backfill_and_after_the_drop(
+        demo: DemoRun) -> None:
+    """v2 in a side table puts its vectors in a table of their own and none in the article
+    table; a column v2 grows the article table by at least its vectors. Dropping v1 removes its
+    HNSW index from the article table; v2 is untouched.
+
+    The article table still grows while v2 is migrated in a side table: the demo's live traffic
+    (an edit or insert every 3 s) writes v1, a column, so each write is a new row version and a
+    new entry in v1's HNSW index (measured: 0.66 -> 0.77 MB, 1.16x, for 33 writes). Not the
+    issue's 1.05x, which is about v2's backfill alone (benchmarks/layout.py: 1.00x at 100,000
+    rows, without traffic); here the growth is bounded by the writes instead."""
+    sizes = demo.report["sizes"]
+    article = "news_article"
+    side = "news_article_embedding_v2"
+    v2_bytes = demo.report["docs"] * 768 * 4  # the v2 vectors alone (all-mpnet: 768 float32)
+    assert set(sizes["before"]) == {article}, sizes  # v2 not added yet
+    grown = sizes["after_backfill"][article] - sizes["before"][article]
+    if demo.layout == "table":
+        assert set(sizes["after_backfill"]) == set(sizes["after_drop"]) == {article, side}, sizes
+        assert sizes["after_backfill"][side] >= v2_bytes, sizes
+        # Each write: a row version (~2 KB: v1's 384 floats and the text) and an HNSW entry
+        # (~2 KB), within a page of 8 KiB; 64 KiB for the free-space and visibility maps
+        # autovacuum may add. Far below v2's own table, which the article table would otherwise
+        # have grown by.
+        allowance = 64 * 1024 + 8192 * demo.report["writes"]["during_migration"]
+        assert allowance < sizes["after_backfill"][side], (allowance, sizes)
+        assert grown <= allowance, (grown, allowance, sizes)
+        assert sizes["after_drop"][side] >= sizes["after_backfill"][side], sizes
+    else:
+        assert set(sizes["after_backfill"]) == set(sizes["after_drop"]) == {article}, sizes
+        assert grown >= v2_bytes, sizes
+    # The drop of v1 (a column) takes its HNSW index off the article table.
+    assert sizes["after_drop"][article] < sizes["after_backfill"][article], sizes
+    # The demo prints them, with each version's layout.
+    assert f"Table sizes (v1 in its column, v2 in its {demo.layout})" in demo.log
+    for when in ("before", "after_backfill", "after_drop"):
+        assert f"  {when:15} {article} {sizes[when][article] / 1e6:.2f} MB" in demo.log, when
