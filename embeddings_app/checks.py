@@ -13,6 +13,7 @@ from .encoders import fingerprint, resolve_model_path
 from .exceptions import DeviceError, EmbeddingError
 from .lifecycle import unwritable_reason
 from .models import WRITTEN_STATES, EmbeddingVersion, State
+from .stores import ColumnStore
 
 
 @checks.register("embeddings")
@@ -156,12 +157,6 @@ def check_adopted_model_fields(app_configs: Any = None, **kwargs: Any) -> list[c
     source hash."""
     if config.validate(getattr(settings, "EMBEDDINGS", None)):
         return []
-    from django.db import DatabaseError
-
-    from .exceptions import EmbeddingError
-    from .models import WRITTEN_STATES, EmbeddingVersion
-    from .stores import ColumnStore
-
     try:
         written = list(EmbeddingVersion.objects.filter(state__in=WRITTEN_STATES, layout="column"))
     except DatabaseError:

@@ -15,6 +15,7 @@ from embeddings_app import (
     backfill,
     capture,
     compare,
+    derive,
     indexes,
     layout,
     lifecycle,
@@ -297,8 +298,6 @@ class Command(BaseCommand):
                   storage: str | None = None, model: str | None = None,
                   layout: str | None = None, sample: int | None = None, inline: bool = False,
                   batch_size: int | None = None, **_: Any) -> None:
-        from embeddings_app import derive
-
         field = registry.get(target)
         record, report = derive.derive(
             field.target, version, parent, dimensions=dimensions, storage=storage, alias=model,
