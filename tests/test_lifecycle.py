@@ -35,7 +35,7 @@ def brute_force_top_k(alias: str, query: str, k: int) -> list[int]:
 
 
 def test_search_returns_the_exact_brute_force_top_10_with_minilm(make_articles):
-    make_articles(300)
+    make_articles(150)
     call_command("embeddings", "add", TARGET, "v1", "--model", "minilm")
     backfill_inline("v1")
     call_command("embeddings", "activate", TARGET, "v1", "--force")  # gates: test_cutover.py
