@@ -80,6 +80,18 @@ RETRY_OPTIONS: dict[str, Any] = {
 }
 
 
+# A task that re-embeds rows: idempotent, so acknowledged late and redelivered if its worker
+# process dies; bounded well below the broker's visibility timeout; retried when transient.
+ROW_TASK_OPTIONS: dict[str, Any] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "soft_time_limit": BATCH_SOFT_TIME_LIMIT,
+    "time_limit": BATCH_TIME_LIMIT,
+    "ignore_result": True,
+    **RETRY_OPTIONS,
+}
+
+
 class BackfillBatchTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict,
                    einfo: Any) -> None:
@@ -92,12 +104,7 @@ class BackfillBatchTask(Task):
 @shared_task(
     base=BackfillBatchTask,
     name="embeddings_app.backfill_batch",
-    acks_late=True,  # a batch is idempotent: redeliver it if the worker dies mid-way
-    reject_on_worker_lost=True,
-    soft_time_limit=BATCH_SOFT_TIME_LIMIT,
-    time_limit=BATCH_TIME_LIMIT,
-    ignore_result=True,
-    **RETRY_OPTIONS,
+    **ROW_TASK_OPTIONS,
 )
 @reconnecting
 def backfill_batch(run_id: int, number: int) -> dict[str, int]:
@@ -107,12 +114,7 @@ def backfill_batch(run_id: int, number: int) -> dict[str, int]:
 
 @shared_task(
     name="embeddings_app.refresh_rows",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=BATCH_SOFT_TIME_LIMIT,
-    time_limit=BATCH_TIME_LIMIT,
-    ignore_result=True,
-    **{**RETRY_OPTIONS, "autoretry_for": (*RETRYABLE, DatabaseError)},
+    **{**ROW_TASK_OPTIONS, "autoretry_for": (*RETRYABLE, DatabaseError)},
 )
 @reconnecting
 def refresh_rows_task(target: str, pks: list[Any]) -> int:
@@ -153,12 +155,7 @@ def sweep(target: str | None = None, full_scan: bool | None = None) -> dict[str,
 
 @shared_task(
     name="embeddings_app.drain",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=BATCH_SOFT_TIME_LIMIT,
-    time_limit=BATCH_TIME_LIMIT,
-    ignore_result=True,
-    **RETRY_OPTIONS,
+    **ROW_TASK_OPTIONS,
 )
 @reconnecting
 def drain(target: str | None = None) -> dict[str, dict[str, int]]:
