@@ -23,17 +23,24 @@ Both keep the same invariants (docs/backfill.md, "Compare-and-set"):
 DDL and the statements of the write path are the ``sql_*`` templates of the classes (as Django's
 schema editor keeps its own); identifiers are quoted by the connection (``qn``). No plain query
 of the model loads a vector: neither the columns nor the side table are model fields.
+
+DDL on the user's table never queues for its lock (``lock_for_ddl``): it takes the lock with
+``NOWAIT``, retried for up to ``DDL_LOCK_TIMEOUT``. Queued, it would block every read and write
+of the table behind it, and a transaction waiting for a lock that a concurrent index build
+(``CREATE INDEX CONCURRENTLY``, which waits for older transactions) holds deadlocks with it.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from django.db import connection, models, transaction
+import psycopg
+from django.db import OperationalError, connection, models, transaction
 from django.db.models.expressions import Expression, RawSQL, Value
 from django.db.models.lookups import IsNull
 from pgvector import HalfVector, Vector
@@ -52,6 +59,8 @@ MAX_IDENTIFIER_LENGTH = 63  # PostgreSQL's NAMEDATALEN - 1
 # Wait this long at most for the brief ACCESS EXCLUSIVE lock of ADD/DROP COLUMN or DROP TABLE:
 # queueing behind a long transaction would block every read and write of the table behind us.
 DDL_LOCK_TIMEOUT = "5s"
+DDL_LOCK_SECONDS = 5.0
+DDL_LOCK_POLL_SECONDS = 0.01
 # The comment on a side table: how leftovers of a target are found again (``drop_leftovers``).
 STORE_COMMENT = "embeddings_app store of {target}@{version}"
 
@@ -64,6 +73,50 @@ OPCLASSES = {
     ("vector", "ip"): "vector_ip_ops",
     ("halfvec", "ip"): "halfvec_ip_ops",
 }
+
+
+# The lock DDL takes on the user's table, never queued (``lock_for_ddl``); and who holds one.
+SQL_LOCK_TABLE = "LOCK TABLE {table} IN {mode} MODE NOWAIT"
+SQL_LOCK_HOLDERS = ("SELECT l.pid, l.mode, left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.relation = %s::regclass AND l.granted AND l.pid <> pg_backend_pid() "
+                    "ORDER BY l.pid LIMIT 3")
+ACCESS_EXCLUSIVE = "ACCESS EXCLUSIVE"  # ADD/DROP COLUMN, DROP TABLE, DROP TRIGGER
+SHARE_ROW_EXCLUSIVE = "SHARE ROW EXCLUSIVE"  # CREATE TRIGGER, a foreign key to the table
+
+
+def lock_for_ddl(table: str, mode: str) -> None:
+    """Take ``mode`` on ``table`` for the DDL that follows in the caller's transaction, without
+    ever waiting in the lock queue: ``NOWAIT``, retried every 10 ms for up to
+    ``DDL_LOCK_SECONDS``, then refused with the sessions holding the table. Also sets the
+    transaction's ``lock_timeout`` for the other relations its DDL touches.
+
+    A queued lock request holds a snapshot while it waits: a concurrent ``CREATE INDEX
+    CONCURRENTLY`` on the table waits for that snapshot while holding the lock requested, a
+    deadlock that PostgreSQL ends by failing one of the two (measured: either side)."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("lock_for_ddl() must run inside the DDL's transaction")
+    deadline = time.monotonic() + DDL_LOCK_SECONDS
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+        while True:
+            try:
+                with transaction.atomic():  # a savepoint: a refused attempt leaves no trace
+                    cursor.execute(SQL_LOCK_TABLE.format(table=qn(table), mode=mode))
+                return
+            except OperationalError as exc:
+                if not isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+                    raise
+                if time.monotonic() >= deadline:
+                    cursor.execute(SQL_LOCK_HOLDERS, [qn(table)])
+                    holders = "; ".join(f"pid {pid} {lock_mode} ({query or 'idle'})"
+                                        for pid, lock_mode, query in cursor.fetchall())
+                    raise Refused(
+                        f"Table {table} stayed locked by other sessions for "
+                        f"{DDL_LOCK_SECONDS:g}s ({holders or 'since released'}), e.g. an index "
+                        "build or a long transaction; nothing was changed: retry when it ends."
+                    ) from None
+            time.sleep(DDL_LOCK_POLL_SECONDS)
 
 
 # Not a version's storage: the advice for a column backfill on the user's table (``layout``).
@@ -170,7 +223,8 @@ class VersionStore:
     # wrote a batch's rows tell the catch-up pass which rows are unchanged since.
     rewrites_row: ClassVar[bool]
 
-    sql_lock_timeout = f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"
+    # The lock ``add`` takes on the user's table (``lock_for_ddl``).
+    add_lock_mode: ClassVar[str]
     sql_create_index = ("CREATE INDEX CONCURRENTLY {name} ON {relation} USING hnsw "
                         "({vector} {opclass}) WITH (m = {m}, ef_construction = {ef_construction})")
     sql_drop_index = "DROP INDEX CONCURRENTLY IF EXISTS {name}"
@@ -269,7 +323,7 @@ class VersionStore:
     def add(self) -> None:
         """Create the version's storage, in the caller's transaction (if any)."""
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(self.sql_lock_timeout)
+            lock_for_ddl(self.field.table, self.add_lock_mode)
             cursor.execute(self._format(self.sql_add))
             self._after_add(cursor)
 
@@ -455,6 +509,7 @@ class ColumnStore(VersionStore):
 
     layout = "column"
     rewrites_row = True
+    add_lock_mode = ACCESS_EXCLUSIVE
 
     sql_add = "ALTER TABLE {table} ADD COLUMN {vector} {vec_type}, ADD COLUMN {hash} bytea"
     # An adopted column (``embeddings_app.adopt``): the vectors are there, only the hashes are new.
@@ -494,7 +549,7 @@ class ColumnStore(VersionStore):
     def add_adopted(self) -> None:
         """The storage of an adopted version: its source-hash column (the vectors exist)."""
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(self.sql_lock_timeout)
+            lock_for_ddl(self.table, ACCESS_EXCLUSIVE)
             cursor.execute(self._format(self.sql_add_hash))
 
     def model_field(self) -> models.Field | None:
@@ -540,7 +595,7 @@ class ColumnStore(VersionStore):
                  for name in (self.vector_column, self.hash_column) if name in present]
         if drops:
             with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(self.sql_lock_timeout)
+                lock_for_ddl(self.table, ACCESS_EXCLUSIVE)
                 cursor.execute(self.sql_drop_columns.format(table=qn(self.table),
                                                             drops=", ".join(drops)))
         return dropped
@@ -568,6 +623,7 @@ class TableStore(VersionStore):
 
     layout = "table"
     rewrites_row = False
+    add_lock_mode = SHARE_ROW_EXCLUSIVE  # the foreign key to the user's table
 
     sql_add = ("CREATE TABLE {relation} ("
                "{key} {pk_type} PRIMARY KEY REFERENCES {table} ({pk}) ON DELETE CASCADE, "
@@ -620,7 +676,7 @@ class TableStore(VersionStore):
         # bounded by the same lock timeout as a column's ALTER TABLE.
         dropped = self.indexes()
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(self.sql_lock_timeout)
+            lock_for_ddl(self.field.table, ACCESS_EXCLUSIVE)  # the foreign key's triggers
             cursor.execute(self._format(self.sql_drop))
         return dropped
 
@@ -845,7 +901,7 @@ class ChangeQueue:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("SELECT current_schema()")
             (schema,) = cursor.fetchone()
-            cursor.execute(self.sql_lock_timeout)
+            lock_for_ddl(self.field.table, SHARE_ROW_EXCLUSIVE)
             cursor.execute(self._format(self.sql_create_queue, schema))
             cursor.execute(self._format(self.sql_comment, schema),
                            [CAPTURE_COMMENT.format(target=self.field.target)])
@@ -857,12 +913,10 @@ class ChangeQueue:
                                         columns=", ".join(qn(column) for column in columns),
                                         changed=changed))
 
-    sql_lock_timeout = VersionStore.sql_lock_timeout
-
     def remove(self) -> None:
         """Drop both triggers, the function and the queue (idempotent)."""
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(self.sql_lock_timeout)
+            lock_for_ddl(self.field.table, ACCESS_EXCLUSIVE)
             for trigger in self.triggers:
                 cursor.execute(self.sql_drop_trigger.format(trigger=qn(trigger),
                                                             table=qn(self.field.table)))

@@ -154,3 +154,89 @@ def test_a_drop_interrupted_after_its_state_change_is_finished_by_a_second_drop(
     assert "embedding_v1" not in columns() and "embedding_v1_source_hash" not in columns()
     with pytest.raises(Refused, match="already dropped"):
         lifecycle.drop(TARGET, "v1", yes=True)
+
+
+class IndexBuild(threading.Thread):
+    """``CREATE INDEX CONCURRENTLY`` on the article table in a session of its own, held in its
+    first wait (for the table's writers) until ``writer`` (another session's uncommitted
+    UPDATE of one article) ends. Its last wait is for every transaction with a snapshot older
+    than the index's: a session that queued for the table meanwhile holding one is such a
+    transaction."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.writer = raw_connection()
+        self.writer.execute("UPDATE news_article SET title = title "
+                            "WHERE id = (SELECT min(id) FROM news_article)")
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with raw_connection() as build:
+                build.autocommit = True
+                build.execute("CREATE INDEX CONCURRENTLY news_article_title_cic "
+                              "ON news_article (title)")
+        except BaseException as exc:  # inspected by the test
+            self.error = exc
+
+    def building(self) -> bool:
+        with raw_connection() as probe:
+            probe.autocommit = True
+            return bool(probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX "
+                "CONCURRENTLY news_article_title_cic%%' AND wait_event_type = 'Lock'"
+            ).fetchone()[0])
+
+    def finish(self) -> None:
+        self.writer.rollback()
+        self.writer.close()
+        self.join(60)
+        assert not self.is_alive(), "the index build did not finish"
+
+
+@pytest.mark.parametrize("layout", ["column", "table"])
+def test_an_add_during_a_concurrent_index_build_waits_for_it_and_neither_deadlocks(
+        v1_ready_v2_active, layout):
+    """The CI run's deadlock: `add` queued for the table lock of its DDL while an index build on
+    the table held it, and the build then waited for `add`'s snapshot. `add` takes its locks
+    without queueing (stores.lock_for_ddl), so both finish."""
+    build = IndexBuild()
+    build.start()
+    try:
+        wait_until(build.building, what="the index build waiting for the writer")
+        add = Step(lifecycle.add, TARGET, "v3", "tiny", layout=layout)
+        add.start()
+        add.join(1.5)  # polling for the table's lock meanwhile
+        assert add.is_alive()
+    finally:
+        build.finish()
+    version = add.outcome()
+    assert isinstance(version, EmbeddingVersion), version
+    assert build.error is None, build.error
+    assert version.store.exists()
+    with raw_connection() as probe:
+        assert probe.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                             "'news_article_title_cic'::regclass").fetchone() == (True,)
+        probe.execute("DROP INDEX news_article_title_cic")
+        probe.commit()
+
+
+def test_an_add_refuses_when_the_table_stays_locked_and_changes_nothing(v1_ready_v2_active):
+    build = IndexBuild()
+    build.start()
+    try:
+        wait_until(build.building, what="the index build waiting for the writer")
+        with pytest.raises(Refused) as refusal:
+            lifecycle.add(TARGET, "v3", "tiny")
+    finally:
+        build.finish()
+    assert str(refusal.value).startswith(
+        f"Table news_article stayed locked by other sessions for {stores.DDL_LOCK_SECONDS:g}s (pid ")
+    assert "ShareUpdateExclusiveLock (CREATE INDEX CONCURRENTLY news_article_title_cic" in str(
+        refusal.value)
+    assert str(refusal.value).endswith("nothing was changed: retry when it ends.")
+    assert not EmbeddingVersion.objects.filter(target=TARGET, version="v3").exists()
+    assert "embedding_v3" not in columns()
+    with raw_connection() as probe:
+        probe.execute("DROP INDEX news_article_title_cic")
+        probe.commit()
