@@ -41,19 +41,21 @@ def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
 
 @admin.register(EmbeddingVersion)
 class EmbeddingVersionAdmin(admin.ModelAdmin):
-    list_display = ("target", "version", "model_at_revision", "dims", "storage", "layout",
+    list_display = ("target", "version", "derived", "model_at_revision", "dims", "storage", "layout",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
                     "index_state", "rate_eta", "change_queue", "last_change")
     list_display_links = ("target", "version")
     list_filter = ("target", "state", "layout")
     search_fields = ("model_name", "model_alias")
     list_per_page = 100
+    list_select_related = ("derived_from",)
     actions = None  # lifecycle steps are per version, behind their own permissions
     change_list_template = "admin/embeddings_app/embeddingversion/change_list.html"
     change_form_template = "admin/embeddings_app/embeddingversion/change_form.html"
     fieldsets = (
         (None, {"fields": ("target", "version", "state", "layout", "table", "column",
                            "hash_column")}),
+        ("Lineage", {"fields": ("derived_from", "derivation")}),
         ("Pinned model", {"fields": ("model_alias", "model_name", "revision", "fingerprint",
                                      "encode_settings", "dimensions", "storage", "distance")}),
         ("Verification and index", {"fields": ("verified_at", "verify_passed", "verify_report",
@@ -94,6 +96,11 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
     @admin.display(description="dims", ordering="dimensions")
     def dims(self, obj: EmbeddingVersion) -> int:
         return obj.dimensions
+
+    @admin.display(description="derived from")
+    def derived(self, obj: EmbeddingVersion) -> str:
+        """``v3 <- v1 (bit)``: the version this one was derived from (``embeddings derive``)."""
+        return obj.lineage
 
     @admin.display(description="state", ordering="state")
     def state_badge(self, obj: EmbeddingVersion) -> str:

@@ -1,12 +1,16 @@
 """``embeddings derive``: a version computed from another version's vectors, without running the
 model over the table (docs/cutover.md, "Deriving a version").
 
-Kinds: ``dimensions=N`` (a Matryoshka model truncated to its first N dimensions, re-normalized)
-and ``storage="halfvec"`` (half precision). A derived version is a version of a model alias that
-computes the same vectors itself (the same model files and settings with ``truncate_dim`` N, or
-``"storage": "halfvec"``): so saves, queries (embedded by that alias: the query is truncated the
-same way), ``verify`` (the derived vectors against the model's own truncated output) and
-``probe`` treat it as any version. Only its creation is different.
+Kinds: ``dimensions=N`` (a Matryoshka model truncated to its first N dimensions, re-normalized),
+``storage="halfvec"`` (half precision) and ``storage="bit"`` (binary quantization). A derived
+version is a version of a model alias that computes the same vectors itself (the same model files
+and settings with ``truncate_dim`` N, or ``"storage": "halfvec"``; a bit version keeps the
+parent's alias, and its store quantizes every vector written with pgvector's ``binary_quantize``
+in SQL): so saves, queries (embedded by that alias: the query is truncated, or quantized in SQL,
+the same way), ``verify`` (the derived vectors against the model's own truncated or quantized
+output) and ``probe`` treat it as any version. Only its creation is different, and a bit
+version's search: its Hamming index gives ``stores.RERANK_OVERSAMPLING`` x k candidates, re-ranked
+by the parent's exact cosine distance (``VersionStore.search_queryset``).
 
 Invariants:
 
@@ -16,9 +20,10 @@ Invariants:
 * a parent vector is derived only if it is fresh (its stored source hash is the hash of the
   row's current text), and written by the compare-and-set of every write; the other rows are
   left missing and embedded by the backfill that ``embeddings derive`` runs next;
-* the lineage (parent and kind) is recorded in the version's history.
-
-Not built: ``storage="bit"`` (binary quantization with a re-rank by the parent).
+* the lineage (parent and kind) is recorded on the version (``derived_from``, ``derivation``)
+  and in its history; a bit version's parent cannot be dropped while the child is not
+  (``lifecycle.dependent_children``);
+* refusals name no command-line flag: an error about one argument names it in ``option``.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ class ParentVectors:
         return {pk: self.transform(vector) for pk, (vector, _) in found.items()}
 
     def sample(self, size: int) -> dict[Any, np.ndarray]:
-        return {pk: self.transform(np.asarray(vector.to_numpy(), dtype=np.float32))
+        return {pk: self.transform(stores.as_array(vector))
                 for pk, vector, _ in self.parent.store.sample(size)}
 
     def count(self) -> int:
@@ -93,8 +98,8 @@ def matching_alias(parent: EmbeddingVersion, dimensions: int | None, storage: st
         raise Refused(
             f"No model alias computes {parent}'s vectors with {extra}: add one to "
             f'EMBEDDINGS["MODELS"] with the same "model" ({parent.model_name}) and "revision" '
-            f"({parent.revision}) as alias {parent.model_alias} and {extra}, or name it with "
-            "--model.")
+            f"({parent.revision}) as alias {parent.model_alias} and {extra}, or name it.",
+            option="alias")
     return sorted(found)[0]
 
 
@@ -111,31 +116,47 @@ def derive(target: str, version_name: str, parent_name: str, *, dimensions: int 
     config = get_config()
     parent = EmbeddingVersion.objects.get_version(target, parent_name)
     lifecycle.check_version_name(target, version_name)
-    if storage == "bit":
-        raise Refused("--storage bit (binary quantization with a re-rank by the parent) is not "
-                      "built yet; derive with --dimensions N or --storage halfvec.")
-    if storage not in (None, "vector", "halfvec"):
-        raise Refused(f'--storage must be halfvec (or vector), not "{storage}".')
+    if storage not in (None, "vector", "halfvec", "bit"):
+        raise Refused(f'The derived storage must be halfvec, bit (or vector), not "{storage}".',
+                      option="storage")
+    if parent.storage == "bit":
+        raise Refused(f"{parent} is binary-quantized: derive from a full-precision version.")
+    if storage == "bit" and dimensions is not None:
+        raise Refused("A bit version keeps its parent's dimensions (its candidates are re-ranked "
+                      "by the parent's vectors): derive the bits without dimensions, or from a "
+                      "version of that many dimensions.", option="dimensions")
     if dimensions is None and storage in (None, parent.storage):
-        raise Refused(f"Nothing to derive: give --dimensions N (fewer than {parent}'s "
-                      f"{parent.dimensions}) or --storage halfvec.")
+        raise Refused(f"Nothing to derive: give the dimensions to keep (fewer than {parent}'s "
+                      f"{parent.dimensions}) or a storage (halfvec or bit).", option="dimensions")
     if dimensions is not None:
-        limits.integer("--dimensions", dimensions, 1, int(parent.dimensions) - 1)
+        limits.integer("The derived dimensions", dimensions, 1, int(parent.dimensions) - 1,
+                       "dimensions")
     if parent.state not in WRITTEN_STATES:
         raise Refused(f"{parent} is {parent.state}: its vectors are not kept fresh; derive from "
                       "a written (ready, active or standby) version.")
     sample = config.verify_sample if sample is None else sample
-    limits.integer("--sample", sample, 1, limits.MAX_VERIFY_SAMPLE)
+    limits.integer("The sample", sample, 1, limits.MAX_VERIFY_SAMPLE, "sample")
     page_size = config.batch_size if batch_size is None else batch_size
-    limits.integer("--batch-size", page_size, 1, limits.MAX_BATCH_SIZE)
+    limits.integer("The batch size", page_size, 1, limits.MAX_BATCH_SIZE, "batch_size")
     storage = storage or parent.storage
-    alias = alias or matching_alias(parent, dimensions, storage)
-    spec, encoder, storage_type = lifecycle.load_new_model(alias)
+    if storage == "bit":
+        # The parent's own alias computes the vectors; the store quantizes them in SQL.
+        alias = alias or parent.model_alias
+        spec, encoder, storage_type = lifecycle.load_new_model(alias)
+        if encoder.fingerprint != parent.fingerprint:
+            raise Refused(f"Model alias {alias} is not the model and settings of {parent} "
+                          f"(fingerprint {encoder.fingerprint[:12]}, not "
+                          f"{parent.fingerprint[:12]}): a bit version's bits and its re-rank "
+                          "need the parent's model; name its alias.", option="alias")
+        storage_type = "bit"
+    else:
+        alias = alias or matching_alias(parent, dimensions, storage)
+        spec, encoder, storage_type = lifecycle.load_new_model(alias)
     expected = dimensions or parent.dimensions
     if encoder.dimensions != expected or storage_type != storage:
         raise Refused(f"Model alias {alias} computes {storage_type}({encoder.dimensions}) "
                       f"vectors, not the {storage}({expected}) derived from {parent}; name "
-                      "another alias with --model.")
+                      "another alias.", option="alias")
     source = ParentVectors(parent, dimensions)
     threshold = probes.threshold_for(spec)
     check = adopt.check_sample(field_, source, encoder, sample, threshold)
@@ -148,6 +169,8 @@ def derive(target: str, version_name: str, parent_name: str, *, dimensions: int 
     kind = ", ".join(filter(None, [dimensions and f"first {dimensions} dimensions, "
                                                  "re-normalized",
                                    storage != parent.storage and storage]))
+    derivation = ", ".join(filter(None, [dimensions and f"{dimensions} dims",
+                                         storage != parent.storage and storage]))
     store_class = stores.store_class(layout or config.layout)
     store_class.check_new(field_, version_name)
     probe_texts, probe_vectors = probes.initial(encoder, target)
@@ -158,6 +181,7 @@ def derive(target: str, version_name: str, parent_name: str, *, dimensions: int 
             target, version_name, versions, spec=spec, encoder=encoder, storage=storage,
             layout=store_class.layout, names=store_class.names(field_, version_name),
             probe_texts=probe_texts, probe_vectors=probe_vectors, actor=actor,
+            derived_from=parent, derivation=derivation,
             note=f"derived from {parent} ({kind}) as alias {alias}, without the model "
                  f"({check.summary()})")
         version.store.add()

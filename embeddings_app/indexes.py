@@ -38,7 +38,7 @@ __all__ = ["BuildPlan", "Progress", "build", "check_buildable", "index_name", "i
 PROGRESS_INTERVAL = 0.5  # seconds between two reads of pg_stat_progress_create_index
 # pgvector#844: an HNSW graph takes about this many times its vectors and neighbour ids.
 ESTIMATE_FACTOR = 1.3
-ELEMENT_BYTES = {"vector": 4, "halfvec": 2}
+ELEMENT_BYTES: dict[str, float] = {"vector": 4, "halfvec": 2, "bit": 0.125}
 BUILD_LOCK_NAMESPACE = 0x656D69  # "emi": the first key of the index builds' advisory locks
 SESSION_SETTINGS = ("maintenance_work_mem", "max_parallel_maintenance_workers")
 SQL_SERVER_SETTINGS = ("SELECT name, setting FROM pg_settings WHERE name IN ("

@@ -35,7 +35,7 @@ from . import active, capture, encoders, indexes, limits, probes, registry, stor
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, ModelSpec, get_config
 from .exceptions import Refused, VersionNotReady
 from .indexes import BuildPlan, Progress
-from .models import EmbeddingVersion, State, VersionEvent
+from .models import WRITTEN_STATES, EmbeddingVersion, State, VersionEvent
 from .verify import VerifyReport
 from .verify import verify as run_verify
 
@@ -173,7 +173,8 @@ def load_new_model(alias: str) -> tuple[ModelSpec, encoders.Encoder, str]:
 def create_version(target: str, version_name: str, versions: dict[int, EmbeddingVersion], *,
                    spec: ModelSpec, encoder: encoders.Encoder, storage: str, layout: str,
                    names: dict[str, str], probe_texts: list[str], probe_vectors: bytes,
-                   actor: str, note: str) -> EmbeddingVersion:
+                   actor: str, note: str, derived_from: EmbeddingVersion | None = None,
+                   derivation: str = "") -> EmbeddingVersion:
     """The record of a new version (state ``new``) and its first event, and the target's change
     capture (installed or brought up to date), inside ``locked_versions(target)``
     (``versions``); the caller adds its storage."""
@@ -186,6 +187,7 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
             storage=storage, layout=layout, **names, state=State.NEW,
             probe_texts=probe_texts, probe_vectors=probe_vectors,
             library_versions=encoder.library_versions(),
+            derived_from=derived_from, derivation=derivation,
         )
     except IntegrityError:  # a writer that bypassed the lock: still one clear line
         raise _name_taken(target, version_name) from None
@@ -310,6 +312,11 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
     if indexes.index_state(version) != "valid":
         problems.append(f"{version} has no valid HNSW index; run "
                         f"`manage.py embeddings index {target} {name}` first.")
+    parent = version.derived_from if version.storage == "bit" else None
+    if parent is not None and parent.state not in WRITTEN_STATES:
+        problems.append(f"{version} re-ranks its candidates by {parent}, which is "
+                        f"{parent.state} (not kept fresh); derive a new bit version from a "
+                        "written version.")
     return problems
 
 
@@ -379,6 +386,25 @@ def retire(target: str, version_name: str, *, actor: str = "") -> EmbeddingVersi
     return version
 
 
+def dependent_children(version: EmbeddingVersion) -> list[EmbeddingVersion]:
+    """The versions that need ``version``'s vectors to search: binary-quantized versions derived
+    from it (their candidates are re-ranked by its exact distance) that are not dropped."""
+    return list(EmbeddingVersion.objects.filter(derived_from=version, storage="bit")
+                .exclude(state=State.DROPPED).order_by("pk"))
+
+
+def retire_warning(version: EmbeddingVersion) -> str | None:
+    """What retiring ``version`` does to the versions re-ranked by it, or None."""
+    children = dependent_children(version)
+    if not children:
+        return None
+    names = ", ".join(f"{child} ({child.state})" for child in children)
+    return (f"{names} re-ranks its search candidates by {version}'s vectors, which are no longer "
+            f"written now: rows saved from now on drop out of its results. Retire and drop "
+            f"{'them' if len(children) > 1 else 'it'} too, or derive a new bit version from the "
+            "version you keep.")
+
+
 def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
     """Refuse to drop an active or non-retired version, and (unless ``yes``) one that was active
     less than ``EMBEDDINGS["DROP_GRACE_PERIOD"]`` seconds ago: a serving process may still read it,
@@ -394,6 +420,13 @@ def check_droppable(version: EmbeddingVersion, *, yes: bool = False) -> None:
             f"{version} is {version.state}; only a retired version can be dropped: run "
             f"`manage.py embeddings retire {version.target} {version.version}` first."
         )
+    children = dependent_children(version)
+    if children:
+        child = children[0]
+        raise Refused(
+            f"{child} ({child.state}) re-ranks its search candidates by {version}'s vectors: "
+            f"retire and drop {child} first (`manage.py embeddings retire {child.target} "
+            f"{child.version}`, then `drop`), then drop {version.version}.")
     refusal = version.store.drop_refusal()  # e.g. the column is a field of the user's model
     if refusal:
         raise Refused(refusal)

@@ -78,6 +78,12 @@ class EmbeddingVersion(models.Model):
     table = models.CharField(max_length=63, blank=True, default="",
                              help_text="the version's own table (table layout)")
     state = models.CharField(max_length=20, choices=State.choices, default=State.NEW)
+    # Lineage (``embeddings derive``): the version this one was computed from, and how
+    # ("first 256 dimensions", "halfvec", "bit"). A "bit" version re-ranks its candidates by the
+    # parent's vectors, so the parent is kept (``lifecycle.dependent_children``).
+    derived_from = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True,
+                                     related_name="derived_versions")
+    derivation = models.CharField(max_length=100, blank=True, default="")
 
     created_at = models.DateTimeField(default=timezone.now)
     state_changed_at = models.DateTimeField(default=timezone.now)
@@ -134,6 +140,13 @@ class EmbeddingVersion(models.Model):
     def store(self) -> VersionStore:
         """Where this version's vectors live (``embeddings_app.stores``)."""
         return store_for(self)
+
+    @property
+    def lineage(self) -> str:
+        """``v3 <- v1 (bit)`` for a derived version, else ``""``."""
+        if self.derived_from_id is None:
+            return ""
+        return f"{self.version} <- {self.derived_from.version} ({self.derivation})"
 
     @property
     def model_label(self) -> str:

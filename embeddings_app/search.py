@@ -87,14 +87,15 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     # Inside the caller's transaction: SET LOCAL, gone when it ends. In autocommit: session
     # settings sent only when they differ from what this connection already has, so a steady
     # stream of searches costs one round trip each, like the raw SQL.
-    _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block)
-    plain = queryset is None and _is_plain(base)
     store = version.store
+    _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block, k=k,
+                           store=store)
+    plain = queryset is None and _is_plain(base)
     compiled = _compiled_search(db.alias, field.model, store, k) if plain else None
     if compiled is not None:
         results = _run_compiled(db, field.model, compiled, vector)
     else:
-        results = list(store.search_queryset(base, vector_literal(vector))[:k])
+        results = list(store.search_queryset(base, vector_literal(vector), k)[:k])
     for obj in results:
         obj.embedding_version = version.version
     return results
@@ -128,7 +129,7 @@ def _compiled_search(alias: str, model: type[models.Model], store: VersionStore,
     are equal when their search SQL is (``VersionStore.search_key``)."""
     dimensions = int(store.version.dimensions)
     queryset = store.search_queryset(model._default_manager.using(alias).all(),
-                                     vector_literal(np.zeros(dimensions, dtype=np.float32)))[:k]
+                                     vector_literal(np.zeros(dimensions, dtype=np.float32)), k)[:k]
     compiler = queryset.query.get_compiler(using=alias)
     sql, params = compiler.as_sql()
     if len(params) != 1:
@@ -181,16 +182,24 @@ def _literal_format(dimensions: int) -> str:
 
 
 def _set_search_parameters(db: Any, version: EmbeddingVersion, *, filtered: bool,
-                           local: bool) -> None:
+                           local: bool, k: int = 10, store: VersionStore | None = None) -> None:
     """Set the HNSW search parameters of ``version`` on ``db``.
 
     ``hnsw.ef_search`` is the version's ``hnsw_ef_search``. A filtered query (a ``queryset`` with
     a WHERE clause) also turns on pgvector 0.8's iterative index scan in ``strict_order`` mode, so
     a selective filter still returns ``k`` rows, in exact distance order.
+
+    A bit version's Hamming index must give ``store.rerank_candidates(k)`` rows: its ef_search
+    is at least that (up to 1,000), and a filtered search, or one needing more candidates than
+    1,000, scans iteratively in ``relaxed_order`` (the candidates are re-ranked exactly after).
     """
-    wanted = {"hnsw.ef_search": str(int(version.hnsw_ef_search))}
+    ef_search, iterate = (store or version.store).search_settings(int(version.hnsw_ef_search), k)
+    wanted = {"hnsw.ef_search": str(ef_search)}
     if supports_iterative_scan(db):
-        wanted["hnsw.iterative_scan"] = "strict_order" if filtered else "off"
+        if version.storage == "bit":
+            wanted["hnsw.iterative_scan"] = "relaxed_order" if filtered or iterate else "off"
+        else:
+            wanted["hnsw.iterative_scan"] = "strict_order" if filtered else "off"
     if local:
         changes = wanted
     else:

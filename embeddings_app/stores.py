@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import psycopg
 from django.db import OperationalError, connection, models, transaction
-from django.db.models.expressions import Expression, RawSQL, Value
+from django.db.models.expressions import Expression, ExpressionWrapper, RawSQL, Value
 from django.db.models.lookups import IsNull
 from pgvector import HalfVector, Vector
-from pgvector.django import CosineDistance, HalfVectorField, VectorField
+from pgvector.django import BitField, CosineDistance, HalfVectorField, HammingDistance, VectorField
 from pgvector.psycopg import register_vector
 
 from . import registry
@@ -72,7 +72,18 @@ OPCLASSES = {
     ("halfvec", "l2"): "halfvec_l2_ops",
     ("vector", "ip"): "vector_ip_ops",
     ("halfvec", "ip"): "halfvec_ip_ops",
+    # A binary-quantized version (``embeddings derive --storage bit``): its index finds
+    # candidates by Hamming distance; they are re-ranked by the parent's exact distance.
+    ("bit", "cosine"): "bit_hamming_ops",
+    ("bit", "l2"): "bit_hamming_ops",
+    ("bit", "ip"): "bit_hamming_ops",
 }
+
+# A bit version's search takes RERANK_OVERSAMPLING x k candidates from its Hamming index and
+# returns the k of them nearest by the parent's full-precision distance (docs/cutover.md,
+# "Binary quantization").
+RERANK_OVERSAMPLING = 10
+MAX_EF_SEARCH = 1000  # pgvector's bound of hnsw.ef_search
 
 
 # The lock DDL takes on the user's table, never queued (``lock_for_ddl``); and who holds one.
@@ -181,6 +192,22 @@ def pk_db_type(field: VersionedEmbedding) -> str:
     return db_type
 
 
+def as_array(value: Any) -> np.ndarray:
+    """A stored vector as float32: a ``vector``/``halfvec`` as it is, a ``bit`` string (a
+    binary-quantized version) as its signs, +1 for a set bit and -1 for a clear one (so the
+    cosine of two of them is 1 - 2 x their Hamming distance / dimensions)."""
+    if isinstance(value, str):
+        return np.where(np.frombuffer(value.encode(), dtype=np.uint8) == ord("1"), 1.0,
+                        -1.0).astype(np.float32)
+    return np.asarray(value.to_numpy(), dtype=np.float32)
+
+
+def binary_signs(vectors: np.ndarray) -> np.ndarray:
+    """pgvector's ``binary_quantize`` (a bit is set where the element is > 0) of float
+    vectors, as the +1/-1 signs ``as_array`` reads a bit vector back as."""
+    return np.where(np.asarray(vectors) > 0, 1.0, -1.0).astype(np.float32)
+
+
 def _to_db_vector(storage: str, vector: np.ndarray | None) -> Any:
     if vector is None:
         return None
@@ -231,7 +258,8 @@ class VersionStore:
     sql_index_progress = ("SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total "
                           "FROM pg_stat_progress_create_index WHERE relid = %s::regclass")
     sql_staging = ("CREATE TEMP TABLE IF NOT EXISTS {staging} (pk {pk_type} PRIMARY KEY, "
-                   "vec {vec_type}, source_hash bytea, read_version text) ON COMMIT DELETE ROWS")
+                   "vec {staged_type}, source_hash bytea, read_version text) "
+                   "ON COMMIT DELETE ROWS")
     # Rows an earlier write of this transaction left (the commit empties the table). DELETE, not
     # TRUNCATE: a TRUNCATE gives the table a new file each time (measured: the slowest statement
     # of a small batch).
@@ -301,7 +329,21 @@ class VersionStore:
             relation=qn(self.relation), table=qn(self.table), key=qn(self.key),
             pk=qn(self.field.model._meta.pk.column), vector=qn(self.vector_column),
             hash=qn(self.hash_column), pk_type=pk_db_type(self.field),
-            vec_type=column_type(self.version.storage, self.version.dimensions), **extra)
+            vec_type=column_type(self.version.storage, self.version.dimensions),
+            staged_type=column_type(self.staged_storage, self.version.dimensions),
+            staged_vec=self.staged_value("s.vec"), **extra)
+
+    @property
+    def staged_storage(self) -> str:
+        """The type vectors are sent to PostgreSQL as: a bit version is sent the model's float
+        vectors and quantizes them in SQL (``staged_value``)."""
+        return "vector" if self.version.storage == "bit" else self.version.storage
+
+    def staged_value(self, expression: str) -> str:
+        """SQL storing the sent vector ``expression`` in the version's type."""
+        if self.version.storage == "bit":
+            return f"binary_quantize({expression})::bit({int(self.version.dimensions)})"
+        return expression
 
     # --- add and drop -----------------------------------------------------------------------
     @classmethod
@@ -387,7 +429,7 @@ class VersionStore:
             return {}
         register_types()
         pk_type = pk_db_type(self.field)
-        storage = self.version.storage
+        storage = self.staged_storage
         staging = qn(f"embeddings_staging_{storage}_{int(self.version.dimensions)}_"
                      f"{pk_type.split('(')[0]}")
         # Rows in key order: the statement then meets (and locks) them in key order in the plans
@@ -421,7 +463,7 @@ class VersionStore:
             row = cursor.fetchone()
         if row is None or row[0] is None:
             return None
-        return np.asarray(row[0].to_numpy(), dtype=np.float32)
+        return as_array(row[0])
 
     def read_all(self) -> dict[Any, tuple[np.ndarray | None, bytes | None]]:
         """pk -> (vector, stored source hash) for every row of the user's table (a full read:
@@ -429,7 +471,7 @@ class VersionStore:
         register_types()
         with connection.cursor() as cursor:
             cursor.execute(self._format(self.sql_read_all))
-            return {pk: (None if vector is None else np.asarray(vector.to_numpy(), dtype=np.float32),
+            return {pk: (None if vector is None else as_array(vector),
                          None if source_hash is None else bytes(source_hash))
                     for pk, vector, source_hash in cursor.fetchall()}
 
@@ -440,7 +482,7 @@ class VersionStore:
         register_types()
         with connection.cursor() as cursor:
             cursor.execute(self._format(self.sql_read_vectors), [list(pks)])
-            return {pk: (np.asarray(vector.to_numpy(), dtype=np.float32),
+            return {pk: (as_array(vector),
                          None if source_hash is None else bytes(source_hash))
                     for pk, vector, source_hash in cursor.fetchall()}
 
@@ -466,16 +508,61 @@ class VersionStore:
 
     # --- search -----------------------------------------------------------------------------
     def vector_expression(self) -> StoreColumn:
-        output = (HalfVectorField if self.version.storage == "halfvec" else VectorField)(
-            dimensions=self.version.dimensions)
+        storage = self.version.storage
+        output = {"halfvec": HalfVectorField, "bit": BitField}.get(storage, VectorField)(
+            **({"length": self.version.dimensions} if storage == "bit"
+               else {"dimensions": self.version.dimensions}))
         return StoreColumn(self._search_relation(), self.vector_column, output)
+
+    def rerank_parent(self) -> VersionStore | None:
+        """The store whose full-precision vectors re-rank this version's candidates: the
+        parent's, for a bit version; None otherwise."""
+        if self.version.storage != "bit":
+            return None
+        parent = self.version.derived_from
+        if parent is None:
+            raise Refused(f"{self.version} is binary-quantized but has no parent version to "
+                          "re-rank its candidates with; derive it again from a written version.")
+        return store_for(parent, self.field)
+
+    @staticmethod
+    def rerank_candidates(k: int) -> int:
+        """Candidates a bit version's Hamming index gives for a search of ``k``."""
+        return RERANK_OVERSAMPLING * int(k)
+
+    def search_settings(self, ef_search: int, k: int) -> tuple[int, bool]:
+        """(``hnsw.ef_search``, whether the scan must be iterative) for a search of ``k``: a bit
+        version's index must give ``rerank_candidates(k)`` rows, so its ef_search is raised to
+        that (up to pgvector's 1,000) and, beyond it, pgvector 0.8's iterative scan (relaxed
+        order: the candidates are re-ranked anyway) continues the scan."""
+        if self.version.storage != "bit":
+            return ef_search, False
+        wanted = self.rerank_candidates(k)
+        return min(MAX_EF_SEARCH, max(ef_search, wanted)), wanted > MAX_EF_SEARCH
 
     def _search_relation(self) -> str | None:
         return None
 
-    def search_queryset(self, queryset: models.QuerySet, literal: str) -> models.QuerySet:
+    def search_queryset(self, queryset: models.QuerySet, literal: str,
+                        k: int | None = None) -> models.QuerySet:
         """``queryset`` ordered by cosine distance to the query vector (``literal``, pgvector's
-        text form), each row with ``.distance``; rows without a vector are left out."""
+        text form), each row with ``.distance``; rows without a vector are left out.
+
+        A bit version (``k`` given): the ``rerank_candidates(k)`` rows of ``queryset`` nearest
+        by Hamming distance between its bits and the query's (``binary_quantize`` in SQL, its
+        HNSW index with ``bit_hamming_ops``), ordered by the parent's exact cosine distance."""
+        parent = self.rerank_parent()
+        if parent is not None:
+            candidates = self._candidates(queryset, literal, self.rerank_candidates(k or 10))
+            # The re-rank: the exact distance of each candidate by the parent's vectors. "+ 0"
+            # makes the ORDER BY one that the parent's HNSW index cannot serve, so PostgreSQL
+            # never answers it with an (approximate) scan of that index over the candidates.
+            exact = parent.vector_expression()
+            return (parent._join(queryset.filter(pk__in=candidates))
+                    .annotate(distance=ExpressionWrapper(
+                        CosineDistance(exact, Value(literal)) + Value(0.0),
+                        output_field=models.FloatField()))
+                    .filter(IsNull(exact, False)).order_by("distance", "pk"))
         column = self.vector_expression()
         # On the column, not on the distance: the query vector is then sent and computed once
         # per row, as in hand-written SQL.
@@ -485,11 +572,26 @@ class VersionStore:
     def _join(self, queryset: models.QuerySet) -> models.QuerySet:
         return queryset
 
+    def query_bits_sql(self) -> str:
+        """The query vector (one parameter) binary-quantized in SQL, as the bit version's
+        column type."""
+        return f"binary_quantize(%s::vector)::bit({int(self.version.dimensions)})"
+
+    def _candidates(self, queryset: models.QuerySet, literal: str, count: int) -> Any:
+        """The keys of the ``count`` rows of ``queryset`` nearest to the query by Hamming
+        distance (a bit version's index): the right-hand side of a ``pk__in`` filter."""
+        column = self.vector_expression()
+        query_bits = RawSQL(self.query_bits_sql(), (literal,), output_field=BitField())
+        return (queryset.annotate(_embeddings_hamming=HammingDistance(column, query_bits))
+                .filter(IsNull(column, False)).order_by("_embeddings_hamming")
+                .values("pk")[:count])
+
     @property
     def search_key(self) -> tuple[Any, ...]:
         """What the SQL of a search depends on (compiled searches are cached by it)."""
+        parent = self.rerank_parent()
         return (self.layout, self.relation, self.vector_column, self.version.storage,
-                int(self.version.dimensions))
+                int(self.version.dimensions), parent.search_key if parent is not None else None)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VersionStore) and other.search_key == self.search_key
@@ -515,7 +617,7 @@ class ColumnStore(VersionStore):
     # An adopted column (``embeddings_app.adopt``): the vectors are there, only the hashes are new.
     sql_add_hash = "ALTER TABLE {table} ADD COLUMN {hash} bytea"
     sql_drop_columns = "ALTER TABLE {table} {drops}"
-    sql_write = ("UPDATE {table} AS t SET {vector} = s.vec, {hash} = s.source_hash "
+    sql_write = ("UPDATE {table} AS t SET {vector} = {staged_vec}, {hash} = s.source_hash "
                  "FROM {staging} AS s WHERE t.{pk} = s.pk AND t.{pk} = ANY(%s::{pk_type}[]) "
                  "{compare} RETURNING t.{pk}, t.xmin::text")
 
@@ -635,7 +737,7 @@ class TableStore(VersionStore):
                  "JOIN {staging} AS s ON s.pk = t.{pk} "
                  "WHERE t.{pk} = ANY(%s::{pk_type}[]) {compare} ORDER BY t.{pk} FOR SHARE OF t) "
                  "INSERT INTO {relation} AS v ({key}, {vector}, {hash}, row_version) "
-                 "SELECT s.pk, s.vec, s.source_hash, l.row_version "
+                 "SELECT s.pk, {staged_vec}, s.source_hash, l.row_version "
                  "FROM {staging} AS s JOIN locked AS l ON l.pk = s.pk ORDER BY s.pk "
                  "ON CONFLICT ({key}) DO UPDATE SET {vector} = EXCLUDED.{vector}, "
                  "{hash} = EXCLUDED.{hash}, row_version = EXCLUDED.row_version "
@@ -693,6 +795,23 @@ class TableStore(VersionStore):
         main = queryset.query.get_initial_alias()
         return queryset.extra(tables=[self.relation], where=[
             f"{qn(self.relation)}.{qn(self.key)} = {qn(main)}.{qn(self.field.model._meta.pk.column)}"])
+
+    def _candidates(self, queryset: models.QuerySet, literal: str, count: int) -> Any:
+        # The side table alone, in raw SQL: the join of ``_join`` (QuerySet.extra) names the
+        # user's table by its name, which a subquery would take for the outer query's row. A
+        # filtered search keeps the keys of its queryset (pgvector's iterative scan goes on
+        # until ``count`` of them are found).
+        params: list[Any] = []
+        where = ""
+        if queryset.query.has_filters():
+            keys_sql, keys_params = queryset.values("pk").query.sql_with_params()
+            where = f" AND v.{qn(self.key)} IN ({keys_sql})"
+            params += list(keys_params)
+        sql = (f"SELECT v.{qn(self.key)} FROM {qn(self.relation)} AS v "
+               f"WHERE v.{qn(self.vector_column)} IS NOT NULL{where} "
+               f"ORDER BY v.{qn(self.vector_column)} <~> {self.query_bits_sql()} "
+               f"LIMIT {int(count)}")
+        return RawSQL(sql, [*params, literal])
 
     def catch_up(self, queryset: models.QuerySet, write_xids: Sequence[str]) -> models.QuerySet:
         # A row whose version is the one its vector was written against is unchanged since.

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import encoders, limits, probes, registry, sync
+from . import encoders, limits, probes, registry, stores, sync
 from .config import get_config
 from .exceptions import EmbeddingError, Refused
 from .models import EmbeddingVersion, State
@@ -150,11 +150,15 @@ def _compare_sample(field_: Any, version: EmbeddingVersion, encoder: encoders.En
             continue  # stale: counted above; its vector was made from another text
         keys.append(str(pk))
         texts.append(text)
-        stored.append(np.asarray(vector.to_numpy(), dtype=np.float32))
+        stored.append(stores.as_array(vector))
     report.compared = len(keys)
     if not keys:
         return
     fresh = encoder.encode_documents(texts)
+    if version.storage == "bit":
+        # A binary-quantized version (``embeddings derive --storage bit``): its bits against
+        # the model's own output quantized the same way (cosine of the +1/-1 signs).
+        fresh = stores.binary_signs(fresh)
     stored_matrix = np.vstack(stored)
     cosines = np.einsum("ij,ij->i", stored_matrix, fresh) / (
         np.linalg.norm(stored_matrix, axis=1) * np.linalg.norm(fresh, axis=1) + 1e-12

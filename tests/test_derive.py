@@ -1,16 +1,20 @@
 """`embeddings derive`: a version computed from another's vectors without running the model over
-the table (truncated and re-normalized, or half precision), on the real MiniLM: the derived
-vectors, their agreement with the model's own truncated output (verify), searches against brute
-force on the derived vectors with the query transformed the same way, and the refusals."""
+the table (truncated and re-normalized, half precision, or binary-quantized), on the real MiniLM:
+the derived vectors, their agreement with the model's own truncated or quantized output (verify),
+searches against brute force with the query transformed the same way (a bit version: its Hamming
+candidates re-ranked by the parent's exact distance), the lineage in `status`, the parent kept
+while a bit child needs it, and the refusals (one line; a flag only through the command)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 
-from embeddings_app import encoders, lifecycle
+from embeddings_app import derive, encoders, lifecycle, stores
 from embeddings_app.config import get_config
+from embeddings_app.exceptions import Refused
 from embeddings_app.models import EmbeddingVersion, State
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -97,16 +101,17 @@ def test_a_derived_version_is_written_by_saves_like_any_other(parent):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--storage", "bit"], "--storage bit (binary quantization with a re-rank by the parent) is "
-     "not built yet; derive with --dimensions N or --storage halfvec."),
-    ([], "Nothing to derive: give --dimensions N (fewer than news.Article.embedding@v1's 384) or "
-     "--storage halfvec."),
-    (["--dimensions", "384"], "--dimensions must be an integer from 1 to 383, not 384."),
+    (["--storage", "bit", "--dimensions", "256"], "A bit version keeps its parent's dimensions "
+     "(its candidates are re-ranked by the parent's vectors): derive the bits without "
+     "dimensions, or from a version of that many dimensions. [--dimensions]"),
+    ([], "Nothing to derive: give the dimensions to keep (fewer than "
+     "news.Article.embedding@v1's 384) or a storage (halfvec or bit). [--dimensions]"),
+    (["--dimensions", "384"], "The derived dimensions must be an integer from 1 to 383, not 384. "
+     "[--dimensions]"),
     (["--dimensions", "128"], "No model alias computes news.Article.embedding@v1's vectors with "
      "{'truncate_dim': 128}: add one to EMBEDDINGS[\"MODELS\"] with the same \"model\" ("),
     (["--dimensions", "256", "--model", "tiny"], "Model alias tiny computes vector(32) vectors, "
-     "not the vector(256) derived from news.Article.embedding@v1; name another alias with "
-     "--model."),
+     "not the vector(256) derived from news.Article.embedding@v1; name another alias. [--model]"),
 ])
 def test_what_cannot_be_derived_is_refused_with_one_line_and_nothing_changes(
         parent, args, message):
@@ -115,3 +120,111 @@ def test_what_cannot_be_derived_is_refused_with_one_line_and_nothing_changes(
     assert str(refused.value).startswith(message)
     assert list(EmbeddingVersion.objects.filter(target=TARGET).values_list("version", flat=True)
                 ) == ["v1"]
+
+
+def test_a_bad_dimension_names_its_flag_through_the_command_and_none_through_the_api(db):
+    call_command("embeddings", "add", TARGET, "v1", "--model", "minilm")  # no rows needed
+    with pytest.raises(CommandError) as command:
+        call_command("embeddings", "derive", TARGET, "v2", "--from", "v1", "--dimensions", "0")
+    assert str(command.value) == ("The derived dimensions must be an integer from 1 to 383, "
+                                  "not 0. [--dimensions]")
+    with pytest.raises(Refused) as api:
+        derive.derive(TARGET, "v2", "v1", dimensions=0)
+    assert api.value.option == "dimensions"
+    assert str(api.value) == "The derived dimensions must be an integer from 1 to 383, not 0."
+    assert "--" not in str(api.value)
+
+
+def hamming(bits: np.ndarray, query_bits: np.ndarray) -> np.ndarray:
+    """Hamming distances of +1/-1 sign rows to one sign vector."""
+    return (bits != query_bits).sum(axis=1)
+
+
+@pytest.mark.parametrize("child_layout", ["column", "table"])
+def test_a_bit_version_searches_its_hamming_index_and_reranks_by_the_parent_like_brute_force(
+        parent, child_layout, capsys):
+    call_command("embeddings", "derive", TARGET, "v3", "--from", "v1", "--storage", "bit",
+                 "--layout", child_layout, "--sample", "4", "--inline")
+    v3 = EmbeddingVersion.objects.get_version(TARGET, "v3")
+    assert (v3.storage, v3.dimensions, v3.layout, v3.model_alias, v3.state) == (
+        "bit", 384, child_layout, "minilm", State.READY)
+    assert (v3.derived_from, v3.derivation, v3.lineage) == (parent, "bit", "v3 <- v1 (bit)")
+    # binary_quantize in SQL: a bit is set exactly where the parent's element is > 0.
+    full, bits = parent.store.read_all(), v3.store.read_all()
+    for pk, (vector, source_hash) in full.items():
+        np.testing.assert_array_equal(bits[pk][0], np.where(vector > 0, 1.0, -1.0))
+        assert bits[pk][1] == source_hash
+    assert lifecycle.verify(TARGET, "v3", sample=8).passed  # the model's own quantized output
+    capsys.readouterr()
+    call_command("embeddings", "index", TARGET, "v3")
+    assert "USING hnsw (vector bit_hamming_ops)" in _index_definition(v3) or (
+        child_layout == "column" and "USING hnsw (embedding_v3 bit_hamming_ops)"
+        in _index_definition(v3))
+    call_command("embeddings", "status", TARGET)
+    status = capsys.readouterr().out
+    assert "v3 <- v1 (bit)" in status and " 384 bit " in status
+    call_command("embeddings", "activate", TARGET, "v3")
+
+    keys = list(full)
+    matrix = np.vstack([full[pk][0] for pk in keys])
+    signs = np.vstack([bits[pk][0] for pk in keys])
+    minilm = encoders.load(get_config().model("minilm"))
+    recalls = []
+    for query in ["interest rates and inflation at the central bank", "a cup final in football",
+                  "elections and the prime minister", "a new mobile phone and broadband"]:
+        q = minilm.encode_query(query)
+        exact_distance = 1 - (matrix @ q) / np.linalg.norm(matrix, axis=1) / np.linalg.norm(q)
+        for k in (1, 2):
+            hits = Article.embedding.search(query, k=k)
+            assert len(hits) == k and {hit.embedding_version for hit in hits} == {"v3"}
+            found = [keys.index(hit.pk) for hit in hits]
+            # The candidates: the 10 x k rows nearest by Hamming distance (rows tied with the
+            # last one may or may not be among them).
+            distance = hamming(signs, stores.binary_signs(q))
+            boundary = np.sort(distance)[stores.RERANK_OVERSAMPLING * k - 1]
+            surely, possibly = distance < boundary, distance <= boundary
+            assert all(possibly[i] for i in found)
+            # Re-ranked by the parent's exact distance: ordered, and no sure candidate nearer
+            # than the last hit is left out.
+            np.testing.assert_allclose([hit.distance for hit in hits], exact_distance[found],
+                                       atol=1e-5)
+            assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)
+            assert not [i for i in np.flatnonzero(surely) if i not in found
+                        and exact_distance[i] < hits[-1].distance - 1e-6]
+            brute = set(np.argsort(exact_distance, kind="stable")[:k])
+            recalls.append(len(brute & set(found)) / k)
+    # Recall@k against brute force on the parent (10 x k of 24 rows are re-ranked).
+    assert np.mean(recalls) >= 0.85, recalls
+    # A filtered search returns k rows of the filter (the Hamming scan is iterative).
+    half = Article.objects.filter(pk__in=keys[::2])
+    hits = Article.embedding.search("a cup final in football", k=3, queryset=half)
+    assert len(hits) == 3 and {hit.pk for hit in hits} <= set(keys[::2])
+
+
+def _index_definition(version: EmbeddingVersion) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s",
+                       [version.store.index_name()])
+        return cursor.fetchone()[0]
+
+
+def test_the_parent_of_a_bit_version_is_kept_until_the_child_is_dropped(parent, capsys):
+    call_command("embeddings", "derive", TARGET, "v3", "--from", "v1", "--storage", "bit",
+                 "--sample", "2", "--inline")
+    capsys.readouterr()
+    call_command("embeddings", "retire", TARGET, "v1")
+    assert ("Warning: news.Article.embedding@v3 (ready) re-ranks its search candidates by "
+            "news.Article.embedding@v1's vectors, which are no longer written now"
+            in capsys.readouterr().out)
+    with pytest.raises(CommandError) as refused:
+        call_command("embeddings", "drop", TARGET, "v1", "--yes")
+    assert str(refused.value) == (
+        "news.Article.embedding@v3 (ready) re-ranks its search candidates by "
+        "news.Article.embedding@v1's vectors: retire and drop news.Article.embedding@v3 first "
+        "(`manage.py embeddings retire news.Article.embedding v3`, then `drop`), then drop v1.")
+    assert EmbeddingVersion.objects.get_version(TARGET, "v1").state == State.RETIRED
+    assert parent.store.exists()
+    call_command("embeddings", "retire", TARGET, "v3")
+    call_command("embeddings", "drop", TARGET, "v3", "--yes")
+    call_command("embeddings", "drop", TARGET, "v1", "--yes")
+    assert EmbeddingVersion.objects.get_version(TARGET, "v1").state == State.DROPPED

@@ -184,8 +184,10 @@ class Command(BaseCommand):
     def render(exc: EmbeddingError, options: dict[str, Any]) -> str:
         """The error's line, and the flag of the subcommand's option it names (``exc.option``,
         a keyword argument such as ``batch_size``: the library's message names no flag)."""
-        if exc.option is not None and exc.option in options:
-            return f"{exc} [--{exc.option.replace('_', '-')}]"
+        # The library's keyword argument -> the subcommand's option, where they differ.
+        dest = {"alias": "model"}.get(exc.option or "", exc.option)
+        if dest is not None and dest in options:
+            return f"{exc} [--{dest.replace('_', '-')}]"
         return str(exc)
 
     # --- subcommands ------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class Command(BaseCommand):
         runs: list[tuple[EmbeddingVersion, BackfillRun]] = []
         for name in targets:
             field = registry.get(name)
-            versions = list(EmbeddingVersion.objects.for_target(name))
+            versions = list(EmbeddingVersion.objects.for_target(name).select_related("derived_from"))
             stored = [v for v in versions if v.state != State.DROPPED]
             stale = dict(zip((v.pk for v in stored), sync.count_stale(field, stored), strict=True))
             for v in versions:
@@ -219,7 +221,8 @@ class Command(BaseCommand):
                     failures = f"{failures}; {run.last_error}".lstrip("; ")[:80]
                 if v.write_error:  # a save could not write it: no rollback target
                     failures = f"NOT WRITTEN: {v.write_error}; {failures}".rstrip("; ")[:120]
-                rows.append((name, v.version, _short(v.model_label), str(v.dimensions),
+                rows.append((name, v.lineage or v.version, _short(v.model_label),
+                             str(v.dimensions) + ("" if v.storage == "vector" else f" {v.storage}"),
                              v.layout, v.state, "*" if v.state == State.ACTIVE else "", coverage,
                              str(stale.get(v.pk, "-")), indexes.index_state(v), _probe_cell(v),
                              failures))
@@ -444,8 +447,11 @@ class Command(BaseCommand):
         ))
 
     def do_retire(self, target: str, version: str, **_: Any) -> None:
-        lifecycle.retire(target, version, actor=ACTOR)
+        record = lifecycle.retire(target, version, actor=ACTOR)
         self.stdout.write(self.style.SUCCESS(f"{target}@{version} retired: no longer written."))
+        warning = lifecycle.retire_warning(record)
+        if warning:
+            self.stdout.write(self.style.WARNING(f"Warning: {warning}"))
 
     def do_drop(self, target: str, version: str, yes: bool = False, **_: Any) -> None:
         record = EmbeddingVersion.objects.get_version(target, version)
