@@ -24,10 +24,10 @@ DDL and the statements of the write path are the ``sql_*`` templates of the clas
 schema editor keeps its own); identifiers are quoted by the connection (``qn``). No plain query
 of the model loads a vector: neither the columns nor the side table are model fields.
 
-DDL on the user's table never queues for its lock (``lock_for_ddl``): it takes the lock with
-``NOWAIT``, retried for up to ``DDL_LOCK_TIMEOUT``. Queued, it would block every read and write
-of the table behind it, and a transaction waiting for a lock that a concurrent index build
-(``CREATE INDEX CONCURRENTLY``, which waits for older transactions) holds deadlocks with it.
+DDL on the user's table takes its lock through ``lock_for_ddl``: bounded by
+``DDL_LOCK_TIMEOUT`` (queued, it blocks every read and write of the table behind it), and never
+queued behind an index build (``CREATE INDEX CONCURRENTLY`` waits for every older snapshot,
+that of a session queued behind it too: a deadlock).
 """
 
 from __future__ import annotations
@@ -86,48 +86,72 @@ RERANK_OVERSAMPLING = 10
 MAX_EF_SEARCH = 1000  # pgvector's bound of hnsw.ef_search
 
 
-# The lock DDL takes on the user's table, never queued (``lock_for_ddl``); and who holds one.
-SQL_LOCK_TABLE = "LOCK TABLE {table} IN {mode} MODE NOWAIT"
+# The lock DDL takes on the user's table (``lock_for_ddl``); who holds the table, and whether
+# one of them is maintenance (an index build, VACUUM, DDL) rather than reads and writes.
+SQL_LOCK_TABLE = "LOCK TABLE {table} IN {mode} MODE{nowait}"
 SQL_LOCK_HOLDERS = ("SELECT l.pid, l.mode, left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) "
                     "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.relation = %s::regclass AND l.granted AND l.pid <> pg_backend_pid() "
                     "ORDER BY l.pid LIMIT 3")
+SQL_MAINTENANCE_LOCKS = ("SELECT EXISTS (SELECT FROM pg_locks WHERE relation = %s::regclass "
+                         "AND pid <> pg_backend_pid() AND mode NOT IN "
+                         "('AccessShareLock', 'RowShareLock', 'RowExclusiveLock'))")
 ACCESS_EXCLUSIVE = "ACCESS EXCLUSIVE"  # ADD/DROP COLUMN, DROP TABLE, DROP TRIGGER
 SHARE_ROW_EXCLUSIVE = "SHARE ROW EXCLUSIVE"  # CREATE TRIGGER, a foreign key to the table
 
 
 def lock_for_ddl(table: str, mode: str) -> None:
-    """Take ``mode`` on ``table`` for the DDL that follows in the caller's transaction, without
-    ever waiting in the lock queue: ``NOWAIT``, retried every 10 ms for up to
-    ``DDL_LOCK_SECONDS``, then refused with the sessions holding the table. Also sets the
-    transaction's ``lock_timeout`` for the other relations its DDL touches.
+    """Take ``mode`` on ``table`` for the DDL that follows in the caller's transaction, within
+    ``DDL_LOCK_SECONDS``, else refuse with the sessions holding the table (nothing changed).
+    Also sets the transaction's ``lock_timeout`` for the other relations its DDL touches.
 
-    A queued lock request holds a snapshot while it waits: a concurrent ``CREATE INDEX
-    CONCURRENTLY`` on the table waits for that snapshot while holding the lock requested, a
-    deadlock that PostgreSQL ends by failing one of the two (measured: either side)."""
+    * Held by reads and writes only: wait in the lock queue, as any DDL does (their
+      transactions are short; a stream of them would starve a lock that never queues).
+    * Held or requested in a maintenance mode (``CREATE INDEX CONCURRENTLY``, ``VACUUM``,
+      DDL): never queue, retry ``NOWAIT`` every 10 ms. A queued request holds a snapshot while
+      it waits, and an index build that holds the table waits for every older snapshot: a
+      deadlock that PostgreSQL ends by failing one of the two (measured: either side, the index
+      build left INVALID). What remains is the instant between the check and the queued
+      request: a build that takes the table then is the deadlock's one way back."""
     if not connection.in_atomic_block:
         raise RuntimeError("lock_for_ddl() must run inside the DDL's transaction")
     deadline = time.monotonic() + DDL_LOCK_SECONDS
     with connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
         while True:
-            try:
-                with transaction.atomic():  # a savepoint: a refused attempt leaves no trace
-                    cursor.execute(SQL_LOCK_TABLE.format(table=qn(table), mode=mode))
+            if _try_lock(cursor, table, mode, nowait=True):
                 return
-            except OperationalError as exc:
-                if not isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
-                    raise
-                if time.monotonic() >= deadline:
-                    cursor.execute(SQL_LOCK_HOLDERS, [qn(table)])
-                    holders = "; ".join(f"pid {pid} {lock_mode} ({query or 'idle'})"
-                                        for pid, lock_mode, query in cursor.fetchall())
-                    raise Refused(
-                        f"Table {table} stayed locked by other sessions for "
-                        f"{DDL_LOCK_SECONDS:g}s ({holders or 'since released'}), e.g. an index "
-                        "build or a long transaction; nothing was changed: retry when it ends."
-                    ) from None
+            cursor.execute(SQL_MAINTENANCE_LOCKS, [qn(table)])
+            if not cursor.fetchone()[0]:
+                remaining_ms = int(max(deadline - time.monotonic(), 0.001) * 1000)
+                cursor.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
+                locked = _try_lock(cursor, table, mode, nowait=False)
+                cursor.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+                if locked:
+                    return
+            if time.monotonic() >= deadline:
+                cursor.execute(SQL_LOCK_HOLDERS, [qn(table)])
+                holders = "; ".join(f"pid {pid} {lock_mode} ({query or 'idle'})"
+                                    for pid, lock_mode, query in cursor.fetchall())
+                raise Refused(
+                    f"Table {table} stayed locked by other sessions for "
+                    f"{DDL_LOCK_SECONDS:g}s ({holders or 'since released'}), e.g. an index "
+                    "build or a long transaction; nothing was changed: retry when it ends."
+                )
             time.sleep(DDL_LOCK_POLL_SECONDS)
+
+
+def _try_lock(cursor: Any, table: str, mode: str, *, nowait: bool) -> bool:
+    """One attempt, in a savepoint (a failed attempt leaves the transaction usable)."""
+    try:
+        with transaction.atomic():
+            cursor.execute(SQL_LOCK_TABLE.format(table=qn(table), mode=mode,
+                                                 nowait=" NOWAIT" if nowait else ""))
+        return True
+    except OperationalError as exc:
+        if not isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+            raise
+        return False
 
 
 # Not a version's storage: the advice for a column backfill on the user's table (``layout``).

@@ -156,6 +156,10 @@ def test_random_operators_readers_and_writers_never_break_an_invariant(three_ver
           f"{interleavings(steps)} interleavings (steps of two operators at the same time), "
           f"{readers.searches} searches, {saves} saves, {monitor.checks} invariant checks")
     print("  " + ", ".join(f"{kind} {outcome}: {n}" for (kind, outcome), n in sorted(counts.items())))
+    refusals = collections.Counter(f"{step['kind']}: {step['detail'].splitlines()[0][:110]}"
+                                   for step in steps if step["outcome"] == "refused")
+    for line, n in refusals.most_common(8):
+        print(f"  refused {n}x {line}")
     errors = [step for step in steps if step["outcome"] == "error"]
     for step in errors[:3]:
         print(f"ERROR in {step['kind']} {step['args']}:\n{step['detail']}")
