@@ -116,8 +116,9 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
         previous = lifecycle.rollback(target, actor=who)
         return [f"{target}: rolled back; reads now use version {previous.version}."]
     if step.name == "retire":
-        lifecycle.retire(target, name, actor=who)
-        return [f"{target}@{name} retired: no longer written."]
+        retired = lifecycle.retire(target, name, actor=who)
+        warning = lifecycle.retire_warning(retired)
+        return [f"{target}@{name} retired: no longer written.", *([warning] if warning else [])]
     if step.name == "drop":
         # As `embeddings drop` does: the refusal rules first (the grace period after the version
         # was last active is only waived when the confirmation page's box is ticked, like --yes).
@@ -175,7 +176,8 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
     if step.name == "retire":
         return [f"{version} stops being written on every save: it can no longer be activated "
                 "or rolled back to.",
-                f"Its vectors ({_where(version)}) stay until it is dropped."]
+                f"Its vectors ({_where(version)}) stay until it is dropped.",
+                *filter(None, [lifecycle.retire_warning(version)])]
     if step.name == "drop":
         try:
             store = version.store

@@ -481,3 +481,19 @@ def test_status_endpoint_shows_an_index_build_under_way(two_versions, operator):
     assert status["running"] is True
     status = client.get(STATUS_URL, {"id": v1.pk}).json()["versions"][str(v1.pk)]
     assert (status["index"], status["running"]) == ("valid", False)
+
+
+def test_the_list_and_detail_pages_show_a_derived_versions_lineage(operator):
+    fake = {"target": "fake.Thing.embedding", "model_alias": "tiny", "revision": "r1",
+            "model_name": "/models/tiny-bert", "fingerprint": "f" * 64, "dimensions": 32}
+    v1 = EmbeddingVersion.objects.create(version="v1", column="embedding_v1",
+                                         hash_column="embedding_v1_source_hash",
+                                         state=State.ACTIVE, **fake)
+    v3 = EmbeddingVersion.objects.create(version="v3", column="embedding_v3",
+                                         hash_column="embedding_v3_source_hash", storage="bit",
+                                         derived_from=v1, derivation="bit", **fake)
+    client = login(operator)
+    listing = html.unescape(client.get(LIST_URL).content.decode())
+    assert "v3 <- v1 (bit)" in listing
+    detail = html.unescape(client.get(change_url(v3)).content.decode())
+    assert "Lineage" in detail and "fake.Thing.embedding@v1" in detail

@@ -199,6 +199,12 @@ def test_a_bit_version_searches_its_hamming_index_and_reranks_by_the_parent_like
     half = Article.objects.filter(pk__in=keys[::2])
     hits = Article.embedding.search("a cup final in football", k=3, queryset=half)
     assert len(hits) == 3 and {hit.pk for hit in hits} <= set(keys[::2])
+    # A save writes the bits of the model's new vector (quantized in SQL), like the parent's.
+    article = Article.objects.get(pk=keys[0])
+    article.title = "Rugby: a last-minute try wins the final"
+    article.save()
+    np.testing.assert_array_equal(v3.store.read_vector(article.pk),
+                                  stores.binary_signs(parent.store.read_vector(article.pk)))
 
 
 def _index_definition(version: EmbeddingVersion) -> str:
