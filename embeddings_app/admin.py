@@ -16,7 +16,7 @@ from django.http import HttpRequest
 from django.urls import URLPattern, path
 from django.utils.html import format_html
 
-from . import admin_views, capture, progress, registry
+from . import admin_views, capture, progress, registry, truncation
 from .models import EmbeddingVersion, State
 
 
@@ -43,7 +43,7 @@ def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
 class EmbeddingVersionAdmin(admin.ModelAdmin):
     list_display = ("target", "version", "derived", "model_at_revision", "dims", "storage", "layout",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
-                    "index_state", "rate_eta", "change_queue", "last_change")
+                    "index_state", "truncated", "rate_eta", "change_queue", "last_change")
     list_display_links = ("target", "version")
     list_filter = ("target", "state", "layout")
     search_fields = ("model_name", "model_alias")
@@ -60,10 +60,12 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
                                      "encode_settings", "dimensions", "storage", "distance")}),
         ("Verification and index", {"fields": ("verified_at", "verify_passed", "verify_report",
                                                "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")}),
+        ("Truncation", {"fields": ("truncation_summary", "truncation")}),
         ("Dates", {"fields": ("created_at", "state_changed_at", "activated_at",
                               "deactivated_at")}),
     )
-    readonly_fields = [field.name for field in EmbeddingVersion._meta.fields]
+    readonly_fields = [field.name for field in EmbeddingVersion._meta.fields] + [
+        "truncation_summary"]
 
     class Media:
         css = {"all": ("embeddings_app/admin.css",)}
@@ -138,6 +140,17 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
     @admin.display(description="index")
     def index_state(self, obj: EmbeddingVersion) -> str:
         return _cell(obj, "index", _index_label(self._status(obj)))
+
+    @admin.display(description="truncated")
+    def truncated(self, obj: EmbeddingVersion) -> str:
+        """Sampled rows longer than the model's token limit, as last measured (never counted
+        here: add, verify and compare measure it)."""
+        return format_html('<span class="ev-nowrap" title="{}">{}</span>',
+                           admin_views.truncation_text(obj), truncation.cell(obj))
+
+    @admin.display(description="rows over the token limit")
+    def truncation_summary(self, obj: EmbeddingVersion) -> str:
+        return admin_views.truncation_text(obj)
 
     @admin.display(description="rate / ETA")
     def rate_eta(self, obj: EmbeddingVersion) -> str:

@@ -20,7 +20,17 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
 from django.views import View
 
-from . import backfill, capture, estimate, indexes, lifecycle, progress, registry, tasks
+from . import (
+    backfill,
+    capture,
+    estimate,
+    indexes,
+    lifecycle,
+    progress,
+    registry,
+    tasks,
+    truncation,
+)
 from .config import get_config
 from .exceptions import EmbeddingError
 from .models import BackfillRun, EmbeddingVersion, State, VersionEvent
@@ -337,4 +347,15 @@ def detail_context(request: HttpRequest, version: EmbeddingVersion, admin_site: 
         "ev_chart": progress.chart_svg(runs[0] if runs else None),
         "ev_steps": steps,
         "ev_can_steer": any(item["allowed"] for item in steps),
+        "ev_truncation": truncation_text(version),
     }
+
+
+def truncation_text(version: EmbeddingVersion) -> str:
+    """The version's last truncation figure in a sentence, with where and when it was measured
+    (stored by add, verify and compare: nothing is tokenized for the admin)."""
+    figure = truncation.stored(version)
+    if figure is None:
+        return "not measured yet: verify or compare measures it with the model's tokenizer"
+    return (f"{figure.summary()} (measured by {figure.when()}"
+            + (f", counted with {figure.counted_with})" if figure.counted_with else ")"))

@@ -9,6 +9,10 @@ for several relevant rows; a line with no tab is a query with unknown relevance,
 only), or, with no file, are *proxy queries* drawn from the corpus: one sentence taken out of a
 sampled document, with that document as the relevant one. No labels are needed to see which model
 finds the document a sentence came from more often.
+
+Beside the scores, each version's truncation (``truncation``): how many of the same sampled rows
+exceed its model's token limit, and by how much; with a note when the version with the lower
+recall also cuts clearly more rows, since proxy queries come from anywhere in a document.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import encoders, limits, registry, search
+from . import encoders, limits, registry, search, truncation
+from .config import get_config
 from .exceptions import Refused
 from .models import EmbeddingVersion, State
 
@@ -50,6 +55,9 @@ class CompareReport:
     a: VersionScores
     b: VersionScores
     overlap: float
+    # Rows longer than each model's token limit, counted on the same sampled rows for both.
+    truncation_a: truncation.Truncation | None = None
+    truncation_b: truncation.Truncation | None = None
 
     def lines(self) -> list[str]:
         def fmt(value: float | None) -> str:
@@ -61,11 +69,18 @@ class CompareReport:
             rows.append((f"recall@{k}", fmt(self.a.recall), fmt(self.b.recall)))
             rows.append((f"nDCG@{k}", fmt(self.a.ndcg), fmt(self.b.ndcg)))
         rows.append((f"overlap@{k}", fmt(self.overlap), ""))
+        figures = [(self.a.version, self.truncation_a), (self.b.version, self.truncation_b)]
+        if any(figure is not None for _, figure in figures):
+            rows.append(("truncated", *(figure.cell() if figure else "-" for _, figure in figures)))
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         head = (f"compare {self.target} {self.a.version} vs {self.b.version}: {self.queries} "
                 f"queries ({self.source}), {self.judged} with known relevance, k={k}")
-        return [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                         for row in rows]
+        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                          for row in rows]
+        lines += [f"truncation {name}: {figure.summary()}" for name, figure in figures if figure]
+        note = truncation.explain(self.a.version, self.truncation_a, self.b.version,
+                                  self.truncation_b, self.a.recall, self.b.recall, k)
+        return lines + ([note] if note else [])
 
 
 def read_queries(path: str | Path) -> list[Query]:
@@ -159,8 +174,17 @@ def compare(target: str, version_a: str, version_b: str, *, queries: list[Query]
             (total[0] / judged, total[1] / judged) if judged else (None, None)))
         for version, total in zip(versions, totals, strict=True)
     ]
+    # Truncation, on the same sampled rows for both models, recorded on each version.
+    keys, rows = truncation.sample_keys(field_)
+    figures = []
+    for version, encoder in zip(versions, encoders_, strict=True):
+        spec = get_config().model(version.model_alias)
+        figure = truncation.measure(target, spec, encoder, by="compare", keys=keys, rows=rows)
+        truncation.record(version, figure)
+        figures.append(figure)
     return CompareReport(target=target, k=k, source=source or "file", queries=len(queries),
                          judged=judged, a=scores[0], b=scores[1],
-                         overlap=overlap_total / len(queries))
+                         overlap=overlap_total / len(queries), truncation_a=figures[0],
+                         truncation_b=figures[1])
 
 

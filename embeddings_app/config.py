@@ -13,7 +13,12 @@ from typing import Any
 from django.conf import settings
 
 from .exceptions import ConfigurationError, Refused
-from .limits import MAX_BATCH_SIZE, PARALLEL_MAINTENANCE_WORKERS, memory_kb
+from .limits import (
+    MAX_BATCH_SIZE,
+    MAX_TRUNCATION_SAMPLE,
+    PARALLEL_MAINTENANCE_WORKERS,
+    memory_kb,
+)
 
 DUAL_WRITE_MODES = ("sync", "on_commit", "celery")
 LAYOUTS = ("column", "table")  # where a new version's vectors live (embeddings_app.stores)
@@ -39,7 +44,10 @@ DEFAULTS: dict[str, Any] = {"BATCH_SIZE": 128, "DUAL_WRITE": "sync", "QUEUE": "e
                              # written behind the app's back; the sweep drains the queue
                              "CHANGE_CAPTURE": True,
                              # the sweep also reads every row (the safety net; off: it drains)
-                             "SWEEP_FULL_SCAN": False}
+                             "SWEEP_FULL_SCAN": False,
+                             # rows whose tokens are counted against the model's limit by add,
+                             # verify and compare (embeddings_app.truncation); all if fewer
+                             "TRUNCATION_SAMPLE": 1000}
 # Cutover settings (optional): seconds, or a cosine similarity for VERIFY_THRESHOLD.
 CUTOVER_DEFAULTS: dict[str, Any] = {
     "ACTIVE_CACHE_TTL": 1.0,  # a serving process re-reads the active version at most this late
@@ -178,6 +186,7 @@ class EmbeddingsConfig:
     layout: str = DEFAULTS["LAYOUT"]
     change_capture: bool = DEFAULTS["CHANGE_CAPTURE"]
     sweep_full_scan: bool = DEFAULTS["SWEEP_FULL_SCAN"]
+    truncation_sample: int = DEFAULTS["TRUNCATION_SAMPLE"]
     active_cache_ttl: float = CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"]
     verify_threshold: float = CUTOVER_DEFAULTS["VERIFY_THRESHOLD"]
     verify_sample: int = CUTOVER_DEFAULTS["VERIFY_SAMPLE"]
@@ -259,6 +268,13 @@ def validate(raw: Any) -> list[Problem]:
         if key in raw and not isinstance(raw[key], bool):
             problems.append(Problem(check_id, f'EMBEDDINGS["{key}"] must be True or False, '
                                     f"not {raw[key]!r}.", CAPTURE_HINTS[key]))
+    sample = raw.get("TRUNCATION_SAMPLE", 1)
+    if not (_positive_int(sample) and sample <= MAX_TRUNCATION_SAMPLE):
+        problems.append(Problem("embeddings.E070",
+                                f'EMBEDDINGS["TRUNCATION_SAMPLE"] must be a positive integer (at '
+                                f"most {MAX_TRUNCATION_SAMPLE}), not {sample!r}.",
+                                "e.g. 1000: rows whose tokens add, verify and compare count "
+                                "against the model's limit (docs/cutover.md, \"Truncation\")."))
     problems.extend(_validate_cutover(raw))
     problems.extend(_validate_index(raw))
     return problems
@@ -474,6 +490,7 @@ def parse(raw: Any) -> EmbeddingsConfig:
         layout=values["LAYOUT"],
         change_capture=values["CHANGE_CAPTURE"],
         sweep_full_scan=values["SWEEP_FULL_SCAN"],
+        truncation_sample=values["TRUNCATION_SAMPLE"],
         active_cache_ttl=float(values.get("ACTIVE_CACHE_TTL", CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"])),
         verify_threshold=float(values.get("VERIFY_THRESHOLD", CUTOVER_DEFAULTS["VERIFY_THRESHOLD"])),
         verify_sample=int(values.get("VERIFY_SAMPLE", CUTOVER_DEFAULTS["VERIFY_SAMPLE"])),

@@ -31,7 +31,18 @@ import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import active, capture, encoders, indexes, limits, probes, registry, stores, sync
+from . import (
+    active,
+    capture,
+    encoders,
+    indexes,
+    limits,
+    probes,
+    registry,
+    stores,
+    sync,
+    truncation,
+)
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, ModelSpec, get_config
 from .exceptions import Refused, VersionNotReady
 from .indexes import BuildPlan, Progress
@@ -105,6 +116,8 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
     store_class.check_new(field, version_name)
     # The probe set, embedded now (outside the transaction: an API call can be slow).
     probe_texts, probe_vectors = probes.initial(encoder, target)
+    # How many rows exceed the model's token limit, while the model is loaded (status shows it).
+    measured = truncation.measure(target, spec, encoder, by="add")
     with locked_versions(target) as versions:
         # Again under the lock: a concurrent `add` of the same name has committed by now.
         check_name_free(target, version_name, versions)
@@ -113,6 +126,7 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
             target, version_name, versions, spec=spec, encoder=encoder, storage=storage_type,
             layout=store_class.layout, names=store_class.names(field, version_name),
             probe_texts=probe_texts, probe_vectors=probe_vectors, actor=actor,
+            truncation=measured.as_dict(),
             note=f"added with {spec.model}@{spec.revision} ({store_class.layout} layout)")
         version.store.add()
     return version
@@ -174,7 +188,7 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
                    spec: ModelSpec, encoder: encoders.Encoder, storage: str, layout: str,
                    names: dict[str, str], probe_texts: list[str], probe_vectors: bytes,
                    actor: str, note: str, derived_from: EmbeddingVersion | None = None,
-                   derivation: str = "") -> EmbeddingVersion:
+                   derivation: str = "", truncation: dict | None = None) -> EmbeddingVersion:
     """The record of a new version (state ``new``) and its first event, and the target's change
     capture (installed or brought up to date), inside ``locked_versions(target)``
     (``versions``); the caller adds its storage."""
@@ -187,7 +201,7 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
             storage=storage, layout=layout, **names, state=State.NEW,
             probe_texts=probe_texts, probe_vectors=probe_vectors,
             library_versions=encoder.library_versions(),
-            derived_from=derived_from, derivation=derivation,
+            derived_from=derived_from, derivation=derivation, truncation=truncation or {},
         )
     except IntegrityError:  # a writer that bypassed the lock: still one clear line
         raise _name_taken(target, version_name) from None
@@ -536,6 +550,8 @@ def verify(target: str, version_name: str, *, sample: int | None = None,
             probe_fields = {"probed_at": timezone.now(),
                             "probe_passed": bool(report.probe.get("passed")),
                             "probe_report": report.probe}
+        if report.truncation:  # measured with the version's own model: its figure now
+            probe_fields["truncation"] = report.truncation
         EmbeddingVersion.objects.filter(pk=version.pk).update(
             verified_at=timezone.now(), verify_passed=report.passed,
             verify_report=report.as_dict(), **probe_fields,

@@ -34,6 +34,7 @@ MAX_BATCH_SIZE = 10_000
 MAX_K = 1000
 MAX_VERIFY_SAMPLE = 100_000
 MAX_COMPARE_SAMPLE = 10_000
+MAX_TRUNCATION_SAMPLE = 100_000  # rows tokenized by a truncation measurement
 MAINTENANCE_WORK_MEM_KB = (1024, 2_147_483_647)  # PostgreSQL's bounds of the setting
 PARALLEL_MAINTENANCE_WORKERS = (0, 1024)
 MEMORY_UNITS_KB = {"kb": 1, "mb": 1024, "gb": 1024 ** 2, "tb": 1024 ** 3}

@@ -111,6 +111,10 @@ class EmbeddingVersion(models.Model):
     probed_at = models.DateTimeField(null=True, blank=True)
     probe_passed = models.BooleanField(null=True, blank=True)
     probe_report = models.JSONField(default=dict, blank=True)
+    # Truncation (embeddings_app.truncation): the last count of sampled rows longer than the
+    # model's token limit, measured by add, verify and compare (which load the model anyway) so
+    # that status and the admin read it without tokenizing; {} until first measured.
+    truncation = models.JSONField(default=dict, blank=True)
 
     objects = EmbeddingVersionQuerySet.as_manager()
 

@@ -4,7 +4,9 @@ Checks, in order: the model files behind the alias against the version's fingerp
 probes stored at ``add`` re-embedded (``probes``: a model changed under its name); coverage
 (rows without a vector); stale rows (source changed since the vector was computed, e.g. by
 ``QuerySet.update()``); and a random sample of fresh rows re-embedded and compared with the stored
-vectors by cosine similarity. Any problem is drift: the report's ``passed`` is False.
+vectors by cosine similarity. Any problem is drift: the report's ``passed`` is False. The report
+also counts the rows longer than the model's token limit (``truncation``): a property of the
+model and the data, shown, never drift.
 
 Verifying against *another* alias (``model=ALIAS``) answers "does this patch release of the model
 need a re-index?": the stored vectors are compared with what the other model computes.
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import encoders, limits, probes, registry, stores, sync
+from . import encoders, limits, probes, registry, stores, sync, truncation
 from .config import get_config
 from .exceptions import EmbeddingError, Refused
 from .models import EmbeddingVersion, State
@@ -42,6 +44,8 @@ class VerifyReport:
     mean_cosine: float | None = None
     worst: list[tuple[str, float]] = field(default_factory=list)  # (row key, cosine)
     probe: dict[str, Any] = field(default_factory=dict)  # probes.ProbeReport.as_dict()
+    # truncation.Truncation.as_dict(): rows longer than the model's token limit (not drift)
+    truncation: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -121,6 +125,8 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
 
     if encoder is not None:
         _compare_sample(field_, version, encoder, sample, report)
+        report.truncation = truncation.measure(version.target, spec, encoder,
+                                               by="verify").as_dict()
     return report
 
 

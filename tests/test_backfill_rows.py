@@ -43,6 +43,10 @@ def test_bad_rows_follow_the_policy_and_never_block_their_batch(capsys):
     bad = Ticket.objects.create(subject="Caf\u00e9", raw_body=b"caf\xe9 au lait \xff\xfe")
     assert "\udce9" in registry.get(TICKETS).source_text(bad)  # a lone surrogate
     call_command("embeddings", "add", TICKETS, "v1", "--model", "tiny")
+    # add's truncation count leaves the row the tokenizer rejects out, and says so.
+    counted = EmbeddingVersion.objects.get(target=TICKETS, version="v1").truncation
+    assert (counted["sampled"], counted["counted"], counted["uncountable"]) == (10, 7, 1)
+    assert counted["over"] == 1 and counted["max_overflow"] > 30_000  # the 200,000-char row
 
     with pytest.raises(CommandError, match="could not be embedded"):
         call_command("embeddings", "backfill", TICKETS, "v1", "--inline", "--batch-size", "4")

@@ -23,6 +23,7 @@ from embeddings_app import (
     registry,
     sync,
     tasks,
+    truncation,
 )
 from embeddings_app import estimate as estimates
 from embeddings_app.config import LAYOUTS, get_config
@@ -194,9 +195,10 @@ class Command(BaseCommand):
     def do_status(self, target: str | None = None, **_: Any) -> None:
         targets = [registry.get(target).target] if target else registry.all_targets()
         header = ("target", "version", "model@revision", "dims", "layout", "state", "",
-                  "coverage", "stale", "index", "probe", "failures")
+                  "coverage", "stale", "index", "probe", "truncated", "failures")
         rows = []
         runs: list[tuple[EmbeddingVersion, BackfillRun]] = []
+        measured: list[EmbeddingVersion] = []
         for name in targets:
             field = registry.get(name)
             versions = list(EmbeddingVersion.objects.for_target(name).select_related("derived_from"))
@@ -225,7 +227,9 @@ class Command(BaseCommand):
                              str(v.dimensions) + ("" if v.storage == "vector" else f" {v.storage}"),
                              v.layout, v.state, "*" if v.state == State.ACTIVE else "", coverage,
                              str(stale.get(v.pk, "-")), indexes.index_state(v), _probe_cell(v),
-                             failures))
+                             truncation.cell(v) if v.state != State.DROPPED else "-", failures))
+                if v.state != State.DROPPED:
+                    measured.append(v)
         if not rows:
             self.stdout.write("No embedding versions yet; add one with "
                               "`manage.py embeddings add TARGET VERSION --model ALIAS`.")
@@ -235,6 +239,8 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
         for v, run in runs:  # the progress record of each version's last backfill (no scan)
             self.stdout.write(_run_line(v, run))
+        for v in measured:  # as last measured by add, verify or compare (never tokenized here)
+            self.stdout.write(_truncation_line(v))
         for name in targets:  # change capture: what waits for the sweep, and since when
             line = capture_line(name)
             if line:
@@ -270,6 +276,7 @@ class Command(BaseCommand):
             f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}); "
             f"{record.store.describe()}. Next: embeddings backfill {target} {version}"
         ))
+        self.stdout.write(_truncation_line(record))
         self._layout_advice(record)
 
     def do_adopt(self, target: str, version: str, model: str, column: str,
@@ -404,6 +411,9 @@ class Command(BaseCommand):
                   f"min {report.min_cosine:.5f}, mean {report.mean_cosine:.5f}")
         self.stdout.write(f"  sample        {report.compared} of {report.sampled} compared, "
                           f"{report.below_threshold} below {report.threshold} ({cosine})")
+        figure = truncation.Truncation.from_dict(report.truncation)
+        if figure is not None:
+            self.stdout.write(f"  truncation    {figure.summary()}")
         if report.passed:
             self.stdout.write(self.style.SUCCESS(report.summary()))
 
@@ -496,6 +506,7 @@ class Command(BaseCommand):
             self.stdout.write(f"[1/{steps}] add {name} with model {to}")
             record = lifecycle.add(field.target, name, to, layout=layout, actor=ACTOR)
             self.stdout.write(f"  {record.store.describe()}")
+            self.stdout.write(f"  {_truncation_line(record)}")
         elif layout is not None and layout != record.layout:
             raise CommandError(
                 f"{record} is being built in the {record.layout} layout; run migrate without "
@@ -588,6 +599,15 @@ def _run_line(version: EmbeddingVersion, run: BackfillRun) -> str:
             f"(embedded {run.rows_embedded}, empty {run.rows_skipped}, failed {run.rows_failed}, "
             f"changed under a batch {run.rows_conflicted}), {rate}{eta}")
     return line + (f"; last error: {run.last_error[:200]}" if run.last_error else "")
+
+
+def _truncation_line(version: EmbeddingVersion) -> str:
+    """The version's last truncation figure, where and when it was measured."""
+    figure = truncation.stored(version)
+    if figure is None:
+        return (f"truncation {version}: not measured yet (verify or compare measures it with "
+                "the model's tokenizer)")
+    return f"truncation {version}: {figure.summary()} (measured by {figure.when()})"
 
 
 def _probe_cell(version: EmbeddingVersion) -> str:
