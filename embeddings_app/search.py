@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from asgiref.sync import sync_to_async
+from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connection, connections, models
 
 from . import active, encoders, limits
@@ -90,10 +91,20 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     store = version.store
     _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block, k=k,
                            store=store)
-    plain = queryset is None and _is_plain(base)
-    compiled = _compiled_search(db.alias, field.model, store, k) if plain else None
-    if compiled is not None:
-        results = _run_compiled(db, field.model, compiled, vector)
+    compiled = None
+    where: tuple[str, list[Any]] | None = None
+    if _is_plain(base):
+        compiled = _compiled_search(db.alias, field.model, store, k, False)
+        where = ("", [])
+    elif version.storage != "bit":  # a bit version's filter also narrows its candidates: ORM
+        try:
+            where = _filter_where(base, db.alias)
+        except EmptyResultSet:  # e.g. filter(pk__in=[]): nothing can match, nothing to send
+            return []
+        if where is not None:
+            compiled = _compiled_search(db.alias, field.model, store, k, True)
+    if compiled is not None and where is not None:
+        results = _run_compiled(db, field.model, compiled, vector, *where)
     else:
         results = list(store.search_queryset(base, vector_literal(vector), k)[:k])
     for obj in results:
@@ -105,17 +116,49 @@ def _is_plain(queryset: models.QuerySet) -> bool:
     """A default manager's queryset that selects every row and every field, nothing else: its
     SQL depends only on the model, the version's store and k, so it can be compiled once."""
     query = queryset.query
-    return not (query.has_filters() or query.annotations or query.extra or query.select_related
-                or query.combinator
-                or query.deferred_loading[0] or query.distinct or query.low_mark
-                or query.high_mark is not None or query.order_by)
+    return not query.has_filters() and _selects_model_rows(queryset)
+
+
+def _selects_model_rows(queryset: models.QuerySet) -> bool:
+    """``queryset`` returns model instances with every field, one per row of the model's table,
+    and its only clause (if any) is a WHERE: what the compiled search can stand in for. (An
+    ORDER BY is allowed: the search's order by distance replaces it, on either path.)"""
+    query = queryset.query
+    return not (query.annotations or query.extra or query.extra_tables or query.select_related
+                or query.combinator or query.deferred_loading[0] or query.distinct
+                or query.low_mark or query.high_mark is not None or query.select_for_update
+                or query.values_select or queryset._prefetch_related_lookups
+                or queryset._iterable_class is not models.query.ModelIterable)
+
+
+def _filter_where(queryset: models.QuerySet, alias: str) -> tuple[str, list[Any]] | None:
+    """The WHERE of a filtered ``queryset`` as SQL and parameters, compiled by the ORM, when it
+    names no table but the model's own (no join, no annotation, nothing but a WHERE: checked),
+    so it can be ANDed into the compiled search; None otherwise (the ORM path runs).
+    Raises ``EmptyResultSet`` for a WHERE that matches nothing."""
+    query = queryset.query
+    table = queryset.model._meta.db_table
+    if not _selects_model_rows(queryset) or any(name != table for name in query.alias_map):
+        return None
+    compiler = query.get_compiler(using=alias)
+    try:
+        sql, params = compiler.compile(query.where)
+    except FullResultSet:  # a WHERE that matches every row
+        return "TRUE", []
+    return sql or "TRUE", list(params)
+
+
+# Where the compiled filtered search puts the queryset's WHERE (an extra condition of the query
+# compiled once; replaced by the WHERE each call, in parentheses, ANDed with the rest).
+_FILTER_MARK = "embeddings_app_queryset_filter"
 
 
 @dataclass(frozen=True)
 class _CompiledSearch:
-    """The SQL of a plain search and how to turn its rows into model instances."""
+    """The SQL of a search and how to turn its rows into model instances."""
 
-    sql: str  # one parameter: the query vector
+    head: str  # up to the queryset's WHERE (a filtered search) or the whole SQL (a plain one)
+    tail: str  # after it; no parameter: the query vector is the head's only one
     field_names: tuple[str, ...]  # attnames of the model's columns, first in the select list
     distance_index: int
     converters: tuple[tuple[int, tuple[Callable[..., Any], ...], Any], ...]
@@ -123,16 +166,30 @@ class _CompiledSearch:
 
 @functools.lru_cache(maxsize=256)
 def _compiled_search(alias: str, model: type[models.Model], store: VersionStore,
-                     k: int) -> _CompiledSearch | None:
-    """Compile the ORM's search query once (with a stand-in vector); None if its SQL does not
-    have the query vector as its only parameter (then the ORM path runs every time). Stores
-    are equal when their search SQL is (``VersionStore.search_key``)."""
+                     k: int, filtered: bool) -> _CompiledSearch | None:
+    """Compile the ORM's search query once (with a stand-in vector and, if ``filtered``, a
+    stand-in for the queryset's WHERE); None if its SQL does not have the query vector as its
+    only parameter, before the WHERE's place (then the ORM path runs every time). Stores are
+    equal when their search SQL is (``VersionStore.search_key``)."""
     dimensions = int(store.version.dimensions)
-    queryset = store.search_queryset(model._default_manager.using(alias).all(),
-                                     vector_literal(np.zeros(dimensions, dtype=np.float32)), k)[:k]
+    base = model._base_manager.using(alias).all()
+    if base.query.has_filters():
+        return None
+    if filtered:
+        base = base.extra(where=[_FILTER_MARK])
+    queryset = store.search_queryset(base, vector_literal(np.zeros(dimensions, dtype=np.float32)),
+                                     k)[:k]
     compiler = queryset.query.get_compiler(using=alias)
     sql, params = compiler.as_sql()
     if len(params) != 1:
+        return None
+    head, tail = sql, ""
+    if filtered:
+        parts = sql.split(_FILTER_MARK)
+        if len(parts) != 2:
+            return None
+        head, tail = parts
+    if head.count("%s") != 1 or "%s" in tail:
         return None
     klass_info = compiler.klass_info
     if klass_info is None or list(klass_info["select_fields"]) != list(
@@ -141,18 +198,20 @@ def _compiled_search(alias: str, model: type[models.Model], store: VersionStore,
     field_names = tuple(compiler.select[i][0].target.attname for i in klass_info["select_fields"])
     converters = compiler.get_converters([expr for expr, _, _ in compiler.select])
     return _CompiledSearch(
-        sql=sql, field_names=field_names,
+        head=head, tail=tail, field_names=field_names,
         distance_index=compiler.annotation_col_map["distance"],
         converters=tuple((i, tuple(funcs), expr) for i, (funcs, expr) in converters.items()),
     )
 
 
 def _run_compiled(db: Any, model: type[models.Model], compiled: _CompiledSearch,
-                  vector: np.ndarray) -> list[Any]:
-    """The plain search without rebuilding the queryset: the SQL the ORM compiled once, the query
-    vector as its one parameter, instances built as Django's own iterable builds them."""
+                  vector: np.ndarray, where: str, where_params: list[Any]) -> list[Any]:
+    """The search without rebuilding the queryset: the SQL the ORM compiled once, the query
+    vector as its first parameter and the queryset's WHERE (if any) in its place, instances
+    built as Django's own iterable builds them."""
     with db.cursor() as cursor:
-        cursor.execute(compiled.sql, [vector_literal(vector)])
+        cursor.execute(compiled.head + where + compiled.tail,
+                       [vector_literal(vector), *where_params])
         rows = cursor.fetchall()
     width = len(compiled.field_names)
     results = []
