@@ -768,6 +768,16 @@ class TableStore(VersionStore):
                  "RETURNING v.{key}, v.row_version::text")
     sql_catch_up = ("NOT EXISTS (SELECT 1 FROM {relation} AS v WHERE v.{key} = {table}.{pk} "
                     "AND v.row_version = {table}.xmin)")
+    # The write of rows that have no vector here yet (a backfill's rows): lock the user's rows
+    # first (``FOR SHARE``, key order) and read their versions and whether a vector exists, then
+    # COPY the rows whose version is still the one read straight into the table: no staging
+    # table, no second pass over the vectors (measured: the staging COPY and the INSERT from it
+    # were half of a side-table backfill's time, docs/benchmarks.md).
+    sql_lock_rows = ("SELECT t.{pk}, t.xmin::text, v.{key} IS NOT NULL FROM {table} AS t "
+                     "LEFT JOIN {relation} AS v ON v.{key} = t.{pk} "
+                     "WHERE t.{pk} = ANY(%s::{pk_type}[]) ORDER BY t.{pk} FOR SHARE OF t")
+    sql_copy = ("COPY {relation} ({key}, {vector}, {hash}, row_version) FROM STDIN "
+                "WITH (FORMAT BINARY)")
 
     @staticmethod
     def names(field: VersionedEmbedding, version_name: str) -> dict[str, str]:
@@ -805,6 +815,52 @@ class TableStore(VersionStore):
             lock_for_ddl(self.field.table, ACCESS_EXCLUSIVE)  # the foreign key's triggers
             cursor.execute(self._format(self.sql_drop))
         return dropped
+
+    def write(self, rows: Sequence[tuple[Any, bytes, np.ndarray | None]],
+              expected: Mapping[Any, str] | None = None) -> dict[Any, str]:
+        """``VersionStore.write``, with the same compare-and-set (docs/backfill.md): the user's
+        rows are locked ``FOR SHARE`` and their versions read in one statement, then the rows
+        still at the version read and without a vector here are copied in directly; rows that
+        have one (a refresh) go through ``sql_write``'s upsert. A concurrent writer of the same
+        rows that inserted first (the COPY meets its key) sends the copied rows to the upsert
+        too, the locks kept."""
+        if not rows:
+            return {}
+        register_types()
+        rows = sorted(rows, key=lambda row: _sort_key(row[0]))
+        with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+            # In autocommit, the transaction the locks need (atomic(savepoint=False) adds none
+            # inside the caller's transaction).
+            cursor.execute(self._format(self.sql_lock_rows), [[pk for pk, _, _ in rows]])
+            current = {pk: (row_version, present) for pk, row_version, present in cursor.fetchall()}
+            # The compare-and-set: only rows still at the version their text was read from.
+            kept = [row for row in rows if row[0] in current and (
+                expected is None or current[row[0]][0] == expected.get(row[0]))]
+            new = [row for row in kept if not current[row[0]][1]]
+            upsert = [row for row in kept if current[row[0]][1]]
+            written: dict[Any, str] = {}
+            if new:
+                try:
+                    with transaction.atomic():  # a savepoint: a failed COPY leaves no row
+                        self._copy(cursor, new, current)
+                    written.update((row[0], current[row[0]][0]) for row in new)
+                except psycopg.errors.UniqueViolation:
+                    upsert = sorted(upsert + new, key=lambda row: _sort_key(row[0]))
+            if upsert:
+                written.update(super().write(upsert, {row[0]: current[row[0]][0]
+                                                      for row in upsert}))
+        return written
+
+    def _copy(self, cursor: Any, rows: Sequence[tuple[Any, bytes, np.ndarray | None]],
+              current: Mapping[Any, tuple[str, bool]]) -> None:
+        storage = self.version.storage
+        with cursor.cursor.copy(self._format(self.sql_copy)) as copy:
+            # xid has no binary dumper in psycopg; its binary form is oid's (an unsigned 32-bit
+            # integer), and the row versions are xids read from this database.
+            copy.set_types([pk_db_type(self.field), storage, "bytea", "oid"])
+            for pk, source_hash, vector in rows:
+                copy.write_row((pk, _to_db_vector(storage, vector), source_hash,
+                                int(current[pk][0])))
 
     def hash_sql(self, row: str) -> str:
         return (f"(SELECT v.{qn(self.hash_column)} FROM {qn(self.relation)} AS v "

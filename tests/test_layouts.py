@@ -3,7 +3,11 @@ its own (embeddings_app.stores), the path an existing user takes to move to side
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
+import psycopg
 import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
@@ -92,6 +96,9 @@ def test_deleting_a_row_deletes_its_side_table_vector(make_articles):
     call_command("embeddings", "backfill", TARGET, "v1", "--inline")
     v1 = EmbeddingVersion.objects.get_version(TARGET, "v1")
     assert v1.store.coverage() == (6, 6)
+    # Each vector records the row version it was written against: the catch-up pass finds
+    # nothing to read again.
+    assert not v1.store.catch_up(Article.objects.all(), []).exists()
     articles[0].delete()
     Article.objects.filter(pk=articles[1].pk).delete()
     with connection.cursor() as cursor:
@@ -114,6 +121,7 @@ def test_a_side_table_keyed_by_a_uuid():
     stored = all_vectors(registry.get(TICKETS), version)
     assert set(stored) == {ticket.pk for ticket in tickets}
     assert all(vector is not None for vector, _ in stored.values())
+    assert not version.store.catch_up(Ticket.objects.all(), []).exists()
 
 
 @pytest.mark.django_db(transaction=True)  # the update commits: the row gets a new version
@@ -129,3 +137,39 @@ def test_a_side_table_write_skips_rows_changed_since_they_were_read(make_article
         written = version.store.write(rows, expected=versions)
     assert set(written) == {articles[1].pk, articles[2].pk}
     assert all_vectors(field, version)[articles[0].pk] == (None, None)
+
+
+@pytest.mark.django_db(transaction=True)  # two sessions
+def test_a_side_table_write_meets_a_concurrent_writer_that_inserted_first_and_overwrites_it(
+        make_articles):
+    """The direct COPY of new rows waits for another session's uncommitted vector of one of its
+    rows; when that commits, the COPY's key clash sends the rows to the upsert, locks kept."""
+    articles = make_articles(3)
+    version = lifecycle.add(TARGET, "v1", "tiny", layout="table")
+    field = Article.embedding
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id, xmin::text FROM news_article")
+        versions = dict(cursor.fetchall())
+    other = psycopg.connect(**connection.get_connection_params())
+    other.execute(f"INSERT INTO {stores.qn(version.table)} (id, vector, source_hash, row_version) "
+                  "SELECT id, NULL, '\\x00', xmin FROM news_article WHERE id = %s",
+                  [articles[1].pk])  # not committed yet: invisible to the write's lock read
+
+    def commit_later() -> None:
+        time.sleep(0.5)  # the write's COPY is waiting for this row's key by then
+        other.commit()
+
+    committer = threading.Thread(target=commit_later)
+    committer.start()
+    rows = [(a.pk, b"h" * 16, np.full(version.dimensions, 0.5, dtype=np.float32))
+            for a in articles]
+    try:
+        with transaction.atomic():
+            written = version.store.write(rows, expected=versions)
+    finally:
+        committer.join()
+        other.close()
+    assert written == {a.pk: versions[a.pk] for a in articles}
+    stored = all_vectors(field, version)
+    assert all(stored[a.pk][1] == b"h" * 16 for a in articles)
+    assert np.allclose(stored[articles[1].pk][0], 0.5)
