@@ -823,9 +823,11 @@ class TableStore(VersionStore):
         still at the version read and without a vector here are copied in directly; rows that
         have one (a refresh) go through ``sql_write``'s upsert. A concurrent writer of the same
         rows that inserted first (the COPY meets its key) sends the copied rows to the upsert
-        too, the locks kept."""
+        too, the locks kept. A bit version (its vectors quantized in SQL) takes ``sql_write``."""
         if not rows:
             return {}
+        if self.staged_storage != self.version.storage:  # quantized in SQL: the staging path
+            return super().write(rows, expected)
         register_types()
         rows = sorted(rows, key=lambda row: _sort_key(row[0]))
         with transaction.atomic(savepoint=False), connection.cursor() as cursor:
