@@ -167,3 +167,22 @@ def test_the_demo_reports_table_sizes_before_after_the_backfill_and_after_the_dr
     assert f"Table sizes (v1 in its column, v2 in its {demo.layout})" in demo.log
     for when in ("before", "after_backfill", "after_drop"):
         assert f"  {when:15} {article} {sizes[when][article] / 1e6:.2f} MB" in demo.log, when
+
+
+def test_the_demo_shows_how_many_rows_each_model_truncates(demo: DemoRun) -> None:
+    """Both models' truncation figures, counted by compare on the same rows with each model's
+    tokenizer: all-MiniLM-L6-v2 reads 256 tokens, all-mpnet-base-v2 (as pinned here) 128, so
+    v2 cuts more of the BBC articles than v1, and the report says so beside recall."""
+    figures = demo.report["truncation"]
+    v1, v2 = figures["v1"], figures["v2"]
+    assert (v1["limit"], v2["limit"]) == (256, 128), figures
+    assert v1["by"] == v2["by"] == "compare", figures
+    assert v1["sampled"] == v2["sampled"] == v1["rows"] == v2["rows"] > 0, figures  # all counted
+    assert v1["counted"] == v2["counted"] > 0, figures
+    assert 0 < v1["over"] / v1["counted"] < v2["over"] / v2["counted"], figures
+    assert v2["median_overflow"] > 0, figures
+    for name in ("v1", "v2"):
+        assert f"  {name} ({figures[name]['alias']}): {figures[name]['summary']}" in demo.log
+    compare_lines = demo.report["compare"]["lines"]
+    row = next(line for line in compare_lines if line.startswith("truncated "))
+    assert ">256" in row and ">128" in row, compare_lines

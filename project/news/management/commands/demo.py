@@ -32,7 +32,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 
-from embeddings_app import active, encoders, registry, stores
+from embeddings_app import active, encoders, registry, stores, truncation
 from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.models import EmbeddingVersion, State
 from project.news import report as rep
@@ -347,6 +347,7 @@ class Command(BaseCommand):
             },
             "freshness": fresh,
             "compare": compare,
+            "truncation": self._truncation(),
             "searches": {"before": before_results, "after": after_results},
             "v1_dropped": v1_dropped,
             "columns_now": sorted(c for c in columns if c.startswith(field.name)),
@@ -490,6 +491,17 @@ class Command(BaseCommand):
                 figures[cells[0]] = [float(c) for c in cells[1:] if _is_number(c)]
         return figures
 
+    def _truncation(self) -> dict[str, Any]:
+        """Each version's rows over its model's token limit, as last measured (by compare, on
+        the same sampled rows for both; by migrate's add and verify if compare failed)."""
+        found = {}
+        for name, alias in ((V1, V1_ALIAS), (V2, V2_ALIAS)):
+            version = EmbeddingVersion.objects.get_version(TARGET, name)
+            figure = truncation.stored(version)
+            found[name] = {"alias": alias, **(version.truncation or {}),
+                           "summary": figure.summary() if figure else "not measured"}
+        return found
+
     def _throughput(self) -> tuple[float | None, float | None]:
         rates = []
         for name in (V1, V2):
@@ -547,6 +559,10 @@ class Command(BaseCommand):
                 self.say(f"  {line}")
         else:
             self.say(f"  not available: {r['compare'].get('error')}")
+        self.say(h("Truncation (a model reads at most its token limit; the rest of a row is not "
+                   "in its vector)"))
+        for name, figure in r["truncation"].items():
+            self.say(f"  {name} ({figure['alias']}): {figure['summary']}")
         self.say(h("Old version"))
         self.say(f"  {V1} dropped: {r['v1_dropped']}; embedding columns now: {r['columns_now']}")
         self.say(h(f"Table sizes ({V1} in its {r['layout'][V1]}, {V2} in its {r['layout'][V2]})"))
