@@ -771,8 +771,8 @@ class TableStore(VersionStore):
     # The write of rows that have no vector here yet (a backfill's rows): lock the user's rows
     # first (``FOR SHARE``, key order) and read their versions and whether a vector exists, then
     # COPY the rows whose version is still the one read straight into the table: no staging
-    # table, no second pass over the vectors (measured: the staging COPY and the INSERT from it
-    # were half of a side-table backfill's time, docs/benchmarks.md).
+    # table, no second pass over the vectors (measured: the staging write was 40 to 45% of a
+    # side-table backfill's time at batch 1,000, docs/benchmarks.md).
     sql_lock_rows = ("SELECT t.{pk}, t.xmin::text, v.{key} IS NOT NULL FROM {table} AS t "
                      "LEFT JOIN {relation} AS v ON v.{key} = t.{pk} "
                      "WHERE t.{pk} = ANY(%s::{pk_type}[]) ORDER BY t.{pk} FOR SHARE OF t")
