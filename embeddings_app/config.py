@@ -58,6 +58,10 @@ CUTOVER_DEFAULTS: dict[str, Any] = {
     # A running batch's lease (its worker renews it every third of this): a batch whose lease
     # expired (its worker died) is re-dispatched by whoever follows the run (docs/backfill.md).
     "BATCH_LEASE": 60.0,
+    # The shadow gate (embeddings_app.shadow): `activate` refuses a version with fewer shadow
+    # queries, or a lower mean overlap@k with the served results; 0 / None: no gate.
+    "SHADOW_MIN_QUERIES": 0,
+    "SHADOW_MIN_OVERLAP": None,
 }
 # Index builds (optional; None: the server's own setting). Flags of `index` override them.
 INDEX_DEFAULTS: dict[str, Any] = {
@@ -193,6 +197,8 @@ class EmbeddingsConfig:
     verify_max_age: float = CUTOVER_DEFAULTS["VERIFY_MAX_AGE"]
     drop_grace_period: float = CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"]
     batch_lease: float = CUTOVER_DEFAULTS["BATCH_LEASE"]
+    shadow_min_queries: int = CUTOVER_DEFAULTS["SHADOW_MIN_QUERIES"]
+    shadow_min_overlap: float | None = CUTOVER_DEFAULTS["SHADOW_MIN_OVERLAP"]
     index_maintenance_work_mem: str | int | None = None
     index_parallel_workers: int | None = None
 
@@ -335,6 +341,17 @@ def _validate_cutover(raw: dict[str, Any]) -> list[Problem]:
         problems.append(Problem("embeddings.E015",
                                 f'EMBEDDINGS["VERIFY_SAMPLE"] must be a positive integer, '
                                 f'not {raw["VERIFY_SAMPLE"]!r}.', "e.g. 200"))
+    queries = raw.get("SHADOW_MIN_QUERIES", 0)
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 0:
+        problems.append(Problem("embeddings.E080",
+                                f'EMBEDDINGS["SHADOW_MIN_QUERIES"] must be an integer >= 0 (0: no '
+                                f"gate), not {queries!r}.", "e.g. 500"))
+    overlap = raw.get("SHADOW_MIN_OVERLAP")
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, float))
+                                or not 0 <= overlap <= 1):
+        problems.append(Problem("embeddings.E081",
+                                f'EMBEDDINGS["SHADOW_MIN_OVERLAP"] must be a mean overlap@k '
+                                f"between 0 and 1, or None (no gate), not {overlap!r}.", "e.g. 0.6"))
     return problems
 
 
@@ -498,6 +515,9 @@ def parse(raw: Any) -> EmbeddingsConfig:
         drop_grace_period=float(values.get("DROP_GRACE_PERIOD",
                                            CUTOVER_DEFAULTS["DROP_GRACE_PERIOD"])),
         batch_lease=float(values.get("BATCH_LEASE", CUTOVER_DEFAULTS["BATCH_LEASE"])),
+        shadow_min_queries=int(values.get("SHADOW_MIN_QUERIES", 0)),
+        shadow_min_overlap=(None if values.get("SHADOW_MIN_OVERLAP") is None
+                            else float(values["SHADOW_MIN_OVERLAP"])),
         index_maintenance_work_mem=values.get("INDEX_MAINTENANCE_WORK_MEM"),
         index_parallel_workers=values.get("INDEX_PARALLEL_WORKERS"),
     )

@@ -39,6 +39,7 @@ from . import (
     limits,
     probes,
     registry,
+    shadow,
     stores,
     sync,
     truncation,
@@ -101,7 +102,23 @@ def transition(version: EmbeddingVersion, to_state: str, *, actor: str = "", not
     elif version.activated_at and to_state == State.STANDBY:
         version.deactivated_at = now
         fields.append("deactivated_at")
+    if to_state in SHADOW_ENDING_STATES:  # activate, rollback, retire, drop: shadow reads end
+        EmbeddingVersion.objects.filter(target=version.target, shadow_rate__gt=0).exclude(
+            pk=version.pk).update(shadow_rate=0.0)
+        if version.shadow_rate:
+            version.shadow_rate = 0.0
+            fields.append("shadow_rate")
     version.save(update_fields=fields)
+
+
+# A step that moves a version into one of these ends the target's shadow reads (shadow.py).
+SHADOW_ENDING_STATES = (State.ACTIVE, State.RETIRED, State.DROPPED)
+
+
+def record_event(version: EmbeddingVersion, *, actor: str = "", note: str) -> None:
+    """Record a change of ``version`` that is not a change of state (e.g. shadow reads)."""
+    VersionEvent.objects.create(version=version, from_state=version.state,
+                                to_state=version.state, actor=actor, note=note)
 
 
 def add(target: str, version_name: str, alias: str, *, layout: str | None = None,
@@ -296,7 +313,8 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
     """Why ``version`` may not be activated yet (each with what to do); empty when it may.
 
     It must be complete and fresh, verified (a passing ``verify`` of its current fingerprint, at
-    most ``EMBEDDINGS["VERIFY_MAX_AGE"]`` seconds old) and indexed (a valid HNSW index).
+    most ``EMBEDDINGS["VERIFY_MAX_AGE"]`` seconds old) and indexed (a valid HNSW index); with a
+    shadow gate set, measured on enough live searches (``shadow.gate_problems``).
     """
     target, name = version.target, version.version
     problems = []
@@ -326,6 +344,7 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
     if indexes.index_state(version) != "valid":
         problems.append(f"{version} has no valid HNSW index; run "
                         f"`manage.py embeddings index {target} {name}` first.")
+    problems.extend(shadow.gate_problems(version))
     parent = version.derived_from if version.storage == "bit" else None
     if parent is not None and parent.state not in WRITTEN_STATES:
         problems.append(f"{version} re-ranks its candidates by {parent}, which is "

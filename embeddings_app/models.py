@@ -115,6 +115,10 @@ class EmbeddingVersion(models.Model):
     # model's token limit, measured by add, verify and compare (which load the model anyway) so
     # that status and the admin read it without tokenizing; {} until first measured.
     truncation = models.JSONField(default=dict, blank=True)
+    # Shadow reads (embeddings_app.shadow): the share of live searches of the target that this
+    # (non-active) version also answers off the request path; 0 is off. At most one version of
+    # a target is shadowed; activate, rollback, retire and drop turn it off.
+    shadow_rate = models.FloatField(default=0.0)
 
     objects = EmbeddingVersionQuerySet.as_manager()
 
@@ -312,3 +316,30 @@ class ProviderPause(models.Model):
 
     key = models.CharField(max_length=64, unique=True)
     until = models.FloatField()
+
+
+class ShadowBucket(models.Model):
+    """The shadow reads of one candidate version in one hour (embeddings_app.shadow): sums from
+    which the means are read, never a query's text. Bounded: ``shadow.KEEP_HOURS`` per version."""
+
+    version = models.ForeignKey(EmbeddingVersion, on_delete=models.CASCADE,
+                                related_name="shadow_buckets")
+    hour = models.DateTimeField()
+    queries = models.PositiveIntegerField(default=0)
+    # overlap@k of the candidate's top k with the served top k, summed over the queries.
+    overlap_sum = models.FloatField(default=0.0)
+    # Spearman's rank correlation over the rows both ranked (queries with two or more of them).
+    rank_sum = models.FloatField(default=0.0)
+    rank_queries = models.PositiveIntegerField(default=0)
+    served_seconds = models.FloatField(default=0.0)
+    candidate_seconds = models.FloatField(default=0.0)
+    # Served rows the candidate could not rank: no vector of its own, or one of an older text.
+    unranked_rows = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["version", "hour"]
+        constraints = [models.UniqueConstraint(fields=["version", "hour"],
+                                               name="embeddings_one_shadow_bucket_per_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.version} shadow reads at {self.hour:%Y-%m-%d %H:00}"

@@ -11,6 +11,7 @@ ASGI each request has its own thread, so concurrent requests search concurrently
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connection, connections, models
 
-from . import active, encoders, limits
+from . import active, encoders, limits, shadow
 from .exceptions import Refused, VersionMismatch
 from .models import EmbeddingVersion
 from .stores import VersionStore
@@ -32,10 +33,14 @@ if TYPE_CHECKING:
 def search(field: VersionedEmbedding, text: str, *, k: int = 10,
            queryset: models.QuerySet | None = None) -> list[Any]:
     check_arguments(field, k, queryset)
+    started = time.perf_counter()
     version = active.get(field.target)
     # The query vector comes from the same version record as the column searched: one snapshot.
     query_vector = encoders.for_version(version).encode_query(text)
-    return _nearest(field, version, query_vector, k, queryset)
+    results = _nearest(field, version, query_vector, k, queryset)
+    if queryset is None:  # a plain search may be shadowed by a candidate version (shadow.py)
+        shadow.maybe_shadow(field, version, text, k, results, time.perf_counter() - started)
+    return results
 
 
 def search_vector(field: VersionedEmbedding, vector: Any, *, version: str | None = None,

@@ -28,7 +28,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from django.db.models import F, Q
 from django.utils import timezone
 
-from . import backfill, capture, lifecycle, probes, registry, sync
+from . import backfill, capture, lifecycle, probes, registry, shadow, sync
 from .config import get_config
 from .exceptions import ProviderUnavailable
 from .models import STORED_STATES, BackfillBatch, BackfillRun, EmbeddingVersion, VersionEvent
@@ -205,6 +205,24 @@ def probe(target: str | None = None) -> dict[str, bool]:
     if target:
         versions = versions.filter(target=registry.get(target).target)
     return {str(version): probes.run(version).passed for version in versions}
+
+
+@shared_task(name="embeddings_app.shadow_read", ignore_result=True, acks_late=False,
+             time_limit=60)
+@reconnecting
+def shadow_read(candidate_id: int, text: str, k: int, served_keys: list[str],
+                served_seconds: float) -> None:
+    """One shadow read (``embeddings_app.shadow``): the candidate answers a live search that the
+    active version served; the comparison is added to its hourly bucket. Not retried and acked
+    early: a lost shadow read is one sample fewer, never a wrong figure."""
+    shadow.record(candidate_id, text, k, served_keys, served_seconds)
+
+
+def send_shadow_read(candidate_id: int, text: str, k: int, served_keys: list[str],
+                     served_seconds: float) -> None:
+    # No publish retries: a broker that is down costs the user's read one failed attempt.
+    shadow_read.apply_async((candidate_id, text, k, served_keys, served_seconds),
+                            queue=get_config().queue, retry=False)
 
 
 @shared_task(name="embeddings_app.build_index", ignore_result=True, acks_late=False)

@@ -26,6 +26,7 @@ from embeddings_app import (
     truncation,
 )
 from embeddings_app import estimate as estimates
+from embeddings_app import shadow as shadow_module  # do_compare has an argument "shadow"
 from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.exceptions import EmbeddingError
 from embeddings_app.models import STORED_STATES, BackfillRun, EmbeddingVersion, State
@@ -136,6 +137,15 @@ class Command(BaseCommand):
         p.add_argument("--k", type=int, default=10)
         p.add_argument("--sample", type=int, default=100, help="proxy queries drawn (no FILE)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--shadow", action="store_true",
+                       help="also show each version's shadow reads of live searches, per hour")
+
+        p = sub.add_parser("shadow", help="answer a share of live searches with a candidate "
+                           "version too, off the request path, and record the comparison")
+        p.add_argument("target")
+        p.add_argument("version", nargs="?")
+        p.add_argument("--rate", type=float, help="share of plain searches shadowed, in (0, 1]")
+        p.add_argument("--off", action="store_true", help="turn the target's shadow reads off")
 
         p = sub.add_parser("activate", help="switch reads to a version (atomic)")
         p.add_argument("target")
@@ -241,6 +251,9 @@ class Command(BaseCommand):
             self.stdout.write(_run_line(v, run))
         for v in measured:  # as last measured by add, verify or compare (never tokenized here)
             self.stdout.write(_truncation_line(v))
+        for v in measured:  # live searches answered by a candidate too (the hourly sums)
+            if v.shadow_rate or v.shadow_buckets.exists():
+                self.stdout.write("shadow reads of " + shadow_module.summary(v).line())
         for name in targets:  # change capture: what waits for the sweep, and since when
             line = capture_line(name)
             if line:
@@ -437,13 +450,43 @@ class Command(BaseCommand):
                                "changed under its name (see above).")
 
     def do_compare(self, target: str, version_a: str, version_b: str, queries: str | None = None,
-                   k: int = 10, sample: int = 100, seed: int = 0, **_: Any) -> None:
+                   k: int = 10, sample: int = 100, seed: int = 0, shadow: bool = False,
+                   **_: Any) -> None:
         target = registry.get(target).target
         parsed = compare.read_queries(queries) if queries else None
         report = compare.compare(target, version_a, version_b, queries=parsed, k=k,
                                  sample=sample, seed=seed, source=queries or "")
         for line in report.lines():
             self.stdout.write(line)
+        if shadow:
+            for name in (version_a, version_b):
+                self._shadow_report(EmbeddingVersion.objects.get_version(target, name))
+
+    def _shadow_report(self, version: EmbeddingVersion) -> None:
+        """The shadow reads of ``version`` (live searches it answered too), in all and per hour."""
+        self.stdout.write(f"shadow reads of {shadow_module.summary(version).line()}")
+        for bucket in version.shadow_buckets.order_by("hour"):
+            self.stdout.write(
+                f"  {bucket.hour:%Y-%m-%d %H:00}  {bucket.queries} queries, overlap@k "
+                f"{bucket.overlap_sum / bucket.queries:.3f}, "
+                f"{bucket.unranked_rows} served rows unranked" if bucket.queries else
+                f"  {bucket.hour:%Y-%m-%d %H:00}  0 queries")
+
+    def do_shadow(self, target: str, version: str | None = None, rate: float | None = None,
+                  off: bool = False, **_: Any) -> None:
+        target = registry.get(target).target
+        if off:
+            stopped = shadow_module.stop(target, actor=ACTOR)
+            names = ", ".join(v.version for v in stopped) or "none was on"
+            self.stdout.write(self.style.SUCCESS(f"{target}: shadow reads off ({names})."))
+            return
+        if version is None or rate is None:
+            raise CommandError("Give a VERSION and --rate R (e.g. --rate 0.1), or --off.")
+        record = shadow_module.start(target, version, rate, actor=ACTOR)
+        self.stdout.write(self.style.SUCCESS(
+            f"{record}: shadow reads at {record.shadow_rate:.0%} of {target}'s plain searches, "
+            "answered on workers off the request path; they end at activate, rollback, retire "
+            f"or drop. See `manage.py embeddings status {target}`."))
 
     def do_activate(self, target: str, version: str, force: bool = False, **_: Any) -> None:
         for warning in lifecycle.activate(target, version, force=force, actor=ACTOR):
