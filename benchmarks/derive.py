@@ -12,7 +12,8 @@ sentences, the exact top 10 by the derived 256-dimension vectors (query by ``min
 the exact top 10 by v1's 384-dimension vectors (query by ``minilm``); both exhaustive, so the
 figure is the truncation's, not an index's.
 
-Run: ``python -m benchmarks.derive [--rows N] [--queries Q]``.
+Run: ``python -m benchmarks.derive [--rows N] [--queries Q]``. At 100,000 x 768 (mpnet), and for
+``--storage bit`` with its re-rank: ``benchmarks/derive_scale.py``.
 """
 
 from __future__ import annotations

@@ -68,7 +68,12 @@ INDEX_DEFAULTS: dict[str, Any] = {
     "INDEX_MAINTENANCE_WORK_MEM": None,  # e.g. "2GB": maintenance_work_mem of the build's session
     "INDEX_PARALLEL_WORKERS": None,  # max_parallel_maintenance_workers of the build's session
 }
-TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS, *CUTOVER_DEFAULTS, *INDEX_DEFAULTS})
+# Searches (optional). A binary-quantized version (`embeddings derive --storage bit`) takes this
+# many times k candidates from its Hamming index and re-ranks them by its parent's vectors.
+SEARCH_DEFAULTS: dict[str, Any] = {"RERANK_OVERSAMPLING": 20}
+MAX_RERANK_OVERSAMPLING = 1000
+TOP_LEVEL_KEYS = frozenset({"MODELS", *DEFAULTS, *CUTOVER_DEFAULTS, *INDEX_DEFAULTS,
+                            *SEARCH_DEFAULTS})
 
 # key -> (accepted types, description used in messages)
 MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -201,6 +206,7 @@ class EmbeddingsConfig:
     shadow_min_overlap: float | None = CUTOVER_DEFAULTS["SHADOW_MIN_OVERLAP"]
     index_maintenance_work_mem: str | int | None = None
     index_parallel_workers: int | None = None
+    rerank_oversampling: int = SEARCH_DEFAULTS["RERANK_OVERSAMPLING"]
 
     def model(self, alias: str) -> ModelSpec:
         try:
@@ -305,6 +311,13 @@ def _validate_index(raw: dict[str, Any]) -> list[Problem]:
                                 f'EMBEDDINGS["INDEX_PARALLEL_WORKERS"] must be an integer from '
                                 f"{low} to {high}, not {workers!r}.",
                                 "e.g. 4; the server's max_parallel_workers caps it"))
+    oversampling = raw.get("RERANK_OVERSAMPLING", SEARCH_DEFAULTS["RERANK_OVERSAMPLING"])
+    if not (_positive_int(oversampling) and oversampling <= MAX_RERANK_OVERSAMPLING):
+        problems.append(Problem("embeddings.E052",
+                                f'EMBEDDINGS["RERANK_OVERSAMPLING"] must be an integer from 1 to '
+                                f"{MAX_RERANK_OVERSAMPLING}, not {oversampling!r}.",
+                                "e.g. 20: a bit version re-ranks 20 x k candidates (docs/"
+                                'cutover.md, "Binary quantization with a re-rank")'))
     return problems
 
 
@@ -520,6 +533,8 @@ def parse(raw: Any) -> EmbeddingsConfig:
                             else float(values["SHADOW_MIN_OVERLAP"])),
         index_maintenance_work_mem=values.get("INDEX_MAINTENANCE_WORK_MEM"),
         index_parallel_workers=values.get("INDEX_PARALLEL_WORKERS"),
+        rerank_oversampling=int(values.get("RERANK_OVERSAMPLING",
+                                           SEARCH_DEFAULTS["RERANK_OVERSAMPLING"])),
     )
 
 

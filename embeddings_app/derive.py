@@ -9,7 +9,7 @@ parent's alias, and its store quantizes every vector written with pgvector's ``b
 in SQL): so saves, queries (embedded by that alias: the query is truncated, or quantized in SQL,
 the same way), ``verify`` (the derived vectors against the model's own truncated or quantized
 output) and ``probe`` treat it as any version. Only its creation is different, and a bit
-version's search: its Hamming index gives ``stores.RERANK_OVERSAMPLING`` x k candidates, re-ranked
+version's search: its Hamming index gives ``EMBEDDINGS["RERANK_OVERSAMPLING"]`` x k candidates, re-ranked
 by the parent's exact cosine distance (``VersionStore.search_queryset``).
 
 Invariants:

@@ -48,7 +48,7 @@ from pgvector.django import BitField, CosineDistance, HalfVectorField, HammingDi
 from pgvector.psycopg import register_vector
 
 from . import registry
-from .config import LAYOUTS
+from .config import LAYOUTS, get_config
 from .exceptions import Refused
 
 if TYPE_CHECKING:
@@ -79,10 +79,6 @@ OPCLASSES = {
     ("bit", "ip"): "bit_hamming_ops",
 }
 
-# A bit version's search takes RERANK_OVERSAMPLING x k candidates from its Hamming index and
-# returns the k of them nearest by the parent's full-precision distance (docs/cutover.md,
-# "Binary quantization").
-RERANK_OVERSAMPLING = 10
 MAX_EF_SEARCH = 1000  # pgvector's bound of hnsw.ef_search
 
 
@@ -551,8 +547,10 @@ class VersionStore:
 
     @staticmethod
     def rerank_candidates(k: int) -> int:
-        """Candidates a bit version's Hamming index gives for a search of ``k``."""
-        return RERANK_OVERSAMPLING * int(k)
+        """Candidates a bit version's Hamming index gives for a search of ``k``:
+        ``EMBEDDINGS["RERANK_OVERSAMPLING"]`` x k; they are re-ranked by the parent's exact
+        distance (docs/cutover.md, "Binary quantization with a re-rank")."""
+        return get_config().rerank_oversampling * int(k)
 
     def search_settings(self, ef_search: int, k: int) -> tuple[int, bool]:
         """(``hnsw.ef_search``, whether the scan must be iterative) for a search of ``k``: a bit

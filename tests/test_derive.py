@@ -142,7 +142,9 @@ def hamming(bits: np.ndarray, query_bits: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("child_layout", ["column", "table"])
 def test_a_bit_version_searches_its_hamming_index_and_reranks_by_the_parent_like_brute_force(
-        parent, child_layout, capsys):
+        parent, child_layout, capsys, settings):
+    # 5 x k candidates: for k = 1 and 2, 5 and 10 of the 24 rows, so the candidate set matters.
+    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "RERANK_OVERSAMPLING": 5}
     call_command("embeddings", "derive", TARGET, "v3", "--from", "v1", "--storage", "bit",
                  "--layout", child_layout, "--sample", "4", "--inline")
     v3 = EmbeddingVersion.objects.get_version(TARGET, "v3")
@@ -181,7 +183,7 @@ def test_a_bit_version_searches_its_hamming_index_and_reranks_by_the_parent_like
             # The candidates: the 10 x k rows nearest by Hamming distance (rows tied with the
             # last one may or may not be among them).
             distance = hamming(signs, stores.binary_signs(q))
-            boundary = np.sort(distance)[stores.RERANK_OVERSAMPLING * k - 1]
+            boundary = np.sort(distance)[get_config().rerank_oversampling * k - 1]
             surely, possibly = distance < boundary, distance <= boundary
             assert all(possibly[i] for i in found)
             # Re-ranked by the parent's exact distance: ordered, and no sure candidate nearer
@@ -193,8 +195,8 @@ def test_a_bit_version_searches_its_hamming_index_and_reranks_by_the_parent_like
                         and exact_distance[i] < hits[-1].distance - 1e-6]
             brute = set(np.argsort(exact_distance, kind="stable")[:k])
             recalls.append(len(brute & set(found)) / k)
-    # Recall@k against brute force on the parent (10 x k of 24 rows are re-ranked).
-    assert np.mean(recalls) >= 0.85, recalls
+    # Recall@k against brute force on the parent.
+    assert np.mean(recalls) >= 0.75, recalls
     # A filtered search returns k rows of the filter (the Hamming scan is iterative).
     half = Article.objects.filter(pk__in=keys[::2])
     hits = Article.embedding.search("a cup final in football", k=3, queryset=half)
@@ -234,3 +236,18 @@ def test_the_parent_of_a_bit_version_is_kept_until_the_child_is_dropped(parent, 
     call_command("embeddings", "drop", TARGET, "v3", "--yes")
     call_command("embeddings", "drop", TARGET, "v1", "--yes")
     assert EmbeddingVersion.objects.get_version(TARGET, "v1").state == State.DROPPED
+
+
+def test_the_rerank_oversampling_setting_is_validated_with_a_check_id():
+    from django.conf import settings
+
+    from embeddings_app import config
+
+    def problems(value: object) -> list[tuple[str, str]]:
+        return [(p.id, p.message)
+                for p in config.validate({**settings.EMBEDDINGS, "RERANK_OVERSAMPLING": value})]
+
+    assert problems(40) == []
+    assert problems(0) == [("embeddings.E052", 'EMBEDDINGS["RERANK_OVERSAMPLING"] must be an '
+                            "integer from 1 to 1000, not 0.")]
+    assert problems(2.5)[0][0] == problems(True)[0][0] == problems(1001)[0][0] == "embeddings.E052"
