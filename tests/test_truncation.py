@@ -23,7 +23,7 @@ from django.urls import reverse
 from tokenizers import Tokenizer
 
 from embeddings_app import encoders, truncation
-from embeddings_app.config import get_config
+from embeddings_app.config import get_config, parse, validate
 from embeddings_app.models import EmbeddingVersion
 from project.news.models import Article
 from tests.conftest import TARGET
@@ -240,3 +240,20 @@ def test_the_admin_lists_and_details_each_versions_last_figure(mixed_articles):
     row = re.search(r'<td id="ev-truncation">([^<]*)</td>', detail)
     assert row and row.group(1).startswith(html.escape(figure.summary())), detail
     assert "(measured by add " in row.group(1)
+
+
+@pytest.mark.parametrize("value", [0, -5, 100_001, "1000", True, 2.5])
+def test_a_bad_truncation_sample_is_reported_by_the_system_checks(value):
+    found = [p for p in validate({**django_settings.EMBEDDINGS, "TRUNCATION_SAMPLE": value})
+             if p.id == "embeddings.E070"]
+    assert len(found) == 1 and f"not {value!r}" in found[0].message, found
+    assert "e.g. 1000" in found[0].hint
+
+
+def test_a_valid_truncation_sample_passes_the_checks_and_is_the_configured_sample():
+    raw = {**django_settings.EMBEDDINGS, "TRUNCATION_SAMPLE": 100_000}
+    assert not [p for p in validate(raw) if p.id == "embeddings.E070"]
+    assert parse(raw).truncation_sample == 100_000
+    assert parse({**raw, "TRUNCATION_SAMPLE": 1000}).truncation_sample == 1000
+    defaults = {key: value for key, value in raw.items() if key != "TRUNCATION_SAMPLE"}
+    assert parse(defaults).truncation_sample == 1000
