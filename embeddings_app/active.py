@@ -9,26 +9,40 @@ The switch bound: a search that starts more than ``EMBEDDINGS["ACTIVE_CACHE_TTL"
 process that runs the flip drops its snapshot when the transaction commits. A reader still on the
 old snapshot reads a consistent result: the previous version stays ``standby`` and dual-written,
 and ``drop`` refuses it for ``DROP_GRACE_PERIOD`` seconds.
+
+The same snapshot names the target's shadow candidate and rollout candidate (``Snapshot``), so
+the version a search is served by, and whether it is shadowed, come from one read.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 from django.db.models import Q
 
 from .config import get_config
 from .models import EmbeddingVersion, State
 
-_snapshots: dict[str, tuple[float, EmbeddingVersion]] = {}
-_candidates: dict[str, tuple[float, EmbeddingVersion | None]] = {}
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a serving process knows of a target, all from one read: the active version, the
+    version whose shadow reads are on (``embeddings_app.shadow``) and the version serving a
+    share of the searches in a gradual rollout (``embeddings_app.rollout``)."""
+
+    active: EmbeddingVersion
+    shadow: EmbeddingVersion | None
+    rollout: EmbeddingVersion | None
+
+
+_snapshots: dict[str, tuple[float, Snapshot]] = {}
 _lock = threading.Lock()
 
 
-def get(target: str) -> EmbeddingVersion:
-    """The active version of ``target``, at most ``ACTIVE_CACHE_TTL`` seconds old (read in one
-    query with the target's shadow candidate)."""
+def snapshot(target: str) -> Snapshot:
+    """``target``'s snapshot, at most ``ACTIVE_CACHE_TTL`` seconds old (one query to refresh)."""
     ttl = get_config().active_cache_ttl
     now = time.monotonic()
     with _lock:
@@ -37,28 +51,23 @@ def get(target: str) -> EmbeddingVersion:
         return entry[1]
     # Timestamped before the read, so a snapshot never outlives the bound.
     rows = list(EmbeddingVersion.objects.for_target(target)
-                .filter(Q(state=State.ACTIVE) | Q(shadow_rate__gt=0)).order_by("pk"))
+                .filter(Q(state=State.ACTIVE) | Q(shadow_rate__gt=0) | Q(rollout_percent__gt=0))
+                .order_by("pk"))
     version = next((row for row in rows if row.state == State.ACTIVE), None)
     if version is None:
         version = EmbeddingVersion.objects.active_for(target)  # raises its one-line error
-    candidate = next((row for row in rows if row.shadow_rate > 0), None)
+    taken = Snapshot(active=version,
+                     shadow=next((row for row in rows if row.shadow_rate > 0), None),
+                     rollout=next((row for row in rows if row.rollout_percent > 0), None))
     if ttl > 0:
         with _lock:
-            _snapshots[target] = (now, version)
-            _candidates[target] = (now, candidate)
-    return version
+            _snapshots[target] = (now, taken)
+    return taken
 
 
-def shadow_candidate(target: str) -> EmbeddingVersion | None:
-    """The version of ``target`` whose shadow reads are on (``embeddings_app.shadow``), or None;
-    as old as the active version's snapshot at most."""
-    ttl = get_config().active_cache_ttl
-    with _lock:
-        entry = _candidates.get(target)
-    if entry is not None and time.monotonic() - entry[0] < ttl:
-        return entry[1]
-    return (EmbeddingVersion.objects.for_target(target).filter(shadow_rate__gt=0)
-            .order_by("pk").first())
+def get(target: str) -> EmbeddingVersion:
+    """The active version of ``target``, at most ``ACTIVE_CACHE_TTL`` seconds old."""
+    return snapshot(target).active
 
 
 def invalidate(target: str | None = None) -> None:
@@ -66,7 +75,5 @@ def invalidate(target: str | None = None) -> None:
     with _lock:
         if target is None:
             _snapshots.clear()
-            _candidates.clear()
         else:
             _snapshots.pop(target, None)
-            _candidates.pop(target, None)

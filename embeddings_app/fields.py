@@ -44,8 +44,11 @@ class VersionedEmbedding(EmbeddingSource):
     def active(self) -> EmbeddingVersion:
         return EmbeddingVersion.objects.active_for(self.target)
 
-    def search(self, text: str, k: int = 10, queryset: models.QuerySet | None = None) -> list[Any]:
-        return search.search(self, text, k=k, queryset=queryset)
+    def search(self, text: str, k: int = 10, queryset: models.QuerySet | None = None,
+               key: Any = None) -> list[Any]:
+        """The ``k`` nearest rows; ``key`` (e.g. a user or session id) keeps a caller on one
+        version during a gradual rollout (``activate --percent``)."""
+        return search.search(self, text, k=k, queryset=queryset, key=key)
 
     def search_vector(
         self, vector: Any, version: str | None = None, k: int = 10,
@@ -53,10 +56,10 @@ class VersionedEmbedding(EmbeddingSource):
     ) -> list[Any]:
         return search.search_vector(self, vector, version=version, k=k, queryset=queryset)
 
-    async def asearch(self, text: str, k: int = 10,
-                      queryset: models.QuerySet | None = None) -> list[Any]:
+    async def asearch(self, text: str, k: int = 10, queryset: models.QuerySet | None = None,
+                      key: Any = None) -> list[Any]:
         """``search`` for async code (ASGI views): the same snapshot guarantee (search.py)."""
-        return await search.asearch(self, text, k=k, queryset=queryset)
+        return await search.asearch(self, text, k=k, queryset=queryset, key=key)
 
     async def asearch_vector(
         self, vector: Any, version: str | None = None, k: int = 10,

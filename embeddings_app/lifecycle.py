@@ -102,6 +102,15 @@ def transition(version: EmbeddingVersion, to_state: str, *, actor: str = "", not
     elif version.activated_at and to_state == State.STANDBY:
         version.deactivated_at = now
         fields.append("deactivated_at")
+    if version.rollout_percent:  # the candidate itself moves on (activated, retired, ...)
+        version.rollout_percent = 0
+        fields.append("rollout_percent")
+        if to_state != State.ACTIVE:
+            version.deactivated_at = now
+            fields.append("deactivated_at")
+    if to_state == State.ACTIVE:  # a flip or a rollback ends any other rollout
+        EmbeddingVersion.objects.filter(target=version.target, rollout_percent__gt=0).exclude(
+            pk=version.pk).update(rollout_percent=0, deactivated_at=now)
     if to_state in SHADOW_ENDING_STATES:  # activate, rollback, retire, drop: shadow reads end
         EmbeddingVersion.objects.filter(target=version.target, shadow_rate__gt=0).exclude(
             pk=version.pk).update(shadow_rate=0.0)
@@ -267,11 +276,20 @@ ACTIVATABLE_STATES = (State.READY, State.STANDBY)
 FORCIBLE_STATES = (State.NEW, State.BACKFILLING, State.FAILED, State.READY, State.STANDBY)
 
 
-def activate(target: str, version_name: str, *, force: bool = False, actor: str = "") -> list[str]:
-    """The atomic flip of reads to ``version_name``. Returns warnings: the problems ``force``
-    overrode."""
+def activate(target: str, version_name: str, *, force: bool = False, percent: int = 100,
+             actor: str = "") -> list[str]:
+    """The atomic flip of reads to ``version_name``; with ``percent`` below 100, a gradual
+    rollout instead: the (ready) version serves that share of the searches beside the active
+    one (``embeddings_app.rollout``), under the same rules. Returns warnings: the problems
+    ``force`` overrode."""
+    percent = limits.integer("The share of searches in percent", percent, 1, 100,
+                             option="percent")
     version = EmbeddingVersion.objects.get_version(target, version_name)
     _check_activatable(version, force=force)
+    if percent < 100 and version.state != State.READY:
+        raise Refused(f"{version} is {version.state}; a gradual rollout serves a share of the "
+                      "reads from a ready version (backfilled, not yet active): activate a "
+                      "standby version at once (rollback) instead.", option="percent")
     # The readiness checks read the whole table: outside the lock. The state is checked again
     # under it, and the flip refused if the version changed state meanwhile.
     warnings = []
@@ -287,9 +305,37 @@ def activate(target: str, version_name: str, *, force: bool = False, actor: str 
             raise Refused(f"{locked} changed from {seen} to {locked.state} while it was being "
                           f"checked; run activate again.")
 
-    _flip(target, version, actor=actor, note="activate" + (" (forced)" if force else ""),
-          recheck=recheck)
+    if percent < 100:
+        _roll_out(target, version, percent, actor=actor, recheck=recheck)
+    else:
+        _flip(target, version, actor=actor, note="activate" + (" (forced)" if force else ""),
+              recheck=recheck)
     return warnings
+
+
+def _roll_out(target: str, version: EmbeddingVersion, percent: int, *, actor: str,
+              recheck: Callable[[EmbeddingVersion], None]) -> None:
+    """Set ``version``'s share of the reads, under the lock; another candidate's rollout ends."""
+    with locked_versions(target) as versions:
+        version = locked_version(target, versions, version)
+        recheck(version)
+        for other in versions.values():
+            if other.pk != version.pk and other.rollout_percent:
+                end_rollout(other, actor=actor, note=f"rollout replaced by {version}'s")
+        version.rollout_percent = percent
+        version.save(update_fields=["rollout_percent"])
+        record_event(version, actor=actor, note=f"rollout: serves {percent}% of the searches")
+        active.invalidate(target)
+        transaction.on_commit(lambda: active.invalidate(target))
+
+
+def end_rollout(version: EmbeddingVersion, *, actor: str = "", note: str = "rollout ended") -> None:
+    """``version`` serves no more reads beside the active one (inside the caller's locked
+    transaction); it counts as deactivated now, so ``drop``'s grace period applies to it."""
+    version.rollout_percent = 0
+    version.deactivated_at = timezone.now()
+    version.save(update_fields=["rollout_percent", "deactivated_at"])
+    record_event(version, actor=actor, note=note)
 
 
 def _check_activatable(version: EmbeddingVersion, *, force: bool) -> None:
@@ -357,6 +403,13 @@ def rollback(target: str, *, actor: str = "") -> EmbeddingVersion:
     """Reactivate the most recently active version that was kept fresh (standby)."""
     registry.get(target)
     with locked_versions(target) as versions:
+        rolling = [v for v in versions.values() if v.rollout_percent]
+        if rolling:  # a gradual rollout: its candidate stops serving, the active version stays
+            for candidate in rolling:
+                end_rollout(candidate, actor=actor, note="rollback of the rollout")
+            active.invalidate(target)
+            transaction.on_commit(lambda: active.invalidate(target))
+            return next(v for v in versions.values() if v.state == State.ACTIVE)
         previous = _rollback_target(versions.values())
         if previous is None:
             raise Refused(

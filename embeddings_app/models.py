@@ -119,6 +119,10 @@ class EmbeddingVersion(models.Model):
     # (non-active) version also answers off the request path; 0 is off. At most one version of
     # a target is shadowed; activate, rollback, retire and drop turn it off.
     shadow_rate = models.FloatField(default=0.0)
+    # A gradual rollout (``activate --percent``, embeddings_app.rollout): the share of the
+    # target's searches, in percent, this ready version serves beside the active one; 0 is none.
+    # The database keeps at most one such candidate per target, below 100 (100 is the flip).
+    rollout_percent = models.PositiveSmallIntegerField(default=0)
 
     objects = EmbeddingVersionQuerySet.as_manager()
 
@@ -134,6 +138,15 @@ class EmbeddingVersion(models.Model):
             # The database, not the app, guarantees that reads have exactly one version to use.
             models.UniqueConstraint(
                 fields=["target"], condition=Q(state="active"), name="embeddings_one_active"
+            ),
+            # At most one version serves a share of the reads beside the active one.
+            models.UniqueConstraint(
+                fields=["target"], condition=Q(rollout_percent__gt=0),
+                name="embeddings_one_rollout_candidate"
+            ),
+            models.CheckConstraint(
+                condition=Q(rollout_percent__lt=100) & (Q(rollout_percent=0) | Q(state="ready")),
+                name="embeddings_rollout_of_a_ready_version_below_100"
             ),
         ]
 
@@ -343,3 +356,22 @@ class ShadowBucket(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} shadow reads at {self.hour:%Y-%m-%d %H:00}"
+
+
+class ServedReads(models.Model):
+    """The searches one version served in one hour, and their time (embeddings_app.rollout):
+    each serving process adds its counts at most every ``rollout.FLUSH_SECONDS``."""
+
+    version = models.ForeignKey(EmbeddingVersion, on_delete=models.CASCADE,
+                                related_name="served_reads")
+    hour = models.DateTimeField()
+    reads = models.PositiveBigIntegerField(default=0)
+    seconds = models.FloatField(default=0.0)
+
+    class Meta:
+        ordering = ["version", "hour"]
+        constraints = [models.UniqueConstraint(fields=["version", "hour"],
+                                               name="embeddings_one_served_reads_per_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.version} reads at {self.hour:%Y-%m-%d %H:00}"

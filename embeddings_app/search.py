@@ -1,7 +1,9 @@
-"""Reads: always the active version, its model for the query and its store for the vectors.
+"""Reads: the active version (or, in a gradual rollout, perhaps its candidate: ``rollout``), its
+model for the query and its store for the vectors.
 
-Invariant: one search takes one snapshot of the active version (``active.get``) and uses it for
-both the query's embedding and the store searched, so a result is never a mix of two versions.
+Invariant: one search takes one snapshot of the target (``active.snapshot``), picks one version
+of it and uses that version for both the query's embedding and the store searched, so a result
+is never a mix of two versions.
 The async calls (``asearch``, ``asearch_vector``) run the whole sync search as one call in
 Django's thread for the caller's async context (``sync_to_async``, thread-sensitive, as Django's
 own async ORM methods do): the same snapshot, the same connection, the same guarantees; under
@@ -21,7 +23,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connection, connections, models
 
-from . import active, encoders, limits, shadow
+from . import active, encoders, limits, rollout, shadow
 from .exceptions import Refused, VersionMismatch
 from .models import EmbeddingVersion
 from .stores import VersionStore
@@ -31,40 +33,51 @@ if TYPE_CHECKING:
 
 
 def search(field: VersionedEmbedding, text: str, *, k: int = 10,
-           queryset: models.QuerySet | None = None) -> list[Any]:
+           queryset: models.QuerySet | None = None, key: Any = None) -> list[Any]:
     check_arguments(field, k, queryset)
     started = time.perf_counter()
-    version = active.get(field.target)
-    # The query vector comes from the same version record as the column searched: one snapshot.
+    snapshot = active.snapshot(field.target)
+    # The version serving this search: the active one, or in a gradual rollout perhaps the
+    # candidate (sticky per ``key``). Its model embeds the query, its store is searched.
+    version = rollout.serving(snapshot, field.target, key)
     query_vector = encoders.for_version(version).encode_query(text)
     results = _nearest(field, version, query_vector, k, queryset)
+    seconds = time.perf_counter() - started
+    if snapshot.rollout is not None:  # reads per version are counted during a rollout
+        rollout.note_read(version, seconds)
+    elif rollout.has_pending():  # the counts of a rollout that has ended (once)
+        rollout.flush()
     if queryset is None:  # a plain search may be shadowed by a candidate version (shadow.py)
-        shadow.maybe_shadow(field, version, text, k, results, time.perf_counter() - started)
+        shadow.maybe_shadow(field, snapshot.shadow, version, text, k, results, seconds)
     return results
 
 
 def search_vector(field: VersionedEmbedding, vector: Any, *, version: str | None = None,
                   k: int = 10, queryset: models.QuerySet | None = None) -> list[Any]:
-    current = active.get(field.target)
+    snapshot = active.snapshot(field.target)
+    current = snapshot.active
+    serving = [current] + ([snapshot.rollout] if snapshot.rollout is not None else [])
     if version is None:
         raise VersionMismatch(
             f"search_vector needs the version the vector was made with; {field.target} "
             f'searches version "{current.version}" ({current.model_label}).'
         )
-    if version != current.version:
+    chosen = next((v for v in serving if v.version == version), None)
+    if chosen is None:
         raise VersionMismatch(
             f'The vector is of version "{version}" but {field.target} searches version '
             f'"{current.version}"; embed the query with {current.model_label} or use search().'
         )
     check_arguments(field, k, queryset)
-    array = limits.query_vector(vector, current.dimensions, current.version)
-    return _nearest(field, current, array, k, queryset)
+    array = limits.query_vector(vector, chosen.dimensions, chosen.version)
+    return _nearest(field, chosen, array, k, queryset)
 
 
 async def asearch(field: VersionedEmbedding, text: str, *, k: int = 10,
-                  queryset: models.QuerySet | None = None) -> list[Any]:
+                  queryset: models.QuerySet | None = None, key: Any = None) -> list[Any]:
     """``search`` for async code (module docstring): one snapshot per search."""
-    return await sync_to_async(search, thread_sensitive=True)(field, text, k=k, queryset=queryset)
+    return await sync_to_async(search, thread_sensitive=True)(field, text, k=k, queryset=queryset,
+                                                              key=key)
 
 
 async def asearch_vector(field: VersionedEmbedding, vector: Any, *, version: str | None = None,

@@ -10,7 +10,7 @@ comparison to the candidate's hourly ``ShadowBucket``.
 Invariants:
 
 * **The user's read pays at most an enqueue.** The served results are computed and returned as
-  without shadowing; the candidate is read from the serving process's snapshot (``active``,
+  without shadowing; the candidate is named by the search's snapshot (``active.Snapshot``,
   refreshed at most ``ACTIVE_CACHE_TTL`` late); a broker that refuses the task is logged, never
   raised.
 * **No query text is kept.** The task carries it to the worker; the buckets keep sums only.
@@ -56,11 +56,11 @@ SHADOWABLE_STATES = (State.READY, State.STANDBY)
 
 
 # --- on the request path ------------------------------------------------------------------
-def maybe_shadow(field: VersionedEmbedding, served: EmbeddingVersion, text: str, k: int,
-                 results: list[Any], served_seconds: float) -> bool:
-    """After a plain search served by ``served``: send it to the shadowed candidate with its
-    probability. True when a task was sent."""
-    candidate = active.shadow_candidate(field.target)
+def maybe_shadow(field: VersionedEmbedding, candidate: EmbeddingVersion | None,
+                 served: EmbeddingVersion, text: str, k: int, results: list[Any],
+                 served_seconds: float) -> bool:
+    """After a plain search served by ``served``: send it to the shadowed ``candidate`` (of the
+    search's snapshot) with its probability. True when a task was sent."""
     if candidate is None or candidate.pk == served.pk or random.random() >= candidate.shadow_rate:
         return False
     from . import tasks  # load-bearing lazy import: tasks imports search's callers (lifecycle)

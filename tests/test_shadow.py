@@ -1,10 +1,12 @@
-"""Shadow reads (issue 16, builds 1 and 2): a sampled share of live searches is answered by a
+"""Shadow reads and a gradual rollout (issue 16): a sampled share of live searches is answered by a
 candidate version too, on a real Celery worker, and compared with what was served; activate,
-rollback, retire and drop end it; the shadow gate holds activate back."""
+rollback, retire and drop end it; the shadow gate holds activate back. A rollout serves a share
+of the searches from the candidate, sticky per caller key, and a rollback ends it at once."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -14,7 +16,7 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from scipy.stats import spearmanr
 
-from embeddings_app import encoders, lifecycle, registry, shadow
+from embeddings_app import encoders, lifecycle, registry, rollout, shadow
 from embeddings_app.config import validate
 from embeddings_app.models import EmbeddingVersion, ShadowBucket
 from project.news.models import Article
@@ -197,3 +199,81 @@ def test_the_shadow_gate_refuses_activate_below_its_figures_from_command_and_adm
     settings.EMBEDDINGS = {**settings.EMBEDDINGS, "SHADOW_MIN_OVERLAP": 0.0}
     call_command("embeddings", "activate", TARGET, "v2")
     assert EmbeddingVersion.objects.get(pk=v2.pk).state == "active"
+
+
+# --- gradual rollout (issue 16, build 3) ------------------------------------------------------
+def test_a_rollout_serves_its_share_sticky_per_key_and_never_mixes_versions(
+        v1_active_v2_ready, settings):
+    """30% over 200 keys: 60 expected, binomial sd 6.5, accepted within 4 sd (34..86); each key
+    answered by one version every time, each result list entirely that version's, equal to a
+    search of that version alone."""
+    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "ACTIVE_CACHE_TTL": 0}
+    v1, v2 = v1_active_v2_ready
+    with pytest.raises(CommandError, match=r"v1 is already active"):
+        call_command("embeddings", "activate", TARGET, "v1", "--percent", "30")
+    with pytest.raises(CommandError, match=r"^The share of searches in percent must be an "
+                                           r"integer from 1 to 100, not 0\. \[--percent\]$"):
+        call_command("embeddings", "activate", TARGET, "v2", "--percent", "0")
+    call_command("embeddings", "activate", TARGET, "v2", "--percent", "30", "--force")
+    assert EmbeddingVersion.objects.get(pk=v2.pk).rollout_percent == 30
+    served = {}
+    for key in range(200):
+        results = Article.embedding.search(QUERIES[key % len(QUERIES)], k=K, key=f"user-{key}")
+        versions = {obj.embedding_version for obj in results}
+        assert len(versions) == 1, versions
+        served[key] = versions.pop()
+    on_v2 = sum(1 for version in served.values() if version == "v2")
+    assert 34 <= on_v2 <= 86, on_v2
+    for key in range(0, 200, 20):  # sticky, and the same rows as that version's own search
+        text = QUERIES[key % len(QUERIES)]
+        again = Article.embedding.search(text, k=K, key=f"user-{key}")
+        assert {obj.embedding_version for obj in again} == {served[key]}
+        version = v2 if served[key] == "v2" else v1
+        alone = Article.embedding.search_vector(
+            encoders.for_version(version).encode_query(text), version=version.version, k=K)
+        assert [obj.pk for obj in again] == [obj.pk for obj in alone]
+    rollout.flush()
+    call_command("embeddings", "status", TARGET)
+
+
+def test_a_rollback_during_a_rollout_serves_the_active_version_alone_after_the_switch_bound(
+        v1_active_v2_ready, capsys):
+    """Reader threads keep searching with random keys through the rollback; after the switch
+    bound (ACTIVE_CACHE_TTL, 1 s) no read is answered by v2."""
+    _v1, v2 = v1_active_v2_ready
+    lifecycle.activate(TARGET, "v2", percent=50, force=True)
+    log: list[tuple[float, str]] = []
+    stop = threading.Event()
+    problems: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                results = Article.embedding.search("interest rates", k=K)
+                log.append((time.monotonic(), results[0].embedding_version))
+        except BaseException as exc:  # reported below
+            problems.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: {"v1", "v2"} <= {version for _, version in log}, timeout=60,
+               what="reads served by both versions")
+    call_command("embeddings", "rollback", TARGET)
+    rolled_back = time.monotonic()
+    time.sleep(2.5)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not problems, problems
+    after_bound = [version for at, version in log if at > rolled_back + 1.0 + 0.2]
+    assert after_bound and set(after_bound) == {"v1"}
+    record = EmbeddingVersion.objects.get(pk=v2.pk)
+    assert record.rollout_percent == 0 and record.state == "ready"
+    assert record.deactivated_at is not None  # drop's grace period applies to it
+    rollout.flush()
+    call_command("embeddings", "status", TARGET)
+    out = capsys.readouterr().out
+    assert "reads in the last 24 h: v1 " in out and ", v2 " in out

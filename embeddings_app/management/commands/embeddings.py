@@ -21,6 +21,7 @@ from embeddings_app import (
     lifecycle,
     probes,
     registry,
+    rollout,
     sync,
     tasks,
     truncation,
@@ -151,6 +152,9 @@ class Command(BaseCommand):
         p.add_argument("target")
         p.add_argument("version")
         p.add_argument("--force", action="store_true")
+        p.add_argument("--percent", type=int, default=100,
+                       help="a gradual rollout: the version serves this share of the searches "
+                       "beside the active one (sticky per search(key=...)); 100 completes it")
 
         p = sub.add_parser("rollback", help="reactivate the previous (standby) version")
         p.add_argument("target")
@@ -251,6 +255,12 @@ class Command(BaseCommand):
             self.stdout.write(_run_line(v, run))
         for v in measured:  # as last measured by add, verify or compare (never tokenized here)
             self.stdout.write(_truncation_line(v))
+        for name in targets:  # a gradual rollout, and the reads each version served
+            for v in EmbeddingVersion.objects.for_target(name).filter(rollout_percent__gt=0):
+                self.stdout.write(f"rollout: {v} serves {v.rollout_percent}% of the searches")
+            line = rollout.reads_line(name)
+            if line:
+                self.stdout.write(line)
         for v in measured:  # live searches answered by a candidate too (the hourly sums)
             if v.shadow_rate or v.shadow_buckets.exists():
                 self.stdout.write("shadow reads of " + shadow_module.summary(v).line())
@@ -488,9 +498,17 @@ class Command(BaseCommand):
             "answered on workers off the request path; they end at activate, rollback, retire "
             f"or drop. See `manage.py embeddings status {target}`."))
 
-    def do_activate(self, target: str, version: str, force: bool = False, **_: Any) -> None:
-        for warning in lifecycle.activate(target, version, force=force, actor=ACTOR):
+    def do_activate(self, target: str, version: str, force: bool = False, percent: int = 100,
+                    **_: Any) -> None:
+        for warning in lifecycle.activate(target, version, force=force, percent=percent,
+                                          actor=ACTOR):
             self.stderr.write(self.style.WARNING(warning))
+        if percent < 100:
+            self.stdout.write(self.style.SUCCESS(
+                f"{target}: {version} now serves {percent}% of the searches (sticky per "
+                f"search(key=...)); `activate {target} {version}` completes the flip, `rollback "
+                f"{target}` ends it at once."))
+            return
         self.stdout.write(self.style.SUCCESS(f"{target}: reads now use version {version}."))
 
     def do_rollback(self, target: str, **_: Any) -> None:
