@@ -43,7 +43,8 @@ def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
 class EmbeddingVersionAdmin(admin.ModelAdmin):
     list_display = ("target", "version", "derived", "model_at_revision", "dims", "storage", "layout",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
-                    "index_state", "truncated", "rate_eta", "change_queue", "last_change")
+                    "index_state", "truncated", "rate_eta", "change_queue", "rollout_share",
+                    "last_change")
     list_display_links = ("target", "version")
     list_filter = ("target", "state", "layout")
     search_fields = ("model_name", "model_alias")
@@ -165,6 +166,17 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
             label = capture.queue_label(registry.get(obj.target))
         return _cell(obj, "change_queue", label,
                      title="rows written without a save signal, waiting for the sweep's drain")
+
+    @admin.display(description="rollout / shadow")
+    def rollout_share(self, obj: EmbeddingVersion) -> str:
+        """The share of the searches the version serves in a gradual rollout, and the share it
+        shadows (fields of the row: no query)."""
+        parts = []
+        if obj.rollout_percent:
+            parts.append(f"rollout {obj.rollout_percent}%")
+        if obj.shadow_rate:
+            parts.append(f"shadow {obj.shadow_rate * 100:g}%")
+        return format_html('<span class="ev-nowrap">{}</span>', ", ".join(parts))
 
     @admin.display(description="last change", ordering="state_changed_at")
     def last_change(self, obj: EmbeddingVersion) -> str:

@@ -28,6 +28,8 @@ from . import (
     lifecycle,
     progress,
     registry,
+    rollout,
+    shadow,
     tasks,
     truncation,
 )
@@ -45,6 +47,7 @@ class Step:
     label: str
     group: str  # key of PERMISSIONS
     confirm: bool  # destructive or read-switching: goes through a confirmation page
+    panel: str = "lifecycle"  # the section of the version's page that shows its button
 
 
 STEPS = {step.name: step for step in (
@@ -55,7 +58,30 @@ STEPS = {step.name: step for step in (
     Step("rollback", "Roll back", "switch", confirm=True),
     Step("retire", "Retire", "switch", confirm=True),
     Step("drop", "Drop", "drop", confirm=True),
+    Step("shadow", "Start shadow reads", "switch", confirm=True, panel="shadow"),
+    Step("shadow-off", "Stop shadow reads", "switch", confirm=True, panel="shadow"),
 )}
+
+DEFAULT_SHADOW_RATE = "0.1"
+
+
+def form_number(raw: str | None, kind: type, default: str) -> Any:
+    """The form's value as the command's argument parser reads it (``int`` or ``float``); the
+    text itself when it is not one, so the library refuses it with its own one-line message."""
+    text = (raw if raw is not None else default).strip()
+    try:
+        return kind(text)
+    except ValueError:
+        return text
+
+
+def form_rate(request: HttpRequest) -> Any:
+    return form_number(request.POST.get("rate", request.GET.get("rate")), float,
+                       DEFAULT_SHADOW_RATE)
+
+
+def form_percent(request: HttpRequest) -> Any:
+    return form_number(request.POST.get("percent", request.GET.get("percent")), int, "100")
 
 
 def confirms(step: Step, version: EmbeddingVersion) -> bool:
@@ -120,8 +146,22 @@ def run_step(step: Step, version: EmbeddingVersion, request: HttpRequest) -> lis
             raise StepFailed(report.summary())
         return [report.summary()]
     if step.name == "activate":
-        warnings = lifecycle.activate(target, name, actor=who)
+        percent = form_percent(request)
+        warnings = lifecycle.activate(target, name, actor=who, percent=percent)
+        if percent < 100:  # as `embeddings activate --percent` says it
+            return [*warnings, f"{target}: {name} now serves {percent}% of the searches (sticky "
+                    f"per search(key=...)); activate {name} at 100% to complete the flip, roll "
+                    "back to end it at once."]
         return [*warnings, f"{target}: reads now use version {name}."]
+    if step.name == "shadow":
+        record = shadow.start(registry.get(target).target, name, form_rate(request), actor=who)
+        return [f"{record}: shadow reads at {record.shadow_rate:.0%} of {target}'s plain "
+                "searches, answered on workers off the request path; they end at activate, "
+                "rollback, retire or drop."]
+    if step.name == "shadow-off":
+        stopped = shadow.stop(registry.get(target).target, actor=who)
+        names = ", ".join(v.version for v in stopped) or "none was on"
+        return [f"{target}: shadow reads off ({names})."]
     if step.name == "rollback":
         previous = lifecycle.rollback(target, actor=who)
         return [f"{target}: rolled back; reads now use version {previous.version}."]
@@ -148,7 +188,12 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
     if step.name == "activate":
         lines = [f"Reads of {version.target} switch to {version} ({version.model_label}, "
                  f"{version.dimensions} dimensions, {_where(version)}): every search embeds "
-                 "its query with this model from then on, atomically."]
+                 "its query with this model from then on, atomically (at 100%).",
+                 "Below 100% (a ready version only), a gradual rollout instead: the version "
+                 "serves that share of the searches beside the active one, sticky per "
+                 "search(key=...), and Roll back ends it at once."]
+        if version.rollout_percent:
+            lines.append(f"{version} serves {version.rollout_percent}% of the searches now.")
         if active is None:
             lines.append(f"{version.target} has no active version now.")
         elif active.pk != version.pk:
@@ -166,6 +211,13 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
                          "confirm, and if one fails nothing changes.")
         return lines
     if step.name == "rollback":
+        rolling = next((v for v in versions if v.rollout_percent), None)
+        if rolling is not None:
+            return [f"The gradual rollout of {rolling} ({rolling.rollout_percent}% of the "
+                    f"searches) ends at once: {active} serves every search of "
+                    f"{version.target} again, in every process within ACTIVE_CACHE_TTL.",
+                    f"{rolling} stays ready; it counts as deactivated now (drop's grace "
+                    "period applies)."]
         standby = max((v for v in versions if v.state == State.STANDBY),
                       key=lambda v: (v.deactivated_at is not None, v.deactivated_at, v.pk),
                       default=None)
@@ -176,6 +228,24 @@ def consequences(step: Step, version: EmbeddingVersion) -> list[str]:
                 "the most recently active version kept fresh.",
                 f"{active} becomes standby." if active else f"{version.target} has no active "
                 "version now."]
+    if step.name == "shadow":
+        lines = [f"The share of the plain searches of {version.target} given below is also "
+                 f"answered by "
+                 f"{version} on the workers of the embeddings queue, off the request path, and "
+                 "compared with the served answer (overlap@k, rank correlation, latency); no "
+                 "query text is stored.",
+                 "Shadow reads of another version of the target stop; they all end at "
+                 "activate, rollback, retire or drop."]
+        if version.state not in shadow.SHADOWABLE_STATES:
+            lines.append(f"It will be refused: {version} is {version.state}, and only a ready "
+                         "or standby version can be shadowed. Nothing will change.")
+        return lines
+    if step.name == "shadow-off":
+        shadowed = [v for v in versions if v.shadow_rate]
+        if not shadowed:
+            return [f"No version of {version.target} is shadowed now: nothing will change."]
+        return [f"Shadow reads of {', '.join(str(v) for v in shadowed)} stop; the recorded "
+                "hourly figures stay."]
     if step.name == "backfill":
         try:
             found = estimate.for_backfill(version)
@@ -271,6 +341,8 @@ class LifecycleView(AdminView):
             "title": f"{step.label} {version}?",
             "consequences": consequences(step, version),
             "offers_yes": step.name == "drop",
+            "ev_rate": form_rate(request) if step.name == "shadow" else None,
+            "ev_percent": form_percent(request) if step.name == "activate" else None,
             "change_url": self._change_url(version),
         }
         return TemplateResponse(
@@ -336,7 +408,9 @@ def detail_context(request: HttpRequest, version: EmbeddingVersion, admin_site: 
     failures = [(failure, row_admin_url(admin_site, version, failure.row_key))
                 for failure in version.failures.select_related("run")[:200]]
     steps = [{"step": step, "allowed": can(request, step), "confirm": confirms(step, version)}
-             for step in STEPS.values()]
+             for step in STEPS.values() if step.panel == "lifecycle"]
+    buckets = list(version.shadow_buckets.order_by("hour"))
+    versions = list(EmbeddingVersion.objects.for_target(version.target))
     return {
         "ev_status": progress.statuses([version])[version.pk],
         "ev_readiness": readiness,
@@ -348,7 +422,24 @@ def detail_context(request: HttpRequest, version: EmbeddingVersion, admin_site: 
         "ev_steps": steps,
         "ev_can_steer": any(item["allowed"] for item in steps),
         "ev_truncation": truncation_text(version),
+        "ev_shadow": shadow.summary(version),
+        "ev_shadow_chart": progress.shadow_chart_svg(buckets),
+        "ev_shadow_allowed": can(request, STEPS["shadow"]),
+        "ev_shadow_rate": f"{version.shadow_rate:g}" if version.shadow_rate
+        else DEFAULT_SHADOW_RATE,
+        "ev_shadowed": [v for v in versions if v.shadow_rate],
+        "ev_rollout": next((v for v in versions if v.rollout_percent), None),
+        "ev_active": next((v for v in versions if v.state == State.ACTIVE), None),
+        "ev_reads": reads_rows(version.target),
     }
+
+
+def reads_rows(target: str, hours: int = 24) -> list[dict[str, Any]]:
+    """The reads per version of ``target`` (``rollout.reads``) with their share, for the page."""
+    found = rollout.reads(target, hours)
+    total = sum(count for _, count, _ in found) or 1
+    return [{"version": name, "reads": count, "share": 100 * count / total,
+             "mean_ms": seconds * 1000} for name, count, seconds in found]
 
 
 def truncation_text(version: EmbeddingVersion) -> str:

@@ -4,7 +4,9 @@ The list page and its JSON status endpoint call ``statuses()`` for a page of ver
 number of queries (latest run per version, failure counts, index catalog, index builds under way)
 whatever the number of versions or of rows in the embedded tables. Coverage therefore comes from
 ``BackfillRun`` figures, not from ``COUNT(*)``; the detail page adds the exact live counts of one
-version (``lifecycle.readiness``), which is one scan of one table on request.
+version (``lifecycle.readiness``), which is one scan of one table on request. Its charts are
+inline SVG drawn here (no script library): coverage over time of the latest backfill run, and a
+shadowed candidate's hourly ``ShadowBucket`` rows (one point and one bar per hour).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import html
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import connection
@@ -22,7 +24,7 @@ from django.utils import timezone
 
 from . import backfill, indexes
 from .exceptions import EmbeddingError
-from .models import BackfillRun, EmbeddingVersion, RowFailure, State
+from .models import BackfillRun, EmbeddingVersion, RowFailure, ShadowBucket, State
 
 # States whose vectors are all present and kept fresh by dual-write once a backfill completed.
 KEPT_COMPLETE = (State.READY, State.ACTIVE, State.STANDBY)
@@ -237,4 +239,80 @@ def chart_svg(run: BackfillRun | None) -> str:
         f'<text x="{PAD_L}" y="{CHART_H - 8}">0:00</text>'
         f'<text x="{CHART_W - PAD_R}" y="{CHART_H - 8}" text-anchor="end">'
         f"{duration_label(span)}</text></svg>"
+    )
+
+
+# --- the shadow reads chart: one point per hourly ShadowBucket, inline SVG -------------------
+SHADOW_W, SHADOW_H, SHADOW_PAD_L, SHADOW_PAD_R, SHADOW_PAD_T, SHADOW_PAD_B = 560, 220, 56, 56, 12, 44
+
+
+def shadow_chart_svg(buckets: Sequence[ShadowBucket]) -> str:
+    """Mean overlap@k (left axis, a point per hour with queries) and queries (right axis, a bar
+    per hour) of a candidate's hourly shadow buckets, oldest first; each element's ``<title>``
+    carries its figures. An empty state without buckets."""
+    if not buckets:
+        return ('<p class="ev-chart-empty">No shadow queries recorded yet: start shadow reads and '
+                "let live searches reach the candidate.</p>")
+    first = buckets[0].hour
+    slots = max(int((b.hour - first).total_seconds() // 3600) for b in buckets) + 1
+    plot_w = SHADOW_W - SHADOW_PAD_L - SHADOW_PAD_R
+    plot_h = SHADOW_H - SHADOW_PAD_T - SHADOW_PAD_B
+    slot = plot_w / slots
+    most = max(max(b.queries for b in buckets), 1)
+    bottom = SHADOW_PAD_T + plot_h
+
+    def hour_label(bucket: ShadowBucket) -> str:
+        return f"{bucket.hour.astimezone(UTC):%Y-%m-%d %H:00} UTC"
+
+    parts: list[str] = []
+    line: list[str] = []
+    points: list[str] = []
+    for fraction in (0.0, 0.5, 1.0):  # left axis: overlap@k; right axis: queries per hour
+        y = SHADOW_PAD_T + plot_h * (1 - fraction)
+        parts.append(f'<line x1="{SHADOW_PAD_L}" y1="{y:.1f}" x2="{SHADOW_W - SHADOW_PAD_R}" '
+                     f'y2="{y:.1f}" class="ev-grid"/>'
+                     f'<text x="{SHADOW_PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">'
+                     f"{fraction:.1f}</text>"
+                     f'<text x="{SHADOW_W - SHADOW_PAD_R + 6}" y="{y + 4:.1f}">'
+                     f"{most * fraction:g}</text>")
+    for bucket in buckets:
+        x = SHADOW_PAD_L + slot * ((bucket.hour - first).total_seconds() // 3600 + 0.5)
+        height = plot_h * bucket.queries / most
+        label = hour_label(bucket)
+        parts.append(
+            f'<rect class="ev-shadow-queries" x="{x - slot * 0.4:.1f}" y="{bottom - height:.1f}" '
+            f'width="{slot * 0.8:.1f}" height="{height:.1f}" data-hour="{label}" '
+            f'data-queries="{bucket.queries}"><title>{label}: {bucket.queries} queries'
+            "</title></rect>")
+        if bucket.queries:
+            mean = bucket.overlap_sum / bucket.queries
+            y = SHADOW_PAD_T + plot_h * (1 - min(max(mean, 0.0), 1.0))
+            line.append(f"{x:.1f},{y:.1f}")
+            points.append(
+                f'<circle class="ev-shadow-overlap" cx="{x:.1f}" cy="{y:.1f}" r="3" '
+                f'data-hour="{label}" data-overlap="{mean:.6f}" data-queries="{bucket.queries}">'
+                f"<title>{label}: mean overlap@k {mean:.3f} over {bucket.queries} queries"
+                "</title></circle>")
+    if len(line) > 1:  # under the points
+        parts.append(f'<polyline class="ev-line" fill="none" points="{" ".join(line)}"/>')
+    parts.extend(points)
+    last = buckets[-1]
+    title = (f"shadow reads per hour, {hour_label(buckets[0])} to {hour_label(last)}: mean "
+             "overlap@k (points, left axis) and queries (bars, right axis)")
+    middle_y = SHADOW_PAD_T + plot_h / 2
+    return (
+        f'<svg class="ev-chart ev-shadow-chart" xmlns="http://www.w3.org/2000/svg" '
+        f'width="{SHADOW_W}" height="{SHADOW_H}" viewBox="0 0 {SHADOW_W} {SHADOW_H}" role="img" '
+        f'aria-label="{html.escape(title)}" data-points="{len(buckets)}">'
+        f"<title>{html.escape(title)}</title>{''.join(parts)}"
+        f'<text x="{SHADOW_PAD_L}" y="{bottom + 16:.1f}">{hour_label(buckets[0])}</text>'
+        f'<text x="{SHADOW_W - SHADOW_PAD_R}" y="{bottom + 16:.1f}" text-anchor="end">'
+        f"{hour_label(last)}</text>"
+        f'<text x="{SHADOW_PAD_L + plot_w / 2:.1f}" y="{SHADOW_H - 6}" text-anchor="middle" '
+        'class="ev-axis-title">hour (UTC), one bar and one point per hour</text>'
+        f'<text x="14" y="{middle_y:.1f}" text-anchor="middle" class="ev-axis-title" '
+        f'transform="rotate(-90 14 {middle_y:.1f})">mean overlap@k</text>'
+        f'<text x="{SHADOW_W - 10}" y="{middle_y:.1f}" text-anchor="middle" '
+        f'class="ev-axis-title" transform="rotate(90 {SHADOW_W - 10} {middle_y:.1f})">'
+        "queries per hour</text></svg>"
     )

@@ -36,8 +36,8 @@ from django.utils import timezone
 from . import active
 from .models import EmbeddingVersion, ServedReads
 
-__all__ = ["FLUSH_SECONDS", "bucket", "flush", "has_pending", "note_read", "reads_line",
-           "serving"]
+__all__ = ["FLUSH_SECONDS", "bucket", "flush", "has_pending", "note_read", "reads",
+           "reads_line", "serving"]
 
 FLUSH_SECONDS = 5.0
 
@@ -90,14 +90,21 @@ def flush() -> None:
                                                      seconds=F("seconds") + seconds)
 
 
-def reads_line(target: str, hours: int = 24) -> str | None:
-    """Reads per version of ``target`` over the last ``hours``, with their mean time."""
+def reads(target: str, hours: int = 24) -> list[tuple[str, int, float]]:
+    """(version name, reads, mean seconds) of each version of ``target`` that served reads in
+    the last ``hours``, by version name."""
     since = timezone.now() - timedelta(hours=hours)
     rows = (ServedReads.objects.filter(version__target=target, hour__gte=since)
             .values("version__version").annotate(reads=Sum("reads"), seconds=Sum("seconds"))
             .order_by("version__version"))
-    parts = [f"{row['version__version']} {row['reads']} (mean {row['seconds'] / row['reads'] * 1000:.1f} ms)"
-             for row in rows if row["reads"]]
+    return [(row["version__version"], row["reads"], row["seconds"] / row["reads"])
+            for row in rows if row["reads"]]
+
+
+def reads_line(target: str, hours: int = 24) -> str | None:
+    """Reads per version of ``target`` over the last ``hours``, with their mean time."""
+    parts = [f"{name} {count} (mean {seconds * 1000:.1f} ms)"
+             for name, count, seconds in reads(target, hours)]
     if not parts:
         return None
     return f"{target}: reads in the last {hours} h: " + ", ".join(parts)
