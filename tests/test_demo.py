@@ -134,11 +134,13 @@ def test_demo_end_to_end(demo: DemoRun) -> None:
     assert report["docs"] >= DOCS
     # Reads never failed, before, during and after the flip, and each phase had reads.
     assert report["failed_reads"] == 0, report["read_errors"]
-    for name in ("before", "during", "after"):
+    for name in ("before", "during", "shadow", "rollout", "after"):
         assert report["phases"][name]["reads"] > 0, name
         assert report["phases"][name]["failed_reads"] == 0, name
-    assert set(report["phases"]["before"]["served_by"]) == {"v1"}
-    assert set(report["phases"]["during"]["served_by"]) == {"v1"}
+    # v1 alone serves until the rollout (v2 is only shadowed), both during it, v2 after the flip.
+    for name in ("before", "during", "shadow"):
+        assert set(report["phases"][name]["served_by"]) == {"v1"}, name
+    assert set(report["phases"]["rollout"]["served_by"]) == {"v1", "v2"}
     assert report["phases"]["after"]["served_by"].get("v2", 0) > 0
     # This process switches to v2 at most ACTIVE_CACHE_TTL after the flip (+ one read's time).
     switch = report["switch"]
@@ -227,3 +229,35 @@ def test_the_demo_shows_how_many_rows_each_model_truncates(demo: DemoRun) -> Non
     compare_lines = demo.report["compare"]["lines"]
     row = next(line for line in compare_lines if line.startswith("truncated "))
     assert ">256" in row and ">128" in row, compare_lines
+
+
+def test_the_demo_shadows_live_searches_then_rolls_v2_out_to_10_percent_then_flips(
+        demo: DemoRun) -> None:
+    """Before v2 serves anything, the workers answer a share of the live searches with it too
+    (shadow reads, recorded as ShadowBucket sums); then it serves 10% of the searches, sticky
+    per simulated user, beside v1; then all of them. The report, the printed report and the
+    chart say so."""
+    report = demo.report
+    shadow = report["shadow"]
+    assert shadow["rate"] == 0.5
+    # Recorded by the demo's Celery workers, never more than the searches v1 served meanwhile.
+    assert 0 < shadow["queries"] <= shadow["v1_reads_meanwhile"], shadow
+    assert shadow["queries_by_rollout"] <= shadow["queries"], shadow
+    assert 0.0 <= shadow["mean_overlap_at_10"] <= 1.0, shadow
+    rank = shadow["mean_rank_correlation"]
+    assert rank is None or -1.0 <= rank <= 1.0, shadow
+    assert shadow["candidate_ms"] > 0 and shadow["served_ms"] > 0, shadow
+    assert shadow["unranked_rows"] >= 0, shadow
+    assert f"  {shadow['summary']}" in demo.log
+    assert report["shadow_s"] < report["rollout_s"] < report["flip_s"], report
+    rollout = report["rollout"]
+    assert rollout["percent"] == 10
+    assert rollout["served_by"] == {
+        name: report["phases"]["rollout"]["served_by"].get(name, 0) for name in ("v1", "v2")}
+    assert min(rollout["served_by"].values()) > 0, rollout
+    # Sticky: once every process saw the rollout, no simulated user got both versions.
+    assert rollout["users"] > 0 and rollout["users_on_both_versions"] == [], rollout
+    assert "Rollout: v2 served 10% of the searches (sticky per user)" in demo.log
+    for step in ("[5/7] shadow v2 --rate 0.5", "[6/7] activate v2 --percent 10",
+                 "[7/7] activate v2"):
+        assert step in demo.log, step

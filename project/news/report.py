@@ -45,14 +45,19 @@ def fmt_ms(value: float | None) -> str:
 
 
 def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: str,
-          migrate_start: float | None, migrate_end: float | None, title: str) -> Path:
+          migrate_start: float | None, migrate_end: float | None, title: str,
+          shadow: tuple[float, float, str] | None = None,
+          rollout: tuple[float, float, str] | None = None) -> Path:
+    """The timeline: new-version coverage, read latency per serving version, reads per second
+    per serving version, writes; the build (grey), the shadow reads and the rollout (shaded
+    spans, labelled with ``shadow``'s and ``rollout``'s (start, end, text)) and the flip."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_cov, ax_lat, ax_w) = plt.subplots(
-        3, 1, figsize=(11, 8), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]}
+    fig, (ax_cov, ax_lat, ax_reads, ax_w) = plt.subplots(
+        4, 1, figsize=(11, 10), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.5, 1]}
     )
     samples = [s for s in recorder.samples if s.version == new_version and s.total]
     if samples:
@@ -75,6 +80,26 @@ def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: 
     ax_lat.set_ylabel("read latency (ms)")
     ax_lat.set_yscale("log")
 
+    # Reads per second, stacked by the version that served them (one bar per second).
+    ok_reads = [r for r in recorder.reads if r.ok]
+    if ok_reads:
+        edges = np.arange(0, int(max(r.t for r in ok_reads)) + 2, 1.0)
+        bottom = np.zeros(len(edges) - 1)
+        for version in sorted(by_version):
+            counts, _ = np.histogram([r.t for r in ok_reads if r.version == version], bins=edges)
+            ax_reads.bar(edges[:-1], counts, width=1.0, bottom=bottom, align="edge",
+                         label=f"reads/s served by {version}")
+            bottom += counts
+    ax_reads.set_ylabel("reads/s")
+    spans = [(span, color) for span, color in ((shadow, "tab:cyan"), (rollout, "tab:orange"))
+             if span is not None]
+    for (start, end, text), color in spans:
+        for ax in (ax_lat, ax_reads):
+            ax.axvspan(start, end, color=color, alpha=0.15, zorder=0)
+        ax_reads.annotate(text, (start, 1.0), xycoords=("data", "axes fraction"),
+                          xytext=(2, -2), textcoords="offset points", va="top", fontsize=8,
+                          color="black")
+
     for kind, color, y in (("edit", "tab:blue", 1), ("insert", "tab:orange", 0)):
         times = [w.t for w in recorder.writes if w.kind == kind]
         ax_w.scatter(times, [y] * len(times), marker="|", s=80, color=color,
@@ -83,7 +108,7 @@ def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: 
     ax_w.set_ylim(-0.7, 1.7)
     ax_w.set_xlabel("seconds since the demo started")
 
-    for ax in (ax_cov, ax_lat, ax_w):
+    for ax in (ax_cov, ax_lat, ax_reads, ax_w):
         if migrate_start is not None and migrate_end is not None:
             ax.axvspan(migrate_start, migrate_end, color="0.92", zorder=0)
         if flip_t is not None:
@@ -91,7 +116,7 @@ def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: 
     if flip_t is not None:
         ax_cov.annotate(f"flip to {new_version}", (flip_t, 50), xytext=(5, 0),
                         textcoords="offset points", color="red")
-    for ax in (ax_cov, ax_lat, ax_w):
+    for ax in (ax_cov, ax_lat, ax_reads, ax_w):
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -1,5 +1,9 @@
 """Live traffic for the demo: threads that keep searching, editing and inserting articles, and a
-sampler of the new version's coverage, all recorded with timestamps for the report and chart."""
+sampler of the new version's coverage, all recorded with timestamps for the report and chart.
+
+Each search is made by one of ``USERS`` simulated users, drawn at random, and passes the user's id
+as ``search(..., key=...)``: during a gradual rollout (``activate --percent``) a user stays on one
+version."""
 
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ EDIT_SUFFIXES = [
     "The story was updated with comments from officials.",
 ]
 
+USERS = 200  # simulated users making the searches (each search's rollout key)
+
 
 @dataclass
 class Read:
@@ -44,6 +50,7 @@ class Read:
     version: str  # the version that served it ("" if it failed)
     query: str
     error: str = ""
+    user: str = ""  # the search's key (a simulated user)
 
 
 @dataclass
@@ -125,19 +132,20 @@ class Traffic:
     def _reader(self) -> None:
         while not self._stop.is_set():
             query = self.rng.choice(SEARCH_QUERIES)
+            user = f"user-{self.rng.randrange(USERS)}"
             started = time.monotonic()
             try:
                 close_old_connections()
-                results = Article.embedding.search(query, k=self.k)
+                results = Article.embedding.search(query, k=self.k, key=user)
                 latency = (time.monotonic() - started) * 1000
                 version = results[0].embedding_version if results else ""
                 ok = len(results) == self.k and all(r.distance is not None for r in results)
                 error = "" if ok else f"{len(results)} results instead of {self.k}"
-                read = Read(self.recorder.now(), latency, ok, version, query, error)
+                read = Read(self.recorder.now(), latency, ok, version, query, error, user)
             except Exception as exc:  # a failed read is counted, never hidden
                 latency = (time.monotonic() - started) * 1000
                 read = Read(self.recorder.now(), latency, False, "", query,
-                            f"{type(exc).__name__}: {exc}"[:300])
+                            f"{type(exc).__name__}: {exc}"[:300], user)
             with self.recorder.lock:
                 self.recorder.reads.append(read)
             self._stop.wait(self.read_interval)

