@@ -48,17 +48,22 @@ def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: 
           migrate_start: float | None, migrate_end: float | None, title: str,
           shadow: tuple[float, float, str] | None = None,
           rollout: tuple[float, float, str] | None = None) -> Path:
-    """The timeline: new-version coverage, read latency per serving version, reads per second
-    per serving version, writes; the build (grey), the shadow reads and the rollout (shaded
-    spans, labelled with ``shadow``'s and ``rollout``'s (start, end, text)) and the flip."""
+    """The timeline: new-version coverage, read latency per serving version and writes over the
+    whole run (the build shaded grey, the flip a red line); below them, zoomed on the shadow
+    reads and the rollout (``shadow``'s and ``rollout``'s (start, end, legend text), shaded),
+    the version that served each search."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_cov, ax_lat, ax_reads, ax_w) = plt.subplots(
-        4, 1, figsize=(11, 10), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.5, 1]}
-    )
+    zoom = shadow is not None or rollout is not None
+    fig, axes = plt.subplots(
+        4 if zoom else 3, 1, figsize=(11, 10.5 if zoom else 8),
+        gridspec_kw={"height_ratios": [2, 2, 1, 1.3] if zoom else [2, 2, 1]})
+    ax_cov, ax_lat, ax_w = axes[:3]
+    for ax in (ax_lat, ax_w):
+        ax.sharex(ax_cov)
     samples = [s for s in recorder.samples if s.version == new_version and s.total]
     if samples:
         ax_cov.plot([s.t for s in samples], [100 * s.done / s.total for s in samples],
@@ -70,35 +75,16 @@ def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: 
     for read in recorder.reads:
         if read.ok:
             by_version.setdefault(read.version, []).append((read.t, read.latency_ms))
+    colors = {version: f"C{number}" for number, version in enumerate(sorted(by_version))}
     for version, points in sorted(by_version.items()):
         ax_lat.scatter([p[0] for p in points], [p[1] for p in points], s=6,
-                       label=f"search served by {version}")
+                       color=colors[version], label=f"search served by {version}")
     failed = [r for r in recorder.reads if not r.ok]
     if failed:
         ax_lat.scatter([r.t for r in failed], [r.latency_ms for r in failed], s=30, marker="x",
                        color="red", label=f"failed reads ({len(failed)})")
     ax_lat.set_ylabel("read latency (ms)")
     ax_lat.set_yscale("log")
-
-    # Reads per second, stacked by the version that served them (one bar per second).
-    ok_reads = [r for r in recorder.reads if r.ok]
-    if ok_reads:
-        edges = np.arange(0, int(max(r.t for r in ok_reads)) + 2, 1.0)
-        bottom = np.zeros(len(edges) - 1)
-        for version in sorted(by_version):
-            counts, _ = np.histogram([r.t for r in ok_reads if r.version == version], bins=edges)
-            ax_reads.bar(edges[:-1], counts, width=1.0, bottom=bottom, align="edge",
-                         label=f"reads/s served by {version}")
-            bottom += counts
-    ax_reads.set_ylabel("reads/s")
-    spans = [(span, color) for span, color in ((shadow, "tab:cyan"), (rollout, "tab:orange"))
-             if span is not None]
-    for (start, end, text), color in spans:
-        for ax in (ax_lat, ax_reads):
-            ax.axvspan(start, end, color=color, alpha=0.15, zorder=0)
-        ax_reads.annotate(text, (start, 1.0), xycoords=("data", "axes fraction"),
-                          xytext=(2, -2), textcoords="offset points", va="top", fontsize=8,
-                          color="black")
 
     for kind, color, y in (("edit", "tab:blue", 1), ("insert", "tab:orange", 0)):
         times = [w.t for w in recorder.writes if w.kind == kind]
@@ -108,16 +94,45 @@ def chart(recorder: Recorder, path: Path, *, flip_t: float | None, new_version: 
     ax_w.set_ylim(-0.7, 1.7)
     ax_w.set_xlabel("seconds since the demo started")
 
-    for ax in (ax_cov, ax_lat, ax_reads, ax_w):
+    spans = [(span, color) for span, color in ((shadow, "tab:cyan"), (rollout, "tab:orange"))
+             if span is not None]
+    for ax in (ax_cov, ax_lat, ax_w):
         if migrate_start is not None and migrate_end is not None:
             ax.axvspan(migrate_start, migrate_end, color="0.92", zorder=0)
+        for (start, end, _), color in spans:
+            ax.axvspan(start, end, color=color, alpha=0.2, zorder=0)
         if flip_t is not None:
             ax.axvline(flip_t, color="red", linestyle="--", linewidth=1)
     if flip_t is not None:
         ax_cov.annotate(f"flip to {new_version}", (flip_t, 50), xytext=(5, 0),
                         textcoords="offset points", color="red")
-    for ax in (ax_cov, ax_lat, ax_reads, ax_w):
+    for ax in (ax_cov, ax_lat, ax_w):
         ax.legend(loc="upper left", fontsize=8)
+
+    if zoom:
+        # Each search as a tick on the row of the version that served it, from a few seconds
+        # before the shadow reads to the end of the traffic.
+        ax_z = axes[3]
+        starts = [span[0] for span, _ in spans]
+        ends = [t for t in (flip_t, *(span[1] for span, _ in spans)) if t is not None]
+        last = max((r.t for r in recorder.reads), default=max(ends))
+        first = min(starts) - 0.3 * (max(ends) - min(starts))
+        versions = sorted(by_version)
+        for row, version in enumerate(versions):
+            times = [r.t for r in recorder.reads if r.ok and r.version == version
+                     and first <= r.t <= last]
+            ax_z.scatter(times, [row] * len(times), marker="|", s=120, color=colors[version],
+                         label=f"searches served by {version} ({len(times)})")
+        for (start, end, text), color in spans:
+            ax_z.axvspan(start, end, color=color, alpha=0.2, zorder=0, label=text)
+        if flip_t is not None:
+            ax_z.axvline(flip_t, color="red", linestyle="--", linewidth=1,
+                         label=f"flip to {new_version}")
+        ax_z.set_yticks(range(len(versions)), [f"served by {v}" for v in versions])
+        ax_z.set_ylim(-0.8, len(versions) - 0.2 + 1.2)
+        ax_z.set_xlim(first, last + 0.5)
+        ax_z.set_xlabel("seconds since the demo started (zoom: shadow reads, rollout, flip)")
+        ax_z.legend(loc="upper left", fontsize=8, ncol=3)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

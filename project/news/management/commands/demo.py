@@ -1,10 +1,14 @@
 """``manage.py demo``: a real embedding model upgrade on real BBC News articles, with live traffic.
 
-all-MiniLM-L6-v2 (384 dims, version v1) -> all-mpnet-base-v2 (768 dims, version v2) with
-``embeddings migrate`` while threads keep searching, editing and inserting articles; then a report
-(timings, throughput, read latency and failed reads before / during / after the flip, freshness of
-every row written during the migration, compare), a timeline chart, retire + drop of v1, and the
-admin served on 127.0.0.1.
+all-MiniLM-L6-v2 (384 dims, version v1) -> all-mpnet-base-v2 (768 dims, version v2) while threads
+keep searching (as simulated users, each search keyed by its user), editing and inserting
+articles: v2 is added, backfilled, indexed and verified (``migrate``'s steps one by one, so that
+it serves nothing yet), shadowed on the live searches for a phase (``embeddings shadow --rate
+0.5``, answered on the Celery workers), rolled out to 10% of the searches for a phase (``activate
+--percent 10``), then activated. Then a report (timings, throughput, read latency, failed reads
+and the serving versions before / during the build / shadow / rollout / after the flip, the
+shadow summary, the rollout's reads per version, freshness of every row written during the
+migration, compare), a timeline chart, retire + drop of v1, and the admin served on 127.0.0.1.
 
 Everything the report says is measured in this run. Ctrl-C stops every process this command started
 (the Celery workers; the embedded PostgreSQL and Redis stop with the last process using them).
@@ -60,7 +64,7 @@ ROLLOUT_PERCENT = 10
 # At 10% of ~3.5 searches/s, a phase of a few seconds may see no v2 read at all: the rollout
 # phase lasts --phase-seconds and, past that, until each version has served this many reads,
 # at most ROLLOUT_MAX_FACTOR x --phase-seconds (then the flip goes on; the report says what it saw).
-ROLLOUT_MIN_READS = 2
+ROLLOUT_MIN_READS = 1
 ROLLOUT_MAX_FACTOR = 6
 FRESH_COSINE = 0.999  # a stored vector equal to a fresh encode of the row's current text
 
@@ -366,7 +370,8 @@ class Command(BaseCommand):
             title=(f"{V1} ({V1_ALIAS}) -> {V2} ({V2_ALIAS}) on {total_rows} articles, "
                    "under live reads and writes"),
             shadow=(shadow_start, rollout_t, shadow_figures["line"]),
-            rollout=(rollout_t, flip_t, f"{ROLLOUT_PERCENT}% rollout"),
+            rollout=(rollout_t, flip_t, f"{ROLLOUT_PERCENT}% rollout: " + ", ".join(
+                f"{name} {count}" for name, count in rollout_figures["served_by"].items())),
         )
 
         # --- retire and drop v1 --------------------------------------------------------------
@@ -566,7 +571,7 @@ class Command(BaseCommand):
             "served_ms": _round(seen.served_seconds and seen.served_seconds * 1000, 1),
             "candidate_ms": _round(seen.candidate_seconds and seen.candidate_seconds * 1000, 1),
             "unranked_rows": seen.unranked_rows,
-            "line": (f"shadow {SHADOW_RATE:.0%}: {seen.queries} queries, overlap@10 "
+            "line": (f"shadow reads at {SHADOW_RATE:.0%}: {seen.queries} queries, mean overlap@10 "
                      + ("-" if seen.mean_overlap is None else f"{seen.mean_overlap:.2f}")),
             "summary": seen.line(),
         }
