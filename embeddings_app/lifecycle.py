@@ -325,8 +325,7 @@ def _roll_out(target: str, version: EmbeddingVersion, percent: int, *, actor: st
         version.rollout_percent = percent
         version.save(update_fields=["rollout_percent"])
         record_event(version, actor=actor, note=f"rollout: serves {percent}% of the searches")
-        active.invalidate(target)
-        transaction.on_commit(lambda: active.invalidate(target))
+        forget_snapshot(target)
 
 
 def end_rollout(version: EmbeddingVersion, *, actor: str = "", note: str = "rollout ended") -> None:
@@ -407,8 +406,7 @@ def rollback(target: str, *, actor: str = "") -> EmbeddingVersion:
         if rolling:  # a gradual rollout: its candidate stops serving, the active version stays
             for candidate in rolling:
                 end_rollout(candidate, actor=actor, note="rollback of the rollout")
-            active.invalidate(target)
-            transaction.on_commit(lambda: active.invalidate(target))
+            forget_snapshot(target)
             return next(v for v in versions.values() if v.state == State.ACTIVE)
         previous = _rollback_target(versions.values())
         if previous is None:
@@ -450,11 +448,15 @@ def _flip(target: str, version: EmbeddingVersion, *, actor: str, note: str,
             if other.state == State.ACTIVE:
                 transition(other, State.STANDBY, actor=actor, note=f"{note}: replaced by {version}")
         transition(version, State.ACTIVE, actor=actor, note=note)
-        # This process switches at once; every other one within EMBEDDINGS["ACTIVE_CACHE_TTL"]
-        # of the commit. Forgetting the snapshot now as well is safe: one re-read before the
-        # commit still expires within the bound.
-        active.invalidate(target)
-        transaction.on_commit(lambda: active.invalidate(target))
+        forget_snapshot(target)
+
+
+def forget_snapshot(target: str) -> None:
+    """Inside a step that changes which versions serve ``target``'s reads: this process switches
+    at once; every other one within EMBEDDINGS["ACTIVE_CACHE_TTL"] of the commit. Forgetting the
+    snapshot now as well is safe: one re-read before the commit still expires within the bound."""
+    active.invalidate(target)
+    transaction.on_commit(lambda: active.invalidate(target))
 
 
 def retire(target: str, version_name: str, *, actor: str = "") -> EmbeddingVersion:

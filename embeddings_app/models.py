@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from .exceptions import UnknownVersion, VersionNotReady
@@ -375,3 +377,18 @@ class ServedReads(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} reads at {self.hour:%Y-%m-%d %H:00}"
+
+
+def current_hour() -> datetime:
+    return timezone.now().replace(minute=0, second=0, microsecond=0)
+
+
+def add_to_hour(model: type[ShadowBucket] | type[ServedReads], version_id: int, hour: datetime,
+                **amounts: float) -> bool:
+    """Add ``amounts`` to the columns of ``version_id``'s row of ``hour`` in an hourly table
+    (``ShadowBucket``, ``ServedReads``), in one UPDATE, so concurrent writers never lose a
+    count; True when this call created the row."""
+    row, created = model.objects.get_or_create(version_id=version_id, hour=hour)
+    model.objects.filter(pk=row.pk).update(**{name: F(name) + amount
+                                              for name, amount in amounts.items()})
+    return created

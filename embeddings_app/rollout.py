@@ -30,11 +30,11 @@ import zlib
 from collections import defaultdict
 from datetime import timedelta
 
-from django.db.models import F, Sum
+from django.db.models import Sum
 from django.utils import timezone
 
 from . import active
-from .models import EmbeddingVersion, ServedReads
+from .models import EmbeddingVersion, ServedReads, add_to_hour, current_hour
 
 __all__ = ["FLUSH_SECONDS", "bucket", "flush", "has_pending", "note_read", "reads",
            "reads_line", "serving"]
@@ -83,11 +83,9 @@ def flush() -> None:
         pending = dict(_pending)
         _pending.clear()
         _last_flush[0] = time.monotonic()
-    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
-    for version_id, (reads, seconds) in pending.items():
-        row, _ = ServedReads.objects.get_or_create(version_id=version_id, hour=hour)
-        ServedReads.objects.filter(pk=row.pk).update(reads=F("reads") + int(reads),
-                                                     seconds=F("seconds") + seconds)
+    hour = current_hour()
+    for version_id, (count, seconds) in pending.items():
+        add_to_hour(ServedReads, version_id, hour, reads=int(count), seconds=seconds)
 
 
 def reads(target: str, hours: int = 24) -> list[tuple[str, int, float]]:

@@ -33,13 +33,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from django.db.models import F, Sum
-from django.utils import timezone
+from django.db.models import Sum
 
-from . import active, encoders, stores
+from . import encoders, stores
 from .config import get_config
 from .exceptions import Refused
-from .models import EmbeddingVersion, ShadowBucket, State
+from .models import EmbeddingVersion, ShadowBucket, State, add_to_hour, current_hour
 from .sources import source_hash
 
 if TYPE_CHECKING:
@@ -116,21 +115,16 @@ def record(candidate_pk: int, text: str, k: int, served_keys: list[str],
         "served_seconds": served_seconds,
         "candidate_seconds": candidate_seconds,
     }
-    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
-    bucket, created = ShadowBucket.objects.get_or_create(version=candidate, hour=hour)
+    hour = current_hour()
+    rank = figures["rank"]
+    created = add_to_hour(
+        ShadowBucket, candidate.pk, hour, queries=1, overlap_sum=figures["overlap"],
+        rank_sum=rank if rank is not None else 0.0, rank_queries=1 if rank is not None else 0,
+        served_seconds=served_seconds, candidate_seconds=candidate_seconds,
+        unranked_rows=figures["unranked"])
     if created:
         ShadowBucket.objects.filter(version=candidate,
                                     hour__lt=hour - timedelta(hours=KEEP_HOURS)).delete()
-    rank = figures["rank"]
-    ShadowBucket.objects.filter(pk=bucket.pk).update(
-        queries=F("queries") + 1,
-        overlap_sum=F("overlap_sum") + figures["overlap"],
-        rank_sum=F("rank_sum") + (rank if rank is not None else 0.0),
-        rank_queries=F("rank_queries") + (1 if rank is not None else 0),
-        served_seconds=F("served_seconds") + served_seconds,
-        candidate_seconds=F("candidate_seconds") + candidate_seconds,
-        unranked_rows=F("unranked_rows") + figures["unranked"],
-    )
     return figures
 
 
@@ -210,7 +204,7 @@ def start(target: str, version_name: str, rate: float, *, actor: str = "") -> Em
         version.save(update_fields=["shadow_rate"])
         lifecycle.record_event(version, actor=actor,
                                note=f"shadow reads at {rate:.0%} of plain searches")
-    active.invalidate(target)
+        lifecycle.forget_snapshot(target)
     return version
 
 
@@ -226,7 +220,7 @@ def stop(target: str, *, actor: str = "") -> list[EmbeddingVersion]:
                 version.save(update_fields=["shadow_rate"])
                 lifecycle.record_event(version, actor=actor, note="shadow reads off")
                 stopped.append(version)
-    active.invalidate(target)
+        lifecycle.forget_snapshot(target)
     return stopped
 
 
@@ -243,12 +237,14 @@ def gate_problems(version: EmbeddingVersion) -> list[str]:
     if seen.queries < config.shadow_min_queries:
         problems.append(f"{version} has {seen.queries} shadow queries, fewer than "
                         f'EMBEDDINGS["SHADOW_MIN_QUERIES"] = {config.shadow_min_queries}; {hint}.')
-    if config.shadow_min_overlap is not None and seen.queries and (
-            seen.mean_overlap is not None and seen.mean_overlap < config.shadow_min_overlap):
+    if config.shadow_min_overlap is None:
+        return problems
+    if not seen.queries:
+        if not problems:  # the count's line already says to shadow it
+            problems.append(f"{version} has no shadow queries to measure its overlap against "
+                            f'EMBEDDINGS["SHADOW_MIN_OVERLAP"]; {hint}.')
+    elif seen.mean_overlap < config.shadow_min_overlap:
         problems.append(f"{version}'s mean shadow overlap@k is {seen.mean_overlap:.3f} over "
                         f"{seen.queries} queries, below EMBEDDINGS[\"SHADOW_MIN_OVERLAP\"] = "
                         f"{config.shadow_min_overlap}: its answers differ from the served ones.")
-    if config.shadow_min_overlap is not None and not seen.queries and not problems:
-        problems.append(f"{version} has no shadow queries to measure its overlap against "
-                        f'EMBEDDINGS["SHADOW_MIN_OVERLAP"]; {hint}.')
     return problems

@@ -256,8 +256,9 @@ class Command(BaseCommand):
         for v in measured:  # as last measured by add, verify or compare (never tokenized here)
             self.stdout.write(_truncation_line(v))
         for name in targets:  # a gradual rollout, and the reads each version served
-            for v in EmbeddingVersion.objects.for_target(name).filter(rollout_percent__gt=0):
-                self.stdout.write(f"rollout: {v} serves {v.rollout_percent}% of the searches")
+            for v in measured:  # a rollout's candidate is ready: among them, already read
+                if v.target == name and v.rollout_percent:
+                    self.stdout.write(f"rollout: {v} serves {v.rollout_percent}% of the searches")
             line = rollout.reads_line(name)
             if line:
                 self.stdout.write(line)
