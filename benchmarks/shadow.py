@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                     samples[mode].append(time.perf_counter() - started)
                 # The worker catches up before the mode changes (a task delivered after its
                 # shadowing stopped records nothing), so each block bears its own mode's work.
+                shadow.flush(60)  # the process's publisher thread has sent the block's tasks
                 consuming(True)
                 deadline = time.monotonic() + 600
                 while shadow.summary(v2).queries < len(published) and time.monotonic() < deadline:

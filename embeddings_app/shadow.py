@@ -9,10 +9,14 @@ comparison to the candidate's hourly ``ShadowBucket``.
 
 Invariants:
 
-* **The user's read pays at most an enqueue.** The served results are computed and returned as
-  without shadowing; the candidate is named by the search's snapshot (``active.Snapshot``,
-  refreshed at most ``ACTIVE_CACHE_TTL`` late); a broker that refuses the task is logged, never
-  raised.
+* **The user's read pays at most an enqueue, in memory.** The served results are computed and
+  returned as without shadowing; the candidate is named by the search's snapshot
+  (``active.Snapshot``, refreshed at most ``ACTIVE_CACHE_TTL`` late). A sampled search puts its
+  task on the process's bounded publish queue (``PUBLISH_QUEUE_SIZE``) and returns; one daemon
+  thread per process publishes to the broker. A full queue (a broker slower than the searches)
+  drops the sample, counted and logged; a broker that refuses a task is logged, never raised. At
+  process exit the thread gets ``EXIT_FLUSH_SECONDS`` to publish what is queued; what is left
+  is lost, as a lost shadow read is one sample fewer, never a wrong figure.
 * **No query text is kept.** The task carries it to the worker; the buckets keep sums only.
 * **Shadowing ends at activate, rollback, retire and drop** (``lifecycle.transition`` sets every
   rate of the target to 0 in the step's transaction), and a task that reaches a worker after
@@ -25,8 +29,12 @@ Invariants:
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,33 +52,96 @@ from .sources import source_hash
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
 
-__all__ = ["KEEP_HOURS", "SHADOWABLE_STATES", "ShadowSummary", "gate_problems", "maybe_shadow",
-           "overlap", "rank_correlation", "record", "start", "stop", "summary"]
+__all__ = ["KEEP_HOURS", "PUBLISH_QUEUE_SIZE", "SHADOWABLE_STATES", "ShadowSummary",
+           "flush", "gate_problems", "maybe_shadow", "overlap", "rank_correlation", "record",
+           "start", "stop", "summary"]
 
 logger = logging.getLogger(__name__)
 
 KEEP_HOURS = 24 * 14  # hourly buckets kept per candidate: two weeks
 # A candidate must be complete and kept fresh: a ready version, or the standby one.
 SHADOWABLE_STATES = (State.READY, State.STANDBY)
+PUBLISH_QUEUE_SIZE = 1000  # shadow tasks waiting for the broker, per process
+EXIT_FLUSH_SECONDS = 2.0
 
 
 # --- on the request path ------------------------------------------------------------------
+class _Publisher:
+    """The process's publish queue and the daemon thread that empties it into the broker. Made
+    again in a forked child (a web server's or Celery's workers): a thread does not survive a
+    fork, and the parent's queue may have been copied mid-operation."""
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._guard = threading.Lock()
+        self._queue: queue.Queue[tuple] = queue.Queue(PUBLISH_QUEUE_SIZE)
+        self.dropped = 0
+
+    def submit(self, task: tuple) -> bool:
+        if self._pid != os.getpid():
+            self._start()
+        try:
+            self._queue.put_nowait(task)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % PUBLISH_QUEUE_SIZE == 0:
+                logger.warning("shadow reads dropped: %d so far (the broker is slower than the "
+                               "searches; lower the shadow rate)", self.dropped)
+            return False
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every queued task to be published (or to fail);
+        True when none is left."""
+        deadline = time.monotonic() + timeout
+        while self._pid == os.getpid() and self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _start(self) -> None:
+        with self._guard:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.Queue(PUBLISH_QUEUE_SIZE)
+            threading.Thread(target=self._run, args=(self._queue,), daemon=True,
+                             name="embeddings-shadow-publisher").start()
+            self._pid = os.getpid()
+
+    @staticmethod
+    def _run(tasks_queue: queue.Queue[tuple]) -> None:
+        from . import tasks  # load-bearing lazy import: tasks imports search's callers (lifecycle)
+
+        while True:
+            task = tasks_queue.get()
+            try:
+                tasks.send_shadow_read(*task)
+            except Exception:  # the broker's failure is one sample fewer
+                logger.warning("shadow read of version %s not sent", task[0], exc_info=True)
+            finally:
+                tasks_queue.task_done()
+
+
+_publisher = _Publisher()
+atexit.register(_publisher.flush, EXIT_FLUSH_SECONDS)
+
+
+def flush(timeout: float = 10.0) -> bool:
+    """Publish this process's queued shadow reads now (tests, a clean shutdown); True when the
+    queue is empty."""
+    return _publisher.flush(timeout)
+
+
 def maybe_shadow(field: VersionedEmbedding, candidate: EmbeddingVersion | None,
                  served: EmbeddingVersion, text: str, k: int, results: list[Any],
                  served_seconds: float) -> bool:
-    """After a plain search served by ``served``: send it to the shadowed ``candidate`` (of the
-    search's snapshot) with its probability. True when a task was sent."""
+    """After a plain search served by ``served``: queue it for the shadowed ``candidate`` (of
+    the search's snapshot) with its probability. True when it was queued."""
     if candidate is None or candidate.pk == served.pk or random.random() >= candidate.shadow_rate:
         return False
-    from . import tasks  # load-bearing lazy import: tasks imports search's callers (lifecycle)
-
-    try:
-        tasks.send_shadow_read(candidate.pk, text, k, [str(obj.pk) for obj in results],
-                               served_seconds)
-    except Exception:  # the user's read never fails for its shadow
-        logger.warning("shadow read of %s not sent", candidate, exc_info=True)
-        return False
-    return True
+    return _publisher.submit((candidate.pk, text, k, [str(obj.pk) for obj in results],
+                              served_seconds))
 
 
 # --- on a worker --------------------------------------------------------------------------

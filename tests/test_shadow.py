@@ -46,16 +46,22 @@ def v1_active_v2_ready(make_articles: Callable[[int], list]) -> tuple[EmbeddingV
 
 @pytest.fixture
 def published() -> Iterator[list[tuple]]:
-    """The shadow-read tasks this process sends (Celery's ``before_task_publish``)."""
+    """The shadow-read tasks this process sends (Celery's ``before_task_publish``), and for each
+    the name of the thread that published it (in ``publishers``)."""
     sent: list[tuple] = []
+    publishers.clear()
 
     def count(sender: str | None = None, body: tuple | None = None, **_: object) -> None:
         if sender == "embeddings_app.shadow_read":
             sent.append(body[0] if body else ())
+            publishers.append(threading.current_thread().name)
 
     before_task_publish.connect(count, weak=False)
     yield sent
     before_task_publish.disconnect(count)
+
+
+publishers: list[str] = []
 
 
 def recorded(version: EmbeddingVersion) -> int:
@@ -91,7 +97,10 @@ def test_live_searches_are_shadowed_on_a_worker_at_the_rate_and_recorded_as_reco
         thread.join(120)
     assert not problems, problems
     assert served_by == {"v1"}  # the candidate never serves
+    assert shadow.flush()
     assert 23 <= len(published) <= 67, len(published)
+    # The readers only queued their samples: the process's publisher thread sent every task.
+    assert set(publishers) == {"embeddings-shadow-publisher"}
     wait_until(lambda: recorded(v2) == len(published), timeout=90,
                what=f"the worker recording {len(published)} shadow reads")
     sampled = shadow.summary(v2)
@@ -102,6 +111,7 @@ def test_live_searches_are_shadowed_on_a_worker_at_the_rate_and_recorded_as_reco
     shadow.start(TARGET, "v2", 1.0)
     served = {text: [str(obj.pk) for obj in Article.embedding.search(text, k=K)]
               for text in QUERIES}
+    assert shadow.flush()
     assert len(published) == len(QUERIES)
     wait_until(lambda: recorded(v2) == len(QUERIES), timeout=90, what="10 shadow reads recorded")
 
@@ -143,11 +153,13 @@ def test_activate_and_rollback_end_shadow_reads_and_late_tasks_record_nothing(
     _v1, v2 = v1_active_v2_ready
     shadow.start(TARGET, "v2", 1.0)
     Article.embedding.search(QUERIES[0], k=K)
+    assert shadow.flush()
     assert len(published) == 1
     lifecycle.activate(TARGET, "v2", force=True)
     assert EmbeddingVersion.objects.get(pk=v2.pk).shadow_rate == 0
     for text in QUERIES:
         Article.embedding.search(text, k=K)
+    assert shadow.flush()
     assert len(published) == 1  # none after the flip
     # A task sent before the flip and delivered after it records nothing.
     assert shadow.record(v2.pk, QUERIES[0], K, [], 0.01) is None
