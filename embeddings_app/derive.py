@@ -22,7 +22,8 @@ Invariants:
   left missing and embedded by the backfill that ``embeddings derive`` runs next;
 * the lineage (parent and kind) is recorded on the version (``derived_from``, ``derivation``)
   and in its history; a bit version's parent cannot be dropped while the child is not
-  (``lifecycle.dependent_children``);
+  (``lifecycle.dependent_children``), and the child is not activated while the parent is not
+  complete and written (``lifecycle.rerank_parent_problems``);
 * refusals name no command-line flag: an error about one argument names it in ``option``.
 """
 

@@ -47,7 +47,7 @@ from . import (
 from .config import MAX_INDEXED_VECTOR_DIMENSIONS, ModelSpec, get_config
 from .exceptions import Refused, VersionNotReady
 from .indexes import BuildPlan, Progress
-from .models import WRITTEN_STATES, EmbeddingVersion, State, VersionEvent
+from .models import EmbeddingVersion, State, VersionEvent
 from .verify import VerifyReport
 from .verify import verify as run_verify
 
@@ -359,7 +359,8 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
 
     It must be complete and fresh, verified (a passing ``verify`` of its current fingerprint, at
     most ``EMBEDDINGS["VERIFY_MAX_AGE"]`` seconds old) and indexed (a valid HNSW index); with a
-    shadow gate set, measured on enough live searches (``shadow.gate_problems``).
+    shadow gate set, measured on enough live searches (``shadow.gate_problems``); a bit
+    version, its parent complete and kept fresh (``rerank_parent_problems``).
     """
     target, name = version.target, version.version
     problems = []
@@ -391,11 +392,32 @@ def activation_problems(version: EmbeddingVersion) -> list[str]:
                         f"`manage.py embeddings index {target} {name}` first.")
     problems.extend(shadow.gate_problems(version))
     parent = version.derived_from if version.storage == "bit" else None
-    if parent is not None and parent.state not in WRITTEN_STATES:
-        problems.append(f"{version} re-ranks its candidates by {parent}, which is "
-                        f"{parent.state} (not kept fresh); derive a new bit version from a "
-                        "written version.")
+    if parent is not None:
+        problems.extend(rerank_parent_problems(version, parent))
     return problems
+
+
+# The states in which a version's vectors are complete and kept fresh: what a bit version's
+# re-rank reads (a row without a parent vector drops out of the bit version's results).
+COMPLETE_STATES = (State.READY, State.ACTIVE, State.STANDBY)
+
+
+def rerank_parent_problems(version: EmbeddingVersion, parent: EmbeddingVersion) -> list[str]:
+    """Why the bit version ``version`` may not serve yet because of ``parent``, whose exact
+    distances re-rank its candidates: the parent must be complete and kept fresh (ready,
+    active or standby, and written). (A bit version can be derived from a parent that is still
+    backfilling: its own backfill embeds the rows the parent lacks.)"""
+    target = parent.target
+    if parent.state in (State.RETIRED, State.DROPPED):
+        return [f"{version} re-ranks its candidates by {parent}, which is {parent.state} (not "
+                "kept fresh); derive a new bit version from a written version."]
+    if parent.write_error:
+        return [f"{version} re-ranks its candidates by {parent}: {unwritable_reason(parent)}"]
+    if parent.state not in COMPLETE_STATES:
+        return [f"{version} re-ranks its candidates by {parent}, which is {parent.state} (rows "
+                "without its vector would drop out of the results); finish its backfill "
+                f"(`manage.py embeddings backfill {target} {parent.version}`) first."]
+    return []
 
 
 def rollback(target: str, *, actor: str = "") -> EmbeddingVersion:

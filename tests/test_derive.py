@@ -3,7 +3,8 @@ the table (truncated and re-normalized, half precision, or binary-quantized), on
 the derived vectors, their agreement with the model's own truncated or quantized output (verify),
 searches against brute force with the query transformed the same way (a bit version: its Hamming
 candidates re-ranked by the parent's exact distance), the lineage in `status`, the parent kept
-while a bit child needs it, and the refusals (one line; a flag only through the command)."""
+while a bit child needs it, a bit child activated only once its parent is complete, and the
+refusals (one line; a flag only through the command)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from embeddings_app import derive, encoders, lifecycle, stores
+from embeddings_app import backfill, derive, encoders, lifecycle, stores
 from embeddings_app.config import get_config
 from embeddings_app.exceptions import Refused
 from embeddings_app.models import EmbeddingVersion, State
@@ -250,6 +251,35 @@ def test_the_parent_of_a_bit_version_is_kept_until_the_child_is_dropped(small_pa
     call_command("embeddings", "drop", TARGET, "v3", "--yes")
     call_command("embeddings", "drop", TARGET, "v1", "--yes")
     assert EmbeddingVersion.objects.get_version(TARGET, "v1").state == State.DROPPED
+
+
+def test_a_bit_version_is_activated_only_once_its_parent_is_backfilled(make_articles):
+    # v1's backfill runs one of its three batches: v1 is backfilling, with one vector of three.
+    make_articles(3)
+    call_command("embeddings", "add", TARGET, "v1", "--model", "minilm")
+    run, ranges = backfill.start(EmbeddingVersion.objects.get_version(TARGET, "v1"),
+                                 batch_size=1, mode="inline")
+    backfill.run_batch(run.pk, 0)
+    # The bits of v3 are derived from v1's one vector, the other two embedded by v3's backfill.
+    call_command("embeddings", "derive", TARGET, "v3", "--from", "v1", "--storage", "bit",
+                 "--sample", "1", "--inline")
+    assert lifecycle.readiness(EmbeddingVersion.objects.get_version(TARGET, "v3")).problems == []
+    assert lifecycle.verify(TARGET, "v3").passed
+    call_command("embeddings", "index", TARGET, "v3")
+    with pytest.raises(CommandError) as refused:
+        call_command("embeddings", "activate", TARGET, "v3")
+    assert str(refused.value) == (
+        "news.Article.embedding@v3 re-ranks its candidates by news.Article.embedding@v1, which "
+        "is backfilling (rows without its vector would drop out of the results); finish its "
+        "backfill (`manage.py embeddings backfill news.Article.embedding v1`) first.")
+    assert EmbeddingVersion.objects.get_version(TARGET, "v3").state == State.READY
+    for number in range(1, len(ranges)):  # the rest of v1's backfill; the last batch ends it
+        backfill.run_batch(run.pk, number)
+    assert EmbeddingVersion.objects.get_version(TARGET, "v1").state == State.READY
+    call_command("embeddings", "activate", TARGET, "v3")
+    assert EmbeddingVersion.objects.get_version(TARGET, "v3").state == State.ACTIVE
+    hits = Article.embedding.search("a cup final in football", k=3)
+    assert len(hits) == 3 and {hit.embedding_version for hit in hits} == {"v3"}
 
 
 def test_the_rerank_oversampling_setting_is_validated_with_a_check_id():
