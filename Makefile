@@ -65,10 +65,27 @@ browser:
 	    || echo "WARNING: could not install chromium; the browser tests will fail"; \
 	fi
 
-# The whole suite on Django 5.2, then DJANGO6_TESTS on Django 6.1 (ARGS6: its pytest options).
+# The whole suite on Django 5.2 and DJANGO6_TESTS on Django 6.1 (ARGS6: its pytest options). By
+# default side by side, the Django 6.1 run with its own embedded services (EMBEDDINGS_DATA_DIR
+# .data-django6) and its output printed after the suite's; one after the other when DATABASE_URL
+# or CELERY_BROKER_URL names shared services (the two runs would share a test database or queue).
+# Fails when either fails.
+ifeq ($(DATABASE_URL)$(CELERY_BROKER_URL),)
+test: venv infinity browser django6
+	@mkdir -p test-artifacts
+	@EMBEDDINGS_DATA_DIR=$(CURDIR)/.data-django6 $(DJANGO6_VENV)/bin/python -m pytest $(ARGS6) \
+	  $(DJANGO6_TESTS) > test-artifacts/django6.log 2>&1 & django6=$$!; \
+	echo "Django 6.1 tests running beside the suite (output: test-artifacts/django6.log)"; \
+	$(PY) -m pytest $(ARGS); suite=$$?; \
+	wait $$django6; other=$$?; \
+	echo "=== Django 6.1: $(DJANGO6_TESTS) ==="; cat test-artifacts/django6.log; \
+	echo "Django 5.2 suite: exit $$suite; Django 6.1 tests: exit $$other"; \
+	test $$suite -eq 0 && test $$other -eq 0
+else
 test: venv infinity browser django6
 	$(PY) -m pytest $(ARGS)
 	$(DJANGO6_VENV)/bin/python -m pytest $(ARGS6) $(DJANGO6_TESTS)
+endif
 
 test-django6: django6
 	$(DJANGO6_VENV)/bin/python -m pytest $(ARGS6) $(DJANGO6_TESTS)
@@ -80,4 +97,4 @@ bench: venv
 	$(PY) -m benchmarks $(ARGS)
 
 clean-data:
-	rm -rf .data
+	rm -rf .data .data-django6
