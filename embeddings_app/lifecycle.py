@@ -34,6 +34,7 @@ from django.utils import timezone
 from . import (
     active,
     capture,
+    chunking,
     encoders,
     indexes,
     limits,
@@ -131,14 +132,31 @@ def record_event(version: EmbeddingVersion, *, actor: str = "", note: str) -> No
 
 
 def add(target: str, version_name: str, alias: str, *, layout: str | None = None,
+        chunks: int | None = None, overlap: int | None = None,
         actor: str = "") -> EmbeddingVersion:
     """Register a version: load its model once (real dimension, fingerprint), add its storage:
     two columns on the target's table, or a table of its own (``layout``, by default
-    ``EMBEDDINGS["LAYOUT"]``)."""
+    ``EMBEDDINGS["LAYOUT"]``). With ``chunks`` (tokens per chunk; ``overlap`` tokens, default 0)
+    a chunked version (``embeddings_app.chunking``): table layout, one vector per chunk."""
     field = registry.get(target)
+    if chunks is None and overlap is not None:
+        raise Refused("A chunk overlap applies to chunked versions only; give a chunk size too.",
+                      option="overlap")
+    if chunks is not None:
+        if layout not in (None, "table"):
+            raise Refused("A chunked version lives in a table of its own; add it in the table "
+                          "layout.", option="layout")
+        layout = "table"
     store_class = stores.store_class(layout or get_config().layout)
     check_version_name(target, version_name)
     spec, encoder, storage_type = load_new_model(alias)
+    chunking_fields: dict[str, int] = {}
+    if chunks is not None:
+        if storage_type == "bit":
+            raise Refused("A chunked version stores vector or halfvec chunks, not bits.")
+        chunk_tokens, chunk_overlap = chunking.check_parameters(spec, encoder, chunks, overlap or 0)
+        chunking_fields = {"chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap}
+        store_class = stores.ChunkStore
     store_class.check_new(field, version_name)
     # The probe set, embedded now (outside the transaction: an API call can be slow).
     probe_texts, probe_vectors = probes.initial(encoder, target)
@@ -152,8 +170,10 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
             target, version_name, versions, spec=spec, encoder=encoder, storage=storage_type,
             layout=store_class.layout, names=store_class.names(field, version_name),
             probe_texts=probe_texts, probe_vectors=probe_vectors, actor=actor,
-            truncation=measured.as_dict(),
-            note=f"added with {spec.model}@{spec.revision} ({store_class.layout} layout)")
+            truncation=measured.as_dict(), chunk_fields=chunking_fields,
+            note=f"added with {spec.model}@{spec.revision} ({store_class.layout} layout"
+                 + (f", chunks of {chunks} tokens overlapping by at most {overlap or 0}"
+                    if chunks is not None else "") + ")")
         version.store.add()
     return version
 
@@ -214,7 +234,8 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
                    spec: ModelSpec, encoder: encoders.Encoder, storage: str, layout: str,
                    names: dict[str, str], probe_texts: list[str], probe_vectors: bytes,
                    actor: str, note: str, derived_from: EmbeddingVersion | None = None,
-                   derivation: str = "", truncation: dict | None = None) -> EmbeddingVersion:
+                   derivation: str = "", truncation: dict | None = None,
+                   chunk_fields: dict[str, int] | None = None) -> EmbeddingVersion:
     """The record of a new version (state ``new``) and its first event, and the target's change
     capture (installed or brought up to date), inside ``locked_versions(target)``
     (``versions``); the caller adds its storage."""
@@ -228,6 +249,7 @@ def create_version(target: str, version_name: str, versions: dict[int, Embedding
             probe_texts=probe_texts, probe_vectors=probe_vectors,
             library_versions=encoder.library_versions(),
             derived_from=derived_from, derivation=derivation, truncation=truncation or {},
+            **(chunk_fields or {}),
         )
     except IntegrityError:  # a writer that bypassed the lock: still one clear line
         raise _name_taken(target, version_name) from None

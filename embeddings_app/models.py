@@ -80,6 +80,11 @@ class EmbeddingVersion(models.Model):
     table = models.CharField(max_length=63, blank=True, default="",
                              help_text="the version's own table (table layout)")
     state = models.CharField(max_length=20, choices=State.choices, default=State.NEW)
+    # A chunked version (embeddings_app.chunking; table layout only): each row's text is cut into
+    # chunks of at most ``chunk_tokens`` of the model's tokens, overlapping by at most
+    # ``chunk_overlap``, one vector per chunk. None: one vector per row (a whole-row version).
+    chunk_tokens = models.PositiveIntegerField(null=True, blank=True)
+    chunk_overlap = models.PositiveIntegerField(default=0)
     # Lineage (``embeddings derive``): the version this one was computed from, and how
     # ("first 256 dimensions", "halfvec", "bit"). A "bit" version re-ranks its candidates by the
     # parent's vectors, so the parent is kept (``lifecycle.dependent_children``).

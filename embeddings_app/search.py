@@ -23,10 +23,10 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connection, connections, models
 
-from . import active, encoders, limits, rollout, shadow
+from . import active, chunking, encoders, limits, rollout, shadow
 from .exceptions import Refused, VersionMismatch
 from .models import EmbeddingVersion
-from .stores import VersionStore
+from .stores import ChunkStore, VersionStore
 
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
@@ -109,6 +109,11 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     store = version.store
     _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block, k=k,
                            store=store)
+    if isinstance(store, ChunkStore):  # the k best distinct rows by their best chunk
+        results = chunking.nearest_rows(field, store, base, vector_literal(vector), k)
+        for obj in results:
+            obj.embedding_version = version.version
+        return results
     compiled = None
     where: tuple[str, list[Any]] | None = None
     if _is_plain(base):
@@ -276,7 +281,8 @@ def _set_search_parameters(db: Any, version: EmbeddingVersion, *, filtered: bool
         if version.storage == "bit":
             wanted["hnsw.iterative_scan"] = "relaxed_order" if filtered or iterate else "off"
         else:
-            wanted["hnsw.iterative_scan"] = "strict_order" if filtered else "off"
+            # A chunked version (``iterate``) always: its k rows may need more chunks.
+            wanted["hnsw.iterative_scan"] = "strict_order" if filtered or iterate else "off"
     if local:
         changes = wanted
     else:

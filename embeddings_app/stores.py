@@ -11,8 +11,11 @@ column or table in SQL.
   ``vector``, ``source_hash`` and ``row_version`` (the ``xmin`` of the user's row the vector was
   written against). A backfill only inserts there; the user's table is never rewritten, and
   ``drop`` is ``DROP TABLE``: the space is back at once.
+* ``ChunkStore`` (a chunked version, table layout): a ``TableStore`` whose table holds one vector
+  per chunk of a row's text, keyed by (row key, chunk number), with the per-row source hash and
+  row version in ``<table>__rows`` (``embeddings_app.chunking``).
 
-Both keep the same invariants (docs/backfill.md, "Compare-and-set"):
+All keep the same invariants (docs/backfill.md, "Compare-and-set"):
 
 * a vector is written only while the user's row is still the version (``xmin``) its source text
   was read from: a slow writer never overwrites a newer vector;
@@ -898,6 +901,219 @@ class TableStore(VersionStore):
         return queryset.extra(where=[self._format(self.sql_catch_up)])
 
 
+class ChunkStore(TableStore):
+    """A chunked version (``embeddings_app.chunking``): one vector per chunk of a row's text, in a
+    table of the version's own keyed by (row key, ``chunk_no``), with the HNSW index over chunks;
+    beside it ``<table>__rows``, one record per row with the row's source hash and the row version
+    it was written against (what a ``TableStore`` keeps beside its vector). Both reference the
+    user's table ``ON DELETE CASCADE``.
+
+    The write keeps the side table's compare-and-set (the user's rows locked ``FOR SHARE``, a row
+    written only while still at the version read) and writes only what changed: a chunk whose
+    number, hash and offsets are stored already is left as it is, a chunk sent without a vector
+    takes the stored vector of the row's chunk with the same hash, chunks past the row's new count
+    are deleted."""
+
+    rows_suffix = "__rows"
+    sql_add = ("CREATE TABLE {relation} ("
+               "{key} {pk_type} NOT NULL REFERENCES {table} ({pk}) ON DELETE CASCADE, "
+               "chunk_no integer NOT NULL, chunk_hash bytea NOT NULL, "
+               "start_char integer NOT NULL, end_char integer NOT NULL, {vector} {vec_type}, "
+               "PRIMARY KEY ({key}, chunk_no))")
+    sql_add_rows = ("CREATE TABLE {rows} ("
+                    "{key} {pk_type} PRIMARY KEY REFERENCES {table} ({pk}) ON DELETE CASCADE, "
+                    "{hash} bytea, row_version xid NOT NULL)")
+    sql_comment_rows = "COMMENT ON TABLE {rows} IS %s"
+    sql_drop = "DROP TABLE IF EXISTS {relation}, {rows}"
+    sql_coverage = "SELECT (SELECT count({hash}) FROM {rows}), (SELECT count(*) FROM {table})"
+    sql_catch_up = ("NOT EXISTS (SELECT 1 FROM {rows} AS v WHERE v.{key} = {table}.{pk} "
+                    "AND v.row_version = {table}.xmin)")
+    sql_lock_rows = ("SELECT t.{pk}, t.xmin::text FROM {table} AS t "
+                     "WHERE t.{pk} = ANY(%s::{pk_type}[]) ORDER BY t.{pk} FOR SHARE OF t")
+    sql_stored_hashes = ("SELECT {key}, chunk_hash FROM {relation} "
+                         "WHERE {key} = ANY(%s::{pk_type}[])")
+    sql_chunk_staging = ("CREATE TEMP TABLE IF NOT EXISTS {staging} (pk {pk_type}, "
+                         "chunk_no integer, chunk_hash bytea, start_char integer, "
+                         "end_char integer, vec {staged_type}) ON COMMIT DELETE ROWS")
+    sql_copy_chunks = ("COPY {staging} (pk, chunk_no, chunk_hash, start_char, end_char, vec) "
+                       "FROM STDIN WITH (FORMAT BINARY)")
+    # Rows one of whose chunks was sent without a vector while the row has no stored chunk of
+    # that hash any more: left out of this write (a conflict).
+    sql_lost_reuse = ("SELECT DISTINCT s.pk FROM {staging} AS s WHERE s.vec IS NULL AND NOT EXISTS "
+                      "(SELECT 1 FROM {relation} AS c WHERE c.{key} = s.pk "
+                      "AND c.chunk_hash = s.chunk_hash)")
+    sql_write_rows = ("INSERT INTO {rows} AS v ({key}, {hash}, row_version) "
+                      "SELECT k, h, x::xid FROM unnest(%s::{pk_type}[], %s::bytea[], %s::text[]) "
+                      "AS u(k, h, x) ORDER BY k "
+                      "ON CONFLICT ({key}) DO UPDATE SET {hash} = EXCLUDED.{hash}, "
+                      "row_version = EXCLUDED.row_version")
+    sql_write_chunks = ("INSERT INTO {relation} AS c ({key}, chunk_no, chunk_hash, start_char, "
+                        "end_char, {vector}) "
+                        "SELECT s.pk, s.chunk_no, s.chunk_hash, s.start_char, s.end_char, "
+                        "coalesce({staged_vec}, (SELECT o.{vector} FROM {relation} AS o "
+                        "WHERE o.{key} = s.pk AND o.chunk_hash = s.chunk_hash LIMIT 1)) "
+                        "FROM {staging} AS s WHERE s.pk = ANY(%s::{pk_type}[]) "
+                        "ORDER BY s.pk, s.chunk_no "
+                        "ON CONFLICT ({key}, chunk_no) DO UPDATE SET "
+                        "chunk_hash = EXCLUDED.chunk_hash, start_char = EXCLUDED.start_char, "
+                        "end_char = EXCLUDED.end_char, {vector} = EXCLUDED.{vector} "
+                        "WHERE (c.chunk_hash, c.start_char, c.end_char) IS DISTINCT FROM "
+                        "(EXCLUDED.chunk_hash, EXCLUDED.start_char, EXCLUDED.end_char)")
+    sql_delete_surplus = ("DELETE FROM {relation} AS c WHERE c.{key} = ANY(%s::{pk_type}[]) "
+                          "AND c.chunk_no >= coalesce((SELECT max(s.chunk_no) + 1 "
+                          "FROM {staging} AS s WHERE s.pk = c.{key}), 0)")
+    sql_nearest = ("SELECT c.{key}, c.chunk_no, c.start_char, c.end_char, "
+                   "c.{vector} <=> %s::{vec_type} AS distance FROM {relation} AS c "
+                   "WHERE c.{vector} IS NOT NULL{filter} "
+                   "ORDER BY c.{vector} <=> %s::{vec_type} LIMIT %s")
+    sql_read_chunks = ("SELECT {key}, {vector} FROM {relation} WHERE {key} = ANY(%s::{pk_type}[]) "
+                       "AND {vector} IS NOT NULL ORDER BY {key}, chunk_no")
+    sql_read_all = ("SELECT t.{pk}, r.{hash} FROM {table} AS t "
+                    "LEFT JOIN {rows} AS r ON r.{key} = t.{pk}")
+    sql_sample = ("SELECT c.{key}, c.{vector}, r.{hash}, c.start_char, c.end_char "
+                  "FROM {relation} AS c JOIN {rows} AS r ON r.{key} = c.{key} "
+                  "WHERE c.{vector} IS NOT NULL ORDER BY random() LIMIT %s")
+
+    @property
+    def rows_relation(self) -> str:
+        """The table of one record per row: its source hash and row version."""
+        return self.relation + self.rows_suffix
+
+    def _format(self, template: str, **extra: Any) -> str:
+        return super()._format(template, rows=qn(self.rows_relation), **extra)
+
+    @classmethod
+    def check_new(cls, field: VersionedEmbedding, version_name: str) -> None:
+        super().check_new(field, version_name)
+        rows = cls.names(field, version_name)["table"] + cls.rows_suffix
+        if len(rows) > MAX_IDENTIFIER_LENGTH:
+            raise Refused(f'The name "{rows}" is longer than PostgreSQL\'s '
+                          f"{MAX_IDENTIFIER_LENGTH} characters; choose a shorter version name.")
+        if rows in connection.introspection.table_names():
+            raise Refused(f'Table "{rows}" already exists; choose another version name.')
+
+    def describe(self) -> str:
+        return f"tables {self.relation} and {self.rows_relation}"
+
+    def relations(self) -> list[str]:
+        return [self.relation, self.rows_relation]
+
+    def _after_add(self, cursor: Any) -> None:
+        cursor.execute(self._format(self.sql_add_rows))
+        comment = STORE_COMMENT.format(target=self.version.target, version=self.version.version)
+        cursor.execute(self._format(self.sql_comment), [comment])
+        cursor.execute(self._format(self.sql_comment_rows), [comment])
+
+    def exists(self) -> bool:
+        return bool(set(self.relations()) & set(connection.introspection.table_names()))
+
+    def hash_sql(self, row: str) -> str:
+        return (f"(SELECT v.{qn(self.hash_column)} FROM {qn(self.rows_relation)} AS v "
+                f"WHERE v.{qn(self.key)} = {row}.{qn(self.field.model._meta.pk.column)})")
+
+    def search_settings(self, ef_search: int, k: int) -> tuple[int, bool]:
+        """Always iterative: the k distinct rows may need more chunks than ef_search."""
+        return ef_search, True
+
+    # --- the write path ---------------------------------------------------------------------
+    def stored_chunk_hashes(self, pks: Sequence[Any]) -> dict[Any, set[bytes]]:
+        """Row key -> the hashes of its stored chunks."""
+        found: dict[Any, set[bytes]] = {}
+        if not pks:
+            return found
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_stored_hashes), [list(pks)])
+            for pk, digest in cursor.fetchall():
+                found.setdefault(pk, set()).add(bytes(digest))
+        return found
+
+    def write(self, rows: Sequence[tuple[Any, bytes, Any]],
+              expected: Mapping[Any, str] | None = None) -> dict[Any, str]:
+        """``(pk, source_hash, chunks)`` rows (``chunks``: ``chunking.ChunkRow``s, or None for
+        a blank text): the class docstring's write, with ``VersionStore.write``'s contract."""
+        if not rows:
+            return {}
+        register_types()
+        pk_type = pk_db_type(self.field)
+        storage = self.staged_storage
+        staging = qn(f"embeddings_chunk_staging_{storage}_{int(self.version.dimensions)}_"
+                     f"{pk_type.split('(')[0]}")
+        rows = sorted(rows, key=lambda row: _sort_key(row[0]))
+        with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_lock_rows), [[row[0] for row in rows]])
+            current = dict(cursor.fetchall())
+            kept = [row for row in rows if row[0] in current and (
+                expected is None or current[row[0]] == expected.get(row[0]))]
+            if not kept:
+                return {}
+            cursor.execute(self._format(self.sql_chunk_staging, staging=staging))
+            cursor.execute(self.sql_empty_staging.format(staging=staging))
+            with cursor.cursor.copy(self.sql_copy_chunks.format(staging=staging)) as copy:
+                copy.set_types([pk_type, "int4", "bytea", "int4", "int4", storage])
+                for pk, _, chunks in kept:
+                    for number, digest, start, end, vector in chunks or ():
+                        copy.write_row((pk, number, digest, start, end,
+                                        _to_db_vector(storage, vector)))
+            cursor.execute(self._format(self.sql_lost_reuse, staging=staging))
+            lost = {pk for (pk,) in cursor.fetchall()}
+            kept = [row for row in kept if row[0] not in lost]
+            if not kept:
+                return {}
+            keys = [row[0] for row in kept]
+            cursor.execute(self._format(self.sql_write_rows),
+                           [keys, [row[1] for row in kept], [current[key] for key in keys]])
+            cursor.execute(self._format(self.sql_write_chunks, staging=staging), [keys])
+            cursor.execute(self._format(self.sql_delete_surplus, staging=staging), [keys])
+        return {key: current[key] for key in keys}
+
+    # --- reads ------------------------------------------------------------------------------
+    def read_chunk_vectors(self, pks: Sequence[Any]) -> dict[Any, np.ndarray]:
+        """Row key -> its chunk vectors (one row per chunk, in chunk order)."""
+        register_types()
+        found: dict[Any, list[np.ndarray]] = {}
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_read_chunks), [list(pks)])
+            for pk, vector in cursor.fetchall():
+                found.setdefault(pk, []).append(as_array(vector))
+        return {pk: np.vstack(vectors) for pk, vectors in found.items()}
+
+    def read_vector(self, pk: Any) -> np.ndarray | None:
+        """The row's chunk vectors as one array (chunks x dimensions), or None."""
+        return self.read_chunk_vectors([pk]).get(pk)
+
+    def read_all(self) -> dict[Any, tuple[np.ndarray | None, bytes | None]]:
+        """pk -> (its chunk vectors, chunks x dimensions, or None; stored source hash)."""
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_read_all))
+            hashes = {pk: None if digest is None else bytes(digest)
+                      for pk, digest in cursor.fetchall()}
+        vectors = self.read_chunk_vectors(list(hashes))
+        return {pk: (vectors.get(pk), digest) for pk, digest in hashes.items()}
+
+    def read_vectors(self, pks: Sequence[Any]) -> dict[Any, tuple[np.ndarray, bytes | None]]:
+        raise Refused(f"{self.version} is chunked: it has no one vector per row to derive "
+                      "from; derive from a whole-row version.")
+
+    def sample(self, size: int) -> list[tuple[Any, Any, bytes | None, int, int]]:
+        """``size`` random chunks: (pk, vector, the row's source hash, start, end)."""
+        register_types()
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_sample), [size])
+            return cursor.fetchall()
+
+    # --- search -----------------------------------------------------------------------------
+    def nearest_chunks(self, literal: str, keys_sql: str, keys_params: Sequence[Any],
+                       limit: int) -> list[tuple[Any, int, int, int, float]]:
+        """The ``limit`` chunks nearest to the query (cosine distance), nearest first, of the
+        rows whose keys ``keys_sql`` selects (all rows if empty): (key, chunk_no, start, end,
+        distance)."""
+        where = f" AND c.{qn(self.key)} IN ({keys_sql})" if keys_sql else ""
+        with connection.cursor() as cursor:
+            cursor.execute(self._format(self.sql_nearest, filter=where),
+                           [literal, *keys_params, literal, int(limit)])
+            return cursor.fetchall()
+
+
 class ExistingVectors:
     """Vectors an application already has, read by ``embeddings adopt``
     (``embeddings_app.adopt``): a vector column of the user's table (``table`` None), or a
@@ -1174,6 +1390,8 @@ def store_class(layout: str) -> type[VersionStore]:
 
 
 def store_for(version: EmbeddingVersion, field: VersionedEmbedding | None = None) -> VersionStore:
+    if version.chunk_tokens:  # a chunked version (table layout only: ``lifecycle.add``)
+        return ChunkStore(version, field)
     return store_class(version.layout)(version, field)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from django.db import models, transaction
 from django.utils import timezone
 
-from . import encoders, sources, stores
+from . import chunking, encoders, sources, stores
 from .config import get_config
 from .exceptions import PrecisionMismatch, ProviderError
 from .models import EmbeddingVersion, RowFailure, State, VersionEvent
@@ -50,6 +50,7 @@ class SyncStats:
     skipped: int = 0  # empty source: hash recorded, vector left NULL
     conflicted: int = 0  # source changed between read and write: left to the newer writer
     failed: int = 0
+    chunks_encoded: int = 0  # chunks of chunked versions encoded (the others kept their vectors)
     # (version id, row key, error) of every failed row
     errors: list[tuple[int, Any, str]] = field(default_factory=list)
 
@@ -59,13 +60,15 @@ class SyncStats:
         self.skipped += other.skipped
         self.conflicted += other.conflicted
         self.failed += other.failed
+        self.chunks_encoded += other.chunks_encoded
         self.errors.extend(other.errors[: MAX_RECORDED_ERRORS - len(self.errors)])
 
 
 @dataclass
 class _Pending:
     version: EmbeddingVersion
-    rows: list[tuple[Any, bytes, np.ndarray | None]]  # (pk, source hash, vector or None)
+    # (pk, source hash, vector or None); a chunked version's: its chunks (chunking.ChunkRow)
+    rows: list[tuple[Any, bytes, Any]]
 
 
 @dataclass
@@ -158,7 +161,14 @@ def prepare(field: EmbeddingSource, versions: Sequence[EmbeddingVersion],
         if not stale:
             continue
         to_encode = [pk for pk in stale if texts[pk].strip()]
-        by_pk, failed = _encode_isolating(encoders_by_version[version.pk], to_encode, texts)
+        encoder = encoders_by_version[version.pk]
+        if version.chunk_tokens:  # a chunked version: only the chunks not stored yet are encoded
+            by_pk, failed, encoded = chunking.plan_rows(
+                version, encoder, stores.store_for(version, field), to_encode, texts,
+                lambda keys, by_key, encoder=encoder: _encode_isolating(encoder, keys, by_key))
+            stats.chunks_encoded += encoded
+        else:
+            by_pk, failed = _encode_isolating(encoder, to_encode, texts)
         for pk, error in failed.items():
             stats.failed += 1
             if len(stats.errors) < MAX_RECORDED_ERRORS:

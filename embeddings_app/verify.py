@@ -147,15 +147,17 @@ def _compare_sample(field_: Any, version: EmbeddingVersion, encoder: encoders.En
         return
     instances = {obj.pk: obj for obj in field_.source_queryset().filter(pk__in=[r[0] for r in rows])}
     keys, texts, stored = [], [], []
-    for pk, vector, source_hash in rows:
+    # A chunked version's sample is of chunks: (pk, vector, the row's hash, start, end); each is
+    # compared with the embedding of the same span of the row's text.
+    for pk, vector, source_hash, *span in rows:
         obj = instances.get(pk)
         if obj is None:
             continue  # deleted meanwhile
         text = field_.source_text(obj)
         if source_hash is None or bytes(source_hash) != field_.source_hash(text):
             continue  # stale: counted above; its vector was made from another text
-        keys.append(str(pk))
-        texts.append(text)
+        keys.append(f"{pk} chunk at {span[0]}:{span[1]}" if span else str(pk))
+        texts.append(text[span[0]:span[1]] if span else text)
         stored.append(stores.as_array(vector))
     report.compared = len(keys)
     if not keys:

@@ -50,6 +50,11 @@ class Command(BaseCommand):
         p.add_argument("--model", required=True, metavar="ALIAS")
         p.add_argument("--layout", choices=LAYOUTS,
                        help='where its vectors live (default: EMBEDDINGS["LAYOUT"], "column")')
+        p.add_argument("--chunks", type=int, metavar="TOKENS",
+                       help="a chunked version: one vector per chunk of at most TOKENS of the "
+                            "model's tokens (table layout; search ranks rows by their best chunk)")
+        p.add_argument("--overlap", "--chunk-overlap", dest="overlap", type=int, metavar="TOKENS",
+                       help="tokens neighbouring chunks may share (default 0)")
 
         p = sub.add_parser("adopt", help="register vectors you already have as a version, "
                            "without re-encoding them (a sample is re-embedded and compared)")
@@ -294,8 +299,9 @@ class Command(BaseCommand):
             f"{', '.join(field.source_fields or ())}, are queued in {queue.queue}."))
 
     def do_add(self, target: str, version: str, model: str, layout: str | None = None,
-               **_: Any) -> None:
-        record = lifecycle.add(target, version, model, layout=layout, actor=ACTOR)
+               chunks: int | None = None, overlap: int | None = None, **_: Any) -> None:
+        record = lifecycle.add(target, version, model, layout=layout, chunks=chunks,
+                               overlap=overlap, actor=ACTOR)
         self.stdout.write(self.style.SUCCESS(
             f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}); "
             f"{record.store.describe()}. Next: embeddings backfill {target} {version}"
