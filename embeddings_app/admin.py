@@ -41,7 +41,7 @@ def _cell(obj: EmbeddingVersion, field: str, text: str, title: str = "") -> str:
 
 @admin.register(EmbeddingVersion)
 class EmbeddingVersionAdmin(admin.ModelAdmin):
-    list_display = ("target", "version", "derived", "model_at_revision", "dims", "storage", "layout",
+    list_display = ("target", "version", "derived", "model_at_revision", "dims", "storage", "layout_cell",
                     "state_badge", "active_mark", "coverage", "stale_rows", "failures",
                     "index_state", "truncated", "rate_eta", "change_queue", "rollout_share",
                     "last_change")
@@ -55,7 +55,7 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
     change_form_template = "admin/embeddings_app/embeddingversion/change_form.html"
     fieldsets = (
         (None, {"fields": ("target", "version", "state", "layout", "table", "column",
-                           "hash_column")}),
+                           "hash_column", "chunk_tokens", "chunk_overlap")}),
         ("Lineage", {"fields": ("derived_from", "derivation")}),
         ("Pinned model", {"fields": ("model_alias", "model_name", "revision", "fingerprint",
                                      "encode_settings", "dimensions", "storage", "distance")}),
@@ -99,6 +99,10 @@ class EmbeddingVersionAdmin(admin.ModelAdmin):
     @admin.display(description="dims", ordering="dimensions")
     def dims(self, obj: EmbeddingVersion) -> int:
         return obj.dimensions
+
+    @admin.display(description="layout", ordering="layout")
+    def layout_cell(self, obj: EmbeddingVersion) -> str:
+        return obj.layout_label
 
     @admin.display(description="derived from")
     def derived(self, obj: EmbeddingVersion) -> str:

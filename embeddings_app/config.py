@@ -7,7 +7,7 @@ parsed setting or raises ``ConfigurationError`` with the first problem.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -86,6 +86,10 @@ MODEL_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "document_prompt": ((str,), "a string"),
     "max_seq_length": ((int,), "a positive integer"),
     "storage": ((str,), '"vector" or "halfvec"'),
+    # Chunked versions (embeddings_app.chunking): every version added with this alias embeds
+    # chunks of at most "chunks" of the model's tokens, neighbours sharing at most "chunk_overlap".
+    "chunks": ((int,), "a positive number of tokens"),
+    "chunk_overlap": ((int,), "a number of tokens >= 0"),
     # Local models (docs/devices.md): the pinned precision, the precisions a worker may compute
     # this alias's versions at instead (probes must agree), texts per forward pass.
     "precision": ((str,), '"float32", "float16" or "bfloat16"'),
@@ -109,7 +113,7 @@ REQUIRED_MODEL_KEYS = ("model", "revision")
 PROVIDERS = ("sentence-transformers", "openai")
 # Keys that only mean something for one provider.
 LOCAL_ONLY_KEYS = frozenset({"max_seq_length", "precision", "compatible_precisions",
-                             "encode_batch_size"})
+                             "encode_batch_size", "chunks", "chunk_overlap"})
 API_ONLY_KEYS = frozenset({"base_url", "api_key_env", "max_batch_inputs", "max_batch_tokens",
                            "max_input_tokens", "tokens_per_minute", "requests_per_minute",
                            "timeout", "price_per_million_tokens"})
@@ -148,6 +152,10 @@ class ModelSpec:
     precision: str = DEFAULT_PRECISION
     compatible_precisions: tuple[str, ...] = ()
     encode_batch_size: int | dict[str, int] | None = None
+    # Not encode settings: how a version's rows are cut, stored on the version (``add``); left
+    # out of comparisons, so the loaded model is shared by specs that differ only in them.
+    chunks: int | None = field(default=None, compare=False)
+    chunk_overlap: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Hashable and comparable whatever the setting's container types (the encoder cache
@@ -391,6 +399,8 @@ def _validate_model(alias: Any, spec: Any) -> list[Problem]:
         types, description = MODEL_KEYS[key]
         is_int = types == (int,)
         ok = _positive_int(value) if is_int else isinstance(value, types)
+        if key == "chunk_overlap":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         if types == (int, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key in ("query_prompt", "document_prompt", "truncate_dim", "dimensions",
@@ -413,6 +423,16 @@ def _validate_model(alias: Any, spec: Any) -> list[Problem]:
                                 "files cannot silently change the vectors."))
     problems.extend(_validate_provider(where, spec))
     problems.extend(_validate_device_keys(where, spec))
+    chunks, overlap = spec.get("chunks"), spec.get("chunk_overlap")
+    if overlap is not None and chunks is None:
+        problems.append(Problem("embeddings.E090",
+                                f'{where} sets "chunk_overlap" but not "chunks".',
+                                'Set "chunks" (tokens per chunk) too, or remove "chunk_overlap".'))
+    elif (_positive_int(chunks) and isinstance(overlap, int) and not isinstance(overlap, bool)
+          and overlap >= chunks):
+        problems.append(Problem("embeddings.E091",
+                                f'{where}["chunk_overlap"] ({overlap}) must be below "chunks" '
+                                f"({chunks}).", "e.g. an overlap of a tenth of the chunk size."))
     storage = spec.get("storage")
     if isinstance(storage, str) and storage not in STORAGES:
         problems.append(Problem("embeddings.E008",

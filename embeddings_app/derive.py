@@ -122,6 +122,9 @@ def derive(target: str, version_name: str, parent_name: str, *, dimensions: int 
                       option="storage")
     if parent.storage == "bit":
         raise Refused(f"{parent} is binary-quantized: derive from a full-precision version.")
+    if parent.chunk_tokens:
+        raise Refused(f"{parent} is chunked (one vector per chunk, not per row); derive from a "
+                      "whole-row version, or add a chunked version of the model you want.")
     if storage == "bit" and dimensions is not None:
         raise Refused("A bit version keeps its parent's dimensions (its candidates are re-ranked "
                       "by the parent's vectors): derive the bits without dimensions, or from a "

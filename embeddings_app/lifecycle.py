@@ -137,8 +137,15 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
     """Register a version: load its model once (real dimension, fingerprint), add its storage:
     two columns on the target's table, or a table of its own (``layout``, by default
     ``EMBEDDINGS["LAYOUT"]``). With ``chunks`` (tokens per chunk; ``overlap`` tokens, default 0)
-    a chunked version (``embeddings_app.chunking``): table layout, one vector per chunk."""
+    a chunked version (``embeddings_app.chunking``): table layout, one vector per chunk. Both
+    default to the alias's ``"chunks"`` and ``"chunk_overlap"``; ``chunks=0`` is whole rows."""
     field = registry.get(target)
+    alias_spec = get_config().model(alias)
+    if chunks is None and alias_spec.chunks:  # the alias's own settings (EMBEDDINGS["MODELS"])
+        chunks = alias_spec.chunks
+        overlap = alias_spec.chunk_overlap if overlap is None else overlap
+    elif chunks == 0:  # whole rows, whatever the alias says
+        chunks = None
     if chunks is None and overlap is not None:
         raise Refused("A chunk overlap applies to chunked versions only; give a chunk size too.",
                       option="overlap")

@@ -170,6 +170,15 @@ class EmbeddingVersion(models.Model):
         return store_for(self)
 
     @property
+    def layout_label(self) -> str:
+        """``column`` or ``table``; a chunked version (a table): ``chunks:TOKENS`` and
+        ``/OVERLAP`` if any."""
+        if not self.chunk_tokens:
+            return self.layout
+        return f"chunks:{self.chunk_tokens}" + (f"/{self.chunk_overlap}" if self.chunk_overlap
+                                                 else "")
+
+    @property
     def lineage(self) -> str:
         """``v3 <- v1 (bit)`` for a derived version, else ``""``."""
         if self.derived_from_id is None:

@@ -247,3 +247,47 @@ def test_add_refuses_chunks_outside_a_side_table_or_longer_than_the_model_reads(
         with pytest.raises(CommandError, match=message):
             call_command("embeddings", "add", TARGET, "v1", "--model", "tiny", *flags)
     assert not EmbeddingVersion.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)  # migrate builds the index CONCURRENTLY
+def test_minilm_chunked_by_its_alias_settings_finds_a_sentence_past_the_models_token_limit(
+        make_articles, settings, capsys):
+    """The real MiniLM reads 256 tokens of a row; chunked (the alias's "chunks": 128 and
+    "chunk_overlap": 16, through `migrate`), a sentence from the end of a long article finds it,
+    with that chunk."""
+    models = settings.EMBEDDINGS["MODELS"]
+    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "VERIFY_SAMPLE": 12, "MODELS": {
+        **models, "minilm": {**models["minilm"], "chunks": 128, "chunk_overlap": 16}}}
+    articles = make_articles(6)
+    call_command("embeddings", "migrate", TARGET, "--to", "minilm", "--inline")
+    version = EmbeddingVersion.objects.get(target=TARGET, state=State.ACTIVE)
+    assert (version.chunk_tokens, version.chunk_overlap) == (128, 16)
+    field = Article.embedding
+    tokenizer = encoders.for_version(version).model.tokenizer
+    long = max(articles, key=lambda a: len(field.source_text(a)))
+    text = field.source_text(long)
+    assert len(tokenizer(text)["input_ids"]) > 2 * 256
+    sentence = [s for s in text.rstrip().split(". ") if len(s.split()) > 8][-1]
+    assert len(tokenizer(text[: text.index(sentence)])["input_ids"]) > 256  # past the limit
+    best = Article.embedding.search(sentence, k=3)[0]
+    assert best.pk == long.pk
+    assert best.chunk.start <= text.index(sentence) < best.chunk.end
+    assert best.chunk.text == text[best.chunk.start:best.chunk.end]
+    capsys.readouterr()
+    call_command("embeddings", "status", TARGET)
+    assert "chunks:128/16" in capsys.readouterr().out
+
+
+def test_chunk_settings_of_an_alias_are_checked():
+    from embeddings_app.config import validate
+
+    base = {"model": "m", "revision": "abc123"}
+
+    def ids(spec: dict) -> set[str]:
+        return {problem.id for problem in validate({"MODELS": {"m": {**base, **spec}}})}
+
+    assert ids({"chunks": 128, "chunk_overlap": 0}) == set()
+    assert ids({"chunk_overlap": 8}) == {"embeddings.E090"}
+    assert ids({"chunks": 64, "chunk_overlap": 64}) == {"embeddings.E091"}
+    assert ids({"chunks": 0}) == {"embeddings.E008"}
+    assert ids({"chunks": 64, "chunk_overlap": -1}) == {"embeddings.E008"}

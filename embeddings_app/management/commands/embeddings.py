@@ -35,6 +35,17 @@ from embeddings_app.models import STORED_STATES, BackfillRun, EmbeddingVersion, 
 ACTOR = "manage.py"
 
 
+def _chunk_arguments(parser: Any) -> None:
+    """``--chunks`` and ``--overlap`` (a chunked version: embeddings_app.chunking)."""
+    parser.add_argument("--chunks", type=int, metavar="TOKENS",
+                        help="a chunked version: one vector per chunk of at most TOKENS of the "
+                             "model's tokens, in a table of its own; search ranks rows by their "
+                             'best chunk (default: the alias\'s "chunks"; 0: whole rows)')
+    parser.add_argument("--overlap", "--chunk-overlap", dest="overlap", type=int,
+                        metavar="TOKENS", help="tokens neighbouring chunks may share (default: "
+                                               'the alias\'s "chunk_overlap", else 0)')
+
+
 class Command(BaseCommand):
     help = "Manage embedding model versions: status, add, backfill, activate, rollback, ..."
 
@@ -50,11 +61,7 @@ class Command(BaseCommand):
         p.add_argument("--model", required=True, metavar="ALIAS")
         p.add_argument("--layout", choices=LAYOUTS,
                        help='where its vectors live (default: EMBEDDINGS["LAYOUT"], "column")')
-        p.add_argument("--chunks", type=int, metavar="TOKENS",
-                       help="a chunked version: one vector per chunk of at most TOKENS of the "
-                            "model's tokens (table layout; search ranks rows by their best chunk)")
-        p.add_argument("--overlap", "--chunk-overlap", dest="overlap", type=int, metavar="TOKENS",
-                       help="tokens neighbouring chunks may share (default 0)")
+        _chunk_arguments(p)
 
         p = sub.add_parser("adopt", help="register vectors you already have as a version, "
                            "without re-encoding them (a sample is re-embedded and compared)")
@@ -184,6 +191,7 @@ class Command(BaseCommand):
         p.add_argument("--version", dest="version_name", metavar="NAME")
         p.add_argument("--layout", choices=LAYOUTS,
                        help='where a new version\'s vectors live (default: EMBEDDINGS["LAYOUT"])')
+        _chunk_arguments(p)
         p.add_argument("--inline", action="store_true")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--estimate", action="store_true",
@@ -244,7 +252,8 @@ class Command(BaseCommand):
                     failures = f"NOT WRITTEN: {v.write_error}; {failures}".rstrip("; ")[:120]
                 rows.append((name, v.lineage or v.version, _short(v.model_label),
                              str(v.dimensions) + ("" if v.storage == "vector" else f" {v.storage}"),
-                             v.layout, v.state, "*" if v.state == State.ACTIVE else "", coverage,
+                             v.layout_label, v.state, "*" if v.state == State.ACTIVE else "",
+                             coverage,
                              str(stale.get(v.pk, "-")), indexes.index_state(v), _probe_cell(v),
                              truncation.cell(v) if v.state != State.DROPPED else "-", failures))
                 if v.state != State.DROPPED:
@@ -303,7 +312,9 @@ class Command(BaseCommand):
         record = lifecycle.add(target, version, model, layout=layout, chunks=chunks,
                                overlap=overlap, actor=ACTOR)
         self.stdout.write(self.style.SUCCESS(
-            f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}); "
+            f"Added {record} ({record.model_label}, {record.dimensions} dims, {record.storage}"
+            + (f", chunks of {record.chunk_tokens} tokens overlapping by at most "
+               f"{record.chunk_overlap}" if record.chunk_tokens else "") + "); "
             f"{record.store.describe()}. Next: embeddings backfill {target} {version}"
         ))
         self.stdout.write(_truncation_line(record))
@@ -551,7 +562,8 @@ class Command(BaseCommand):
         ))
 
     def do_migrate(self, target: str, to: str, version_name: str | None = None,
-                   layout: str | None = None, inline: bool = False,
+                   layout: str | None = None, chunks: int | None = None,
+                   overlap: int | None = None, inline: bool = False,
                    batch_size: int | None = None, estimate: bool = False, **_: Any) -> None:
         field = registry.get(target)
         existing = EmbeddingVersion.objects.for_target(field.target)
@@ -572,9 +584,15 @@ class Command(BaseCommand):
         if record is None:
             name = version_name or _next_version_name(existing.values_list("version", flat=True))
             self.stdout.write(f"[1/{steps}] add {name} with model {to}")
-            record = lifecycle.add(field.target, name, to, layout=layout, actor=ACTOR)
+            record = lifecycle.add(field.target, name, to, layout=layout, chunks=chunks,
+                                   overlap=overlap, actor=ACTOR)
             self.stdout.write(f"  {record.store.describe()}")
             self.stdout.write(f"  {_truncation_line(record)}")
+        elif chunks is not None and (chunks or None) != record.chunk_tokens:
+            raise CommandError(
+                f"{record} is being built with chunks of {record.chunk_tokens or 'whole rows'}"
+                f"{' tokens' if record.chunk_tokens else ''}; run migrate without --chunks to "
+                "resume it, or retire it and migrate to a new version.")
         elif layout is not None and layout != record.layout:
             raise CommandError(
                 f"{record} is being built in the {record.layout} layout; run migrate without "
