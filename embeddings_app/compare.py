@@ -179,7 +179,8 @@ def compare(target: str, version_a: str, version_b: str, *, queries: list[Query]
     figures = []
     for version, encoder in zip(versions, encoders_, strict=True):
         spec = get_config().model(version.model_alias)
-        figure = truncation.measure(target, spec, encoder, by="compare", keys=keys, rows=rows)
+        figure = truncation.measure(target, spec, encoder, by="compare", keys=keys, rows=rows,
+                                    chunked=version.chunk_tokens)
         truncation.record(version, figure)
         figures.append(figure)
     return CompareReport(target=target, k=k, source=source or "file", queries=len(queries),

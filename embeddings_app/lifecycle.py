@@ -168,7 +168,8 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
     # The probe set, embedded now (outside the transaction: an API call can be slow).
     probe_texts, probe_vectors = probes.initial(encoder, target)
     # How many rows exceed the model's token limit, while the model is loaded (status shows it).
-    measured = truncation.measure(target, spec, encoder, by="add")
+    measured = truncation.measure(target, spec, encoder, by="add",
+                                  chunked=chunking_fields.get("chunk_tokens"))
     with locked_versions(target) as versions:
         # Again under the lock: a concurrent `add` of the same name has committed by now.
         check_name_free(target, version_name, versions)

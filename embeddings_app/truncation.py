@@ -17,6 +17,8 @@ Invariants:
   many rows were sampled of how many. Rows with empty text are not embedded and not counted; a
   row the tokenizer rejects (e.g. a lone surrogate) is left out and counted as such: measuring
   never makes ``add``, ``verify`` or ``compare`` fail.
+* A chunked version (``chunking``) cuts no row: its figure says so (0%, ``chunked``) and keeps
+  the count of rows a whole-row version of its model would cut.
 * ``add``, ``verify`` and ``compare`` measure (they load the model anyway) and store the figure
   on the version (``EmbeddingVersion.truncation``); ``status`` and the admin only read it, so they
   never load a model or tokenize. ``compare`` counts both versions on the same rows.
@@ -58,6 +60,9 @@ class Truncation:
     median_overflow: float | None = None  # tokens beyond the limit, median of the rows over it
     max_overflow: int | None = None
     median_tokens: float | None = None  # of every counted row
+    # A chunked version's chunk size: it cuts no row (each chunk fits the limit); the counts
+    # above then say how many rows a whole-row version of the model would cut.
+    chunked: int | None = None
     measured_at: str = ""
     by: str = ""  # "add", "verify", "compare"
     keys: list[str] = field(default_factory=list, repr=False)  # the counted rows (not stored)
@@ -69,6 +74,14 @@ class Truncation:
 
     @property
     def percent(self) -> float | None:
+        """The share of rows cut (0 for a chunked version, which cuts none)."""
+        if self.chunked and self.known and self.counted:
+            return 0.0
+        return self.whole_row_percent
+
+    @property
+    def whole_row_percent(self) -> float | None:
+        """The share of rows longer than the limit (cut by a whole-row version)."""
         return 100.0 * self.over / self.counted if self.known and self.counted else None
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,8 +103,13 @@ class Truncation:
         if not self.counted:
             return (f"no row with text to count against its limit of {self.limit} tokens "
                     f"({self.rows} rows)")
-        line = f"{self.over} of {self.counted} rows exceed {self.limit} tokens ({self.percent:.1f}%)"
-        if self.over:
+        line = f"{self.over} of {self.counted} rows exceed {self.limit} tokens"
+        if self.chunked:
+            line = (f"no row cut: chunks of {self.chunked} tokens ({line}, "
+                    f"{self.whole_row_percent:.1f}%, embedded as several chunks)")
+        else:
+            line += f" ({self.percent:.1f}%)"
+        if self.over and not self.chunked:
             line += (f", median overflow {self.median_overflow:.0f} tokens "
                      f"(max {self.max_overflow})")
         if self.sampled < self.rows:
@@ -111,6 +129,8 @@ class Truncation:
             return "unknown"
         if not self.counted:
             return "no text"
+        if self.chunked:
+            return f"0% chunked:{self.chunked}"
         return f"{self.percent:.1f}% >{self.limit}"
 
     def when(self) -> str:
@@ -191,7 +211,7 @@ def sample_keys(field_: EmbeddingSource, sample: int | None = None) -> tuple[lis
 
 def measure(target: str, spec: ModelSpec, encoder: Encoder | None, *, by: str,
             keys: Sequence[Any] | None = None, rows: int | None = None,
-            sample: int | None = None) -> Truncation:
+            sample: int | None = None, chunked: int | None = None) -> Truncation:
     """Count the tokens of sampled rows of ``target`` (or of ``keys``, out of ``rows``) against
     ``spec``'s model limit (see the module docstring)."""
     now = timezone.now().isoformat()
@@ -204,7 +224,7 @@ def measure(target: str, spec: ModelSpec, encoder: Encoder | None, *, by: str,
         keys, rows = sample_keys(field_, sample)
     keys = list(keys)
     figure = Truncation(limit=limit, counted_with=counted_with, rows=len(keys) if rows is None
-                        else rows, sampled=len(keys), measured_at=now, by=by)
+                        else rows, sampled=len(keys), measured_at=now, by=by, chunked=chunked)
     texts: list[tuple[str, str]] = []
     for start in range(0, len(keys), READ_CHUNK):
         chunk = keys[start:start + READ_CHUNK]

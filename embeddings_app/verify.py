@@ -125,8 +125,8 @@ def verify(version: EmbeddingVersion, *, sample: int | None = None, threshold: f
 
     if encoder is not None:
         _compare_sample(field_, version, encoder, sample, report)
-        report.truncation = truncation.measure(version.target, spec, encoder,
-                                               by="verify").as_dict()
+        report.truncation = truncation.measure(version.target, spec, encoder, by="verify",
+                                               chunked=version.chunk_tokens).as_dict()
     return report
 
 

@@ -77,7 +77,7 @@ def add_chunked(version: str = "v2", alias: str = "tiny", chunks: int = CHUNK,
 
 @pytest.mark.django_db(transaction=True)  # indexes are built and dropped CONCURRENTLY
 def test_a_chunked_version_searches_rows_by_their_best_chunk_exactly_then_through_hnsw_and_cuts_over(
-        make_articles):
+        make_articles, capsys):
     articles = make_articles(16)
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny_other", "--layout", "table")
     call_command("embeddings", "backfill", TARGET, "v1", "--inline")
@@ -135,6 +135,12 @@ def test_a_chunked_version_searches_rows_by_their_best_chunk_exactly_then_throug
     # Activate the chunked version, roll back to the whole-row one, reactivate, drop.
     call_command("embeddings", "verify", TARGET, "v2")
     assert EmbeddingVersion.objects.get_version(TARGET, "v2").verify_passed
+    capsys.readouterr()
+    call_command("embeddings", "compare", TARGET, "v1", "v2", "--k", "5")
+    out = capsys.readouterr().out
+    assert "overlap@5" in out and "no row cut: chunks of 32 tokens" in out
+    call_command("embeddings", "status", TARGET)
+    assert "0% chunked:32" in capsys.readouterr().out
     call_command("embeddings", "activate", TARGET, "v2")
     results = Article.embedding.search("football match", k=4)
     assert len({obj.pk for obj in results}) == 4
@@ -184,6 +190,15 @@ def test_an_edit_re_embeds_only_the_chunks_whose_text_changed(make_articles):
     stored = version.store.read_vector(article.pk)
     assert stored.shape == (len(chunks), version.dimensions)
     assert np.allclose(stored[-1], encoder.encode_documents([new_text[start:end]])[0], atol=1e-5)
+
+    # A write that bypasses signals, then sync(): a title of the same length changes chunk 0 only.
+    title = ("X" if article.title[0] != "X" else "Y") + article.title[1:]
+    Article.objects.filter(pk=article.pk).update(title=title)
+    article.title = title
+    assert Article.embedding.sync() == 1
+    synced = chunk_rows(version)
+    assert {key for key in synced if synced[key] != after[key]} == {(article.pk, 0)}
+    after = synced
 
     # A save that shortens the row: its surplus chunks go, the kept ones keep their vectors.
     article.body = article.body[: len(article.body) // 3]
@@ -291,3 +306,18 @@ def test_chunk_settings_of_an_alias_are_checked():
     assert ids({"chunks": 64, "chunk_overlap": 64}) == {"embeddings.E091"}
     assert ids({"chunks": 0}) == {"embeddings.E008"}
     assert ids({"chunks": 64, "chunk_overlap": -1}) == {"embeddings.E008"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_verify_of_a_chunked_version_fails_when_a_stored_chunk_vector_is_not_its_text(
+        make_articles):
+    articles = make_articles(3)
+    version = add_chunked("v1")
+    assert lifecycle.verify(TARGET, "v1").passed
+    with connection.cursor() as cursor:  # one chunk gets another row's chunk vector
+        cursor.execute(f"UPDATE {stores.qn(version.table)} SET vector = (SELECT vector FROM "
+                       f"{stores.qn(version.table)} WHERE id = %s AND chunk_no = 0) "
+                       "WHERE id = %s AND chunk_no = 0", [articles[1].pk, articles[0].pk])
+    report = lifecycle.verify(TARGET, "v1", sample=1000)
+    assert not report.passed and report.below_threshold == 1
+    assert report.worst[0][0].startswith(f"{articles[0].pk} chunk at 0:")
