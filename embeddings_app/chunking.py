@@ -204,7 +204,8 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
     """The ``k`` rows of ``base`` whose best chunk is nearest to the query (``literal``), best
     first, each with ``.distance`` and ``.chunk`` (module docstring)."""
     where, params = "", []
-    if base.query.has_filters():
+    sliced = base.query.is_sliced
+    if base.query.has_filters() or sliced or base.query.distinct:
         keys_sql, keys_params = base.values("pk").query.sql_with_params()
         where, params = keys_sql, list(keys_params)
     limit = CANDIDATES_PER_ROW * k
@@ -217,7 +218,10 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
             break
         limit *= GROWTH
     ranked = sorted(best.items(), key=lambda item: (item[1][0], stores._sort_key(item[0])))[:k]
-    objects = {obj.pk: obj for obj in base.filter(pk__in=[key for key, _ in ranked])}
+    # A sliced queryset cannot be filtered again: its rows are read by key (its keys were
+    # already the filter above).
+    rows_of = base.model._base_manager.using(base.db) if sliced else base
+    objects = {obj.pk: obj for obj in rows_of.filter(pk__in=[key for key, _ in ranked])}
     results = []
     for key, (distance, number, start, end) in ranked:
         obj = objects.get(key)

@@ -113,6 +113,10 @@ def test_a_chunked_version_searches_rows_by_their_best_chunk_exactly_then_throug
     assert [obj.pk for obj in found] == [pk for pk, _, _ in brute_force(
         v2, query, 3, set(sport.values_list("pk", flat=True)))]
     assert {obj.category for obj in found} == {"sports"}
+    first_four = Article.objects.order_by("pk")[:4]  # a sliced queryset: its rows only
+    found = search._nearest(field, v2, query, 3, first_four)
+    assert [obj.pk for obj in found] == [pk for pk, _, _ in brute_force(
+        v2, query, 3, {a.pk for a in articles[:4]})]
 
     # Through the HNSW index over chunks, with iterative scans: k distinct rows come back even
     # when k x CANDIDATES_PER_ROW chunks belong to fewer rows (every row has > 5 chunks).
@@ -321,3 +325,27 @@ def test_verify_of_a_chunked_version_fails_when_a_stored_chunk_vector_is_not_its
     report = lifecycle.verify(TARGET, "v1", sample=1000)
     assert not report.passed and report.below_threshold == 1
     assert report.worst[0][0].startswith(f"{articles[0].pk} chunk at 0:")
+
+
+@pytest.mark.django_db(transaction=True)  # on_commit: the re-embedding runs after the commit
+def test_a_save_in_on_commit_mode_writes_the_changed_chunks_after_the_commit(make_articles,
+                                                                              settings):
+    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "DUAL_WRITE": "on_commit"}
+    articles = make_articles(2)
+    version = add_chunked("v1")
+    before = chunk_rows(version)
+    article = articles[0]
+    with transaction.atomic():
+        article.body = article.body + " A closing sentence about the weather."
+        article.save()
+        assert chunk_rows(version) == before  # not yet: after the commit
+    field = Article.embedding
+    assert version.store.read_all()[article.pk][1] == field.source_hash(field.source_text(article))
+    after = chunk_rows(version)
+    mine = {key: row for key, row in after.items() if key[0] == article.pk}
+    assert mine != {key: row for key, row in before.items() if key[0] == article.pk}
+    text = field.source_text(article)
+    assert all(digest == field.source_hash(text[start:end])
+               for digest, start, end, _ in mine.values())
+    assert {k: r for k, r in after.items() if k[0] != article.pk} == {
+        k: r for k, r in before.items() if k[0] != article.pk}
