@@ -46,7 +46,9 @@ Invariants:
   read with ``LIMIT n`` through the HNSW index with pgvector's iterative scan on
   (``hnsw.iterative_scan = strict_order``, so the scan goes past ``ef_search`` until ``n`` chunks
   come back, in exact distance order); ``n`` starts at ``CANDIDATES_PER_ROW`` x k and grows
-  until ``k`` distinct rows are among them or the chunks run out. A queryset's filter narrows
+  until ``k`` distinct rows are among them or the chunks run out. The best chunk per row and the
+  rows themselves come in the same statement (one round trip per round) for a queryset that
+  loads whole model instances, as a plain search's does. A queryset's filter narrows
   the chunks scanned (``key IN (the queryset's keys)``). Without an index the same query is an
   exact scan: the result equals brute force over the stored chunks.
 * **Verify** compares a random sample of stored chunks with the model's embedding of the same
@@ -200,10 +202,34 @@ def plan_rows(version: EmbeddingVersion, encoder: Encoder, store: stores.ChunkSt
 
 # --- search ---------------------------------------------------------------------------------
 def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, literal: str,
-                 k: int) -> list[Any]:
+                 k: int, *, plain_rows: bool = False) -> list[Any]:
     """The ``k`` rows of ``base`` whose best chunk is nearest to the query (``literal``), best
-    first, each with ``.distance`` and ``.chunk`` (module docstring)."""
+    first, each with ``.distance`` and ``.chunk`` (module docstring).
+
+    ``plain_rows``: ``base`` returns model instances with every field and nothing else (no
+    ``only()``, ``select_related()``, annotations): then the chunks and the rows come in one
+    statement per round (``Manager.raw()``); otherwise the rows are read through ``base``."""
     where, params = "", []
+    if plain_rows:
+        if base.query.has_filters():
+            keys_sql, keys_params = base.values("pk").query.sql_with_params()
+            where, params = keys_sql, list(keys_params)
+        sql = store.nearest_rows_sql(where)
+        manager = field.model._base_manager.db_manager(base.db)
+        limit = CANDIDATES_PER_ROW * k
+        while True:
+            found = list(manager.raw(sql, [literal, *params, literal, limit, k]))
+            read = found[0]._embeddings_chunks_read if found else 0
+            if len(found) >= k or read < limit:
+                break
+            limit *= GROWTH
+        text_of = field.source_text
+        for obj in found:
+            start, end = obj._embeddings_chunk_start, obj._embeddings_chunk_end
+            obj.chunk = Chunk(obj._embeddings_chunk_no, start, end, text_of(obj)[start:end])
+            del (obj._embeddings_chunk_no, obj._embeddings_chunk_start, obj._embeddings_chunk_end,
+                 obj._embeddings_chunks_read)
+        return found
     sliced = base.query.is_sliced
     if base.query.has_filters() or sliced or base.query.distinct:
         keys_sql, keys_params = base.values("pk").query.sql_with_params()

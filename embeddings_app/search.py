@@ -110,7 +110,8 @@ def _nearest(field: VersionedEmbedding, version: EmbeddingVersion, vector: np.nd
     _set_search_parameters(db, version, filtered=filtered, local=db.in_atomic_block, k=k,
                            store=store)
     if isinstance(store, ChunkStore):  # the k best distinct rows by their best chunk
-        results = chunking.nearest_rows(field, store, base, vector_literal(vector), k)
+        results = chunking.nearest_rows(field, store, base, vector_literal(vector), k,
+                                        plain_rows=_selects_model_rows(base))
         for obj in results:
             obj.embedding_version = version.version
         return results

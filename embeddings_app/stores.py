@@ -966,6 +966,20 @@ class ChunkStore(TableStore):
                    "c.{vector} <=> %s::{vec_type} AS distance FROM {relation} AS c "
                    "WHERE c.{vector} IS NOT NULL{filter} "
                    "ORDER BY c.{vector} <=> %s::{vec_type} LIMIT %s")
+    # The rows themselves in the same statement (``nearest_rows``): the nearest chunks, the best
+    # one per row, the user's rows joined, and how many chunks were read (was that all?).
+    sql_nearest_rows = ("WITH cand AS MATERIALIZED (SELECT c.{key} AS row_key, c.chunk_no, "
+                        "c.start_char, c.end_char, c.{vector} <=> %s::{vec_type} AS distance "
+                        "FROM {relation} AS c WHERE c.{vector} IS NOT NULL{filter} "
+                        "ORDER BY c.{vector} <=> %s::{vec_type} LIMIT %s), "
+                        "best AS (SELECT DISTINCT ON (row_key) * FROM cand "
+                        "ORDER BY row_key, distance) "
+                        "SELECT {columns}, best.chunk_no AS _embeddings_chunk_no, "
+                        "best.start_char AS _embeddings_chunk_start, "
+                        "best.end_char AS _embeddings_chunk_end, best.distance AS distance, "
+                        "(SELECT count(*) FROM cand) AS _embeddings_chunks_read "
+                        "FROM {table} AS t JOIN best ON best.row_key = t.{pk} "
+                        "ORDER BY best.distance, t.{pk} LIMIT %s")
     sql_read_chunks = ("SELECT {key}, {vector} FROM {relation} WHERE {key} = ANY(%s::{pk_type}[]) "
                        "AND {vector} IS NOT NULL ORDER BY {key}, chunk_no")
     sql_read_all = ("SELECT t.{pk}, r.{hash} FROM {table} AS t "
@@ -1102,6 +1116,13 @@ class ChunkStore(TableStore):
             return cursor.fetchall()
 
     # --- search -----------------------------------------------------------------------------
+    def nearest_rows_sql(self, keys_sql: str) -> str:
+        """``sql_nearest_rows`` for the model's columns (parameters: the query vector twice, the
+        filter's, the chunks to read, k), for ``Manager.raw()``."""
+        columns = ", ".join(f"t.{qn(f.column)}" for f in self.field.model._meta.concrete_fields)
+        where = f" AND c.{qn(self.key)} IN ({keys_sql})" if keys_sql else ""
+        return self._format(self.sql_nearest_rows, filter=where, columns=columns)
+
     def nearest_chunks(self, literal: str, keys_sql: str, keys_params: Sequence[Any],
                        limit: int) -> list[tuple[Any, int, int, int, float]]:
         """The ``limit`` chunks nearest to the query (cosine distance), nearest first, of the
