@@ -57,13 +57,15 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from django.db import models
+from django.db import connections, models
+from django.db.models.expressions import Col
 
 from . import stores
 from .exceptions import Refused
@@ -201,6 +203,21 @@ def plan_rows(version: EmbeddingVersion, encoder: Encoder, store: stores.ChunkSt
 
 
 # --- search ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _row_reader(model: type[models.Model], alias: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """The attnames of ``model``'s concrete fields (the columns ``nearest_rows_sql`` selects
+    first, in this order) and the database converters of each, as the ORM applies them."""
+    fields = model._meta.concrete_fields
+    db = connections[alias]
+    converters = []
+    for index, model_field in enumerate(fields):
+        expression = Col(model._meta.db_table, model_field)
+        funcs = expression.get_db_converters(db)
+        if funcs:
+            converters.append((index, tuple(funcs), expression))
+    return tuple(f.attname for f in fields), tuple(converters)
+
+
 def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, literal: str,
                  k: int, *, plain_rows: bool = False) -> list[Any]:
     """The ``k`` rows of ``base`` whose best chunk is nearest to the query (``literal``), best
@@ -208,27 +225,36 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
 
     ``plain_rows``: ``base`` returns model instances with every field and nothing else (no
     ``only()``, ``select_related()``, annotations): then the chunks and the rows come in one
-    statement per round (``Manager.raw()``); otherwise the rows are read through ``base``."""
+    statement per round, built into instances as the ORM builds them (converters included);
+    otherwise the rows are read through ``base``."""
     where, params = "", []
     if plain_rows:
         if base.query.has_filters():
             keys_sql, keys_params = base.values("pk").query.sql_with_params()
             where, params = keys_sql, list(keys_params)
         sql = store.nearest_rows_sql(where)
-        manager = field.model._base_manager.db_manager(base.db)
+        db = connections[base.db]
+        names, converters = _row_reader(field.model, base.db)
+        width = len(names)
         limit = CANDIDATES_PER_ROW * k
         while True:
-            found = list(manager.raw(sql, [literal, *params, literal, limit, k]))
-            read = found[0]._embeddings_chunks_read if found else 0
-            if len(found) >= k or read < limit:
+            with db.cursor() as cursor:
+                cursor.execute(sql, [literal, *params, literal, limit, k])
+                rows = cursor.fetchall()
+            read = rows[0][-1] if rows else 0
+            if len(rows) >= k or read < limit:
                 break
             limit *= GROWTH
-        text_of = field.source_text
-        for obj in found:
-            start, end = obj._embeddings_chunk_start, obj._embeddings_chunk_end
-            obj.chunk = Chunk(obj._embeddings_chunk_no, start, end, text_of(obj)[start:end])
-            del (obj._embeddings_chunk_no, obj._embeddings_chunk_start, obj._embeddings_chunk_end,
-                 obj._embeddings_chunks_read)
+        found = []
+        for row in rows:
+            values = list(row[:width])
+            for index, funcs, expression in converters:
+                for func in funcs:
+                    values[index] = func(values[index], expression, db)
+            obj = field.model.from_db(base.db, names, values)
+            number, start, end, obj.distance = row[width:width + 4]
+            obj.chunk = Chunk(number, start, end, field.source_text(obj)[start:end])
+            found.append(obj)
         return found
     sliced = base.query.is_sliced
     if base.query.has_filters() or sliced or base.query.distinct:

@@ -1117,8 +1117,8 @@ class ChunkStore(TableStore):
 
     # --- search -----------------------------------------------------------------------------
     def nearest_rows_sql(self, keys_sql: str) -> str:
-        """``sql_nearest_rows`` for the model's columns (parameters: the query vector twice, the
-        filter's, the chunks to read, k), for ``Manager.raw()``."""
+        """``sql_nearest_rows`` for the model's columns, in field order (parameters: the query
+        vector twice, the filter's, the chunks to read, k)."""
         columns = ", ".join(f"t.{qn(f.column)}" for f in self.field.model._meta.concrete_fields)
         where = f" AND c.{qn(self.key)} IN ({keys_sql})" if keys_sql else ""
         return self._format(self.sql_nearest_rows, filter=where, columns=columns)
