@@ -352,3 +352,19 @@ def test_a_save_in_on_commit_mode_writes_the_changed_chunks_after_the_commit(mak
                for digest, start, end, _ in mine.values())
     assert {k: r for k, r in after.items() if k[0] != article.pk} == {
         k: r for k, r in before.items() if k[0] != article.pk}
+
+
+@pytest.mark.django_db(transaction=True)  # migrate builds the index CONCURRENTLY
+def test_migrate_with_chunks_adds_backfills_indexes_verifies_and_activates_a_chunked_version(
+        make_articles):
+    make_articles(3)
+    call_command("embeddings", "migrate", TARGET, "--to", "tiny", "--chunks", str(CHUNK),
+                 "--overlap", "4", "--inline")
+    version = EmbeddingVersion.objects.get(target=TARGET, state=State.ACTIVE)
+    assert (version.chunk_tokens, version.chunk_overlap) == (CHUNK, 4)
+    assert version.store.index_name() in version.store.indexes()
+    results = Article.embedding.search("a football match", k=3)
+    assert len({obj.pk for obj in results}) == 3 and all(obj.chunk.text for obj in results)
+    with pytest.raises(CommandError, match="being built with chunks"):
+        call_command("embeddings", "add", TARGET, "v9", "--model", "tiny_other", "--chunks", "16")
+        call_command("embeddings", "migrate", TARGET, "--to", "tiny_other", "--chunks", "24")
