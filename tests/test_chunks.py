@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
 
-from embeddings_app import chunking, encoders, lifecycle, search, stores, sync
+from embeddings_app import capture, chunking, encoders, lifecycle, search, stores, sync
 from embeddings_app.config import get_config
 from embeddings_app.models import EmbeddingVersion, State
 from project.news.corpus import iter_articles
@@ -169,7 +169,8 @@ def test_a_chunked_version_searches_rows_by_their_best_chunk_exactly_then_throug
 
 
 @pytest.mark.django_db(transaction=True)  # row versions (xmin) of committed writes
-def test_an_edit_re_embeds_only_the_chunks_whose_text_changed(make_articles):
+def test_an_edit_re_embeds_only_the_chunks_whose_text_changed_by_sync_capture_and_save(
+        make_articles):
     articles = make_articles(3)
     version = add_chunked("v1")
     field = Article.embedding
@@ -200,6 +201,15 @@ def test_an_edit_re_embeds_only_the_chunks_whose_text_changed(make_articles):
     Article.objects.filter(pk=article.pk).update(title=title)
     article.title = title
     assert Article.embedding.sync() == 1
+    synced = chunk_rows(version)
+    assert {key for key in synced if synced[key] != after[key]} == {(article.pk, 0)}
+    after = synced
+    # The same through change capture: the trigger queued the row, the drain re-embeds one chunk.
+    title = ("Z" if article.title[0] != "Z" else "W") + article.title[1:]
+    Article.objects.filter(pk=article.pk).update(title=title)
+    article.title = title
+    drained = capture.drain(field)
+    assert (drained.refreshed.embedded, drained.refreshed.chunks_encoded) == (1, 1)
     synced = chunk_rows(version)
     assert {key for key in synced if synced[key] != after[key]} == {(article.pk, 0)}
     after = synced
