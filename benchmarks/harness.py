@@ -111,6 +111,12 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them (the machine is shared:
+    a benchmark prints them with its figures)."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def machine() -> dict[str, Any]:
     import torch
 
