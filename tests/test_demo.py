@@ -261,3 +261,18 @@ def test_the_demo_shadows_live_searches_then_rolls_v2_out_to_10_percent_then_fli
     for step in ("[5/7] shadow v2 --rate 0.5", "[6/7] activate v2 --percent 10",
                  "[7/7] activate v2"):
         assert step in demo.log, step
+
+
+@pytest.mark.parametrize(("arguments", "refusal"), [
+    (["--chunks", "100", "--layout", "column"], "A chunked v2 lives in a table of its own"),
+    (["--overlap", "16"], "--overlap applies to a chunked v2 only"),
+    (["--chunks", "0"], "--chunks must be a positive number of tokens"),
+])
+def test_the_demo_refuses_chunk_options_add_would_refuse_before_it_starts_anything(
+        arguments: list[str], refusal: str) -> None:
+    """``--chunks``/``--overlap`` that ``add`` would refuse only after v1's migration are
+    refused at once, in one line, before a data folder, a server or a worker is touched."""
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError, match=refusal):
+        call_command("demo", "--no-serve", *arguments)

@@ -10,6 +10,15 @@ and the serving versions before / during the build / shadow / rollout / after th
 shadow summary, the rollout's reads per version, freshness of every row written during the
 migration, compare), a timeline chart, retire + drop of v1, and the admin served on 127.0.0.1.
 
+all-mpnet-base-v2 reads 128 tokens (as pinned, project/settings.py) and most articles are
+longer: the report shows how many rows each model cuts. ``--chunks TOKENS [--overlap TOKENS]``
+adds v2 as a chunked version instead (``embeddings add --chunks``; embeddings_app.chunking): one
+vector per chunk of at most TOKENS of its tokens (126 at most: its 128 less two special tokens),
+in the table layout (a chunked version lives in a table of its own), searched by each row's best
+chunk; the freshness check then compares every stored chunk of a written row with a fresh encode
+of that chunk. The default stays whole rows (chunked v2 against v1 on the BBC articles:
+docs/benchmarks.md, "Chunked versions").
+
 Everything the report says is measured in this run. Ctrl-C stops every process this command started
 (the Celery workers; the embedded PostgreSQL and Redis stop with the last process using them).
 Running it again resumes an interrupted migration, or starts a fresh demo dataset in the same data
@@ -36,8 +45,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 
-from embeddings_app import active, encoders, lifecycle, registry, shadow, stores, truncation
+from embeddings_app import active, chunking, encoders, lifecycle, registry, shadow, stores, truncation
 from embeddings_app.config import LAYOUTS, get_config
+from embeddings_app.exceptions import Refused
 from embeddings_app.models import EmbeddingVersion, State
 from project.news import report as rep
 from project.news.corpus import iter_articles
@@ -191,9 +201,16 @@ class Command(BaseCommand):
         parser.add_argument("--reset", action="store_true",
                             help="start over: empty the demo tables and re-assemble the model cache")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--layout", choices=LAYOUTS, default="column",
-                            help=f"where {V2}'s vectors live: a column of the article table, or "
-                                 "a table of its own")
+        parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                            help=f"where {V2}'s vectors live: a column of the article table "
+                                 "(the default), or a table of its own (the default with "
+                                 "--chunks, the only layout of a chunked version)")
+        parser.add_argument("--chunks", type=int, metavar="TOKENS", default=None,
+                            help=f"{V2} embeds chunks of at most TOKENS of {V2_ALIAS}'s tokens "
+                                 "(at most 126), one vector each, instead of whole rows cut at "
+                                 "its 128-token limit")
+        parser.add_argument("--overlap", type=int, metavar="TOKENS", default=None,
+                            help="tokens neighbouring chunks may share (with --chunks; default 0)")
         parser.add_argument("--phase-seconds", type=float, default=10.0,
                             help="seconds of traffic measured before the migration and after the flip")
         parser.add_argument("--edit-interval", type=float, default=3.0,
@@ -205,6 +222,7 @@ class Command(BaseCommand):
         docs = options["docs"]
         if not 1 <= docs <= MAX_DOCS:
             raise CommandError(f"--docs must be between 1 and {MAX_DOCS}, not {docs}.")
+        options["layout"] = layout_for(options["layout"], options["chunks"], options["overlap"])
         self.out_dir = Path(settings.DATA_DIR) / "demo"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.recorder = Recorder(time.monotonic())
@@ -247,15 +265,24 @@ class Command(BaseCommand):
 
     def _run(self, options: dict[str, Any], workers: Workers) -> None:
         docs = options["docs"]
+        chunks, overlap = options["chunks"], options["overlap"]
         self.say(self.style.MIGRATE_HEADING(
             f"Embedding model upgrade demo: {docs} BBC News articles, "
-            f"{V1_ALIAS} (384 dims) -> {V2_ALIAS} (768 dims)"))
+            f"{V1_ALIAS} (384 dims) -> {V2_ALIAS} (768 dims"
+            + (f", chunks of {chunks} tokens overlapping by {overlap or 0}" if chunks else "")
+            + ")"))
         self.say(f"data folder: {settings.DATA_DIR}")
         with self.step("database: migrations"):
             call_command("migrate", verbosity=0, interactive=False)
         with self.step("model cache: all-mpnet-base-v2"):
             outcome = provision_with_bars(self.stderr._out, force=options["reset"])
             self.say(f"  {'assembled' if outcome.assembled else 'reused'}: {outcome.folder}")
+        if chunks:  # refused now, not after v1's migration: a chunk the model would truncate
+            try:
+                spec, encoder, _ = lifecycle.load_new_model(V2_ALIAS)
+                chunking.check_parameters(spec, encoder, chunks, overlap or 0)
+            except Refused as exc:
+                raise CommandError(f"--chunks/--overlap: {exc}") from None
 
         versions = {v.version: v for v in EmbeddingVersion.objects.for_target(TARGET)}
         resume_v2 = V2 in versions and versions[V2].state not in (
@@ -306,8 +333,10 @@ class Command(BaseCommand):
         sizes = {"before": self._sizes()}
         tee = Tee(self.stdout._out, self.recorder)
         with self.step(f"{V2}: add, backfill, index, verify with {V2_ALIAS} --layout "
-                       f"{options['layout']} under live traffic"):
-            self._build_v2(tee, options["layout"])
+                       f"{options['layout']}"
+                       + (f" --chunks {chunks} --overlap {overlap or 0}" if chunks else "")
+                       + " under live traffic"):
+            self._build_v2(tee, options["layout"], chunks, overlap)
         sizes["after_backfill"] = self._sizes()
         migrate_end = self.recorder.now()
 
@@ -382,6 +411,7 @@ class Command(BaseCommand):
         field = registry.get(TARGET)
         columns = stores.existing_columns(field.table)
         v1 = EmbeddingVersion.objects.get_version(TARGET, V1)
+        v2 = EmbeddingVersion.objects.get_version(TARGET, V2)
         v1_dropped = (v1.column not in columns and v1.hash_column not in columns
                       and v1.state == State.DROPPED)
 
@@ -415,8 +445,9 @@ class Command(BaseCommand):
             "searches": {"before": before_results, "after": after_results},
             "v1_dropped": v1_dropped,
             "columns_now": sorted(c for c in columns if c.startswith(field.name)),
-            "layout": {V1: v1.layout,
-                       V2: EmbeddingVersion.objects.get_version(TARGET, V2).layout},
+            "layout": {V1: v1.layout, V2: v2.layout},
+            "chunks": {V2: ({"tokens": v2.chunk_tokens, "overlap": v2.chunk_overlap}
+                            if v2.chunk_tokens else None)},
             "sizes": sizes,
             "chart": str(chart_path),
         }
@@ -499,7 +530,7 @@ class Command(BaseCommand):
         tee.write(f"{label}\n")
         call_command("embeddings", *args, stdout=tee)
 
-    def _build_v2(self, tee: Tee, layout: str) -> None:
+    def _build_v2(self, tee: Tee, layout: str, chunks: int | None, overlap: int | None) -> None:
         """``migrate``'s first four steps, one by one, so that v2 serves nothing before its shadow
         reads and its rollout (``migrate`` would activate it at once). Each step is idempotent, as
         in ``migrate``: a re-run resumes an interrupted build."""
@@ -507,10 +538,14 @@ class Command(BaseCommand):
         record = EmbeddingVersion.objects.filter(target=TARGET, version=V2).first()
         if record is None:
             self._embeddings(tee, f"[1/{V2_STEPS}] add {V2} with model {V2_ALIAS}",
-                             "add", TARGET, V2, "--model", V2_ALIAS, "--layout", layout)
+                             "add", TARGET, V2, "--model", V2_ALIAS, "--layout", layout,
+                             *(["--chunks", str(chunks)] if chunks else []),
+                             *(["--overlap", str(overlap)] if overlap is not None else []))
         else:
             tee.write(f"[1/{V2_STEPS}] add: resuming {record} ({record.state}, "
-                      f"{record.layout} layout; --layout is ignored)\n")
+                      f"{record.layout} layout"
+                      + (f", chunks of {record.chunk_tokens}" if record.chunk_tokens else "")
+                      + "; --layout, --chunks and --overlap are ignored)\n")
         record = EmbeddingVersion.objects.get_version(TARGET, V2)
         ready = lifecycle.readiness(record)
         if record.state == State.READY and not ready.problems:
@@ -615,7 +650,9 @@ class Command(BaseCommand):
 
     def _freshness(self) -> dict[str, Any]:
         """Each row written by the traffic: its stored v2 vector against a fresh encode of its
-        current text with v2's pinned model (and the same for v1 while it is still kept)."""
+        current text with v2's pinned model (and the same for v1 while it is still kept). A
+        chunked v2: each of the row's stored chunk vectors against a fresh encode of the same
+        chunk of its current text (cut again), and as many chunks stored as the text has."""
         pks = sorted({w.pk for w in self.recorder.writes if w.ok and w.pk})
         field = registry.get(TARGET)
         result: dict[str, Any] = {"checked": len(pks), "threshold": FRESH_COSINE}
@@ -626,14 +663,26 @@ class Command(BaseCommand):
             stale, missing, worst = [], [], 1.0
             for chunk in range(0, len(pks), 32):
                 part = [pk for pk in pks[chunk:chunk + 32] if pk in rows]
-                fresh = encoder.encode_documents([field.source_text(rows[pk]) for pk in part])
+                texts = [field.source_text(rows[pk]) for pk in part]
+                if version.chunk_tokens:  # one fresh vector per chunk (chunks x dimensions)
+                    fresh = [encoder.encode_documents(
+                        [c.text for c in chunking.cut(version, encoder, text)]) for text in texts]
+                else:
+                    fresh = list(encoder.encode_documents(texts))
                 for pk, vector in zip(part, fresh, strict=True):
                     stored = version.store.read_vector(pk)
                     if stored is None:
                         missing.append(pk)
                         continue
-                    cosine = float(np.dot(stored, vector)
-                                   / (np.linalg.norm(stored) * np.linalg.norm(vector)))
+                    if not version.chunk_tokens:
+                        cosine = float(np.dot(stored, vector)
+                                       / (np.linalg.norm(stored) * np.linalg.norm(vector)))
+                    elif stored.shape != vector.shape:  # another number of chunks
+                        stale.append(pk)
+                        continue
+                    else:  # the worst of the row's chunks
+                        cosine = float(np.min(np.sum(stored * vector, axis=1) / (
+                            np.linalg.norm(stored, axis=1) * np.linalg.norm(vector, axis=1))))
                     worst = min(worst, cosine)
                     if cosine < FRESH_COSINE:
                         stale.append(pk)
@@ -789,6 +838,21 @@ class _Step:
             entry["rows_per_s"] = round(self.rows / seconds, 2) if seconds else None
         self.command.steps.append(entry)
         self.command.say(f"    done in {seconds:.1f} s")
+
+
+def layout_for(layout: str | None, chunks: int | None, overlap: int | None) -> str:
+    """v2's layout: ``--layout``, else the table layout with ``--chunks`` (a chunked version's
+    only layout) and the column layout without. Refuses what ``add`` would refuse after v1's
+    migration: a chunked v2 in a column, an overlap without chunks."""
+    if chunks is not None and chunks < 1:
+        raise CommandError(f"--chunks must be a positive number of tokens, not {chunks}; leave "
+                           "it out for whole rows.")
+    if overlap is not None and not chunks:
+        raise CommandError("--overlap applies to a chunked v2 only; give --chunks TOKENS too.")
+    if chunks and layout == "column":
+        raise CommandError("A chunked v2 lives in a table of its own: use --layout table (the "
+                           "default with --chunks) or leave --chunks out.")
+    return layout or ("table" if chunks else "column")
 
 
 def _round(value: float | None, digits: int) -> float | None:
