@@ -11,7 +11,7 @@ import sys
 from benchmarks import harness
 
 ALL = ["backfill", "search", "layout", "dualwrite", "memory", "cutover", "precision",
-       "api_backfill", "index_build", "capture", "derive", "shadow", "chunks"]
+       "api_backfill", "index_build", "capture", "derive", "shadow", "chunks", "chunks_quality"]
 
 
 def main() -> None:

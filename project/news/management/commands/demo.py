@@ -16,8 +16,9 @@ adds v2 as a chunked version instead (``embeddings add --chunks``; embeddings_ap
 vector per chunk of at most TOKENS of its tokens (126 at most: its 128 less two special tokens),
 in the table layout (a chunked version lives in a table of its own), searched by each row's best
 chunk; the freshness check then compares every stored chunk of a written row with a fresh encode
-of that chunk. The default stays whole rows (chunked v2 against v1 on the BBC articles:
-docs/benchmarks.md, "Chunked versions").
+of that chunk. Chunked v2 beat v1 on the proxy queries (benchmarks/chunks_quality.py,
+docs/benchmarks.md "Chunked versions"); the default stays whole rows for now, since chunked v2
+encodes ~5 chunks per article and its backfill is the default run's longest step.
 
 Everything the report says is measured in this run. Ctrl-C stops every process this command started
 (the Celery workers; the embedded PostgreSQL and Redis stop with the last process using them).
