@@ -187,18 +187,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     assert len(keys) == len(texts)  # inserted in the texts' order: row i is texts[i]
     full = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     exact = [set(np.argsort(-(full @ q))[:10]) for q in query_vectors]
-    signs = np.where(vectors > 0, 1, -1).astype(np.float32)
-
-    def exhaustive_recall(factor: int) -> float:
-        found = []
-        for i, q in enumerate(query_vectors):
-            agreement = signs @ np.where(q > 0, 1, -1).astype(np.float32)  # N - 2 x Hamming
-            candidates = np.argpartition(-agreement, factor * 10)[:factor * 10]
-            best = candidates[np.argsort(-(full[candidates] @ q))[:10]]
-            found.append(len(exact[i] & set(best)) / 10)
-        return float(np.mean(found))
-
-    exhaustive = {factor: exhaustive_recall(factor) for factor in args.oversampling}
+    exhaustive = {factor: harness.exhaustive_hamming_recall(full, query_vectors, exact, factor)
+                  for factor in args.oversampling}
     print("bit + re-rank over exhaustive Hamming candidates (numpy, no index): " + ", ".join(
         f"{factor} x k {recall:.3f}" for factor, recall in exhaustive.items()), flush=True)
 

@@ -163,18 +163,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         return rows
     # Diagnostic: the same re-rank over exhaustive Hamming candidates (numpy), to tell the loss
     # of the quantization from the loss of the Hamming index.
-    signs = np.where(full_m > 0, 1, -1).astype(np.float32)
-
-    def exhaustive_recall(factor: int) -> float:
-        found = []
-        for i, q in enumerate(query_vectors):
-            agreement = signs @ np.where(q > 0, 1, -1).astype(np.float32)  # N - 2 x Hamming
-            candidates = np.argpartition(-agreement, factor * 10)[:factor * 10]
-            best = candidates[np.argsort(-(full_m[candidates] @ q))[:10]]
-            found.append(len(exact[i] & set(best)) / 10)
-        return float(np.mean(found))
-
-    exhaustive = {factor: exhaustive_recall(factor) for factor in args.oversampling}
+    exhaustive = {factor: harness.exhaustive_hamming_recall(full_m, query_vectors, exact, factor)
+                  for factor in args.oversampling}
     print("bit + re-rank over exhaustive Hamming candidates (no index): " + ", ".join(
         f"{factor} x k: {recall:.3f}" for factor, recall in exhaustive.items()))
 

@@ -190,6 +190,24 @@ def spread_vectors(base: Any, count: int, noise: float, seed: int = 0) -> Any:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
+def exhaustive_hamming_recall(full: Any, query_vectors: Any, exact: Sequence[set[int]],
+                              factor: int, k: int = 10) -> float:
+    """Recall@k of a binary-quantization re-rank over *exhaustive* Hamming candidates (numpy,
+    no index): the ``factor`` x k rows whose sign bits agree most with each query's, re-ranked by
+    ``full`` (unit rows) against the query; ``exact``: each query's exact top k (row indexes).
+    Tells the quantization's loss from a Hamming index's."""
+    import numpy as np
+
+    signs = np.where(full > 0, 1, -1).astype(np.float32)
+    found = []
+    for i, q in enumerate(query_vectors):
+        agreement = signs @ np.where(q > 0, 1, -1).astype(np.float32)  # N - 2 x Hamming
+        candidates = np.argpartition(-agreement, factor * k)[:factor * k]
+        best = candidates[np.argsort(-(full[candidates] @ q))[:k]]
+        found.append(len(exact[i] & set(best)) / k)
+    return float(np.mean(found))
+
+
 def load_precomputed(version_name: str, texts: Sequence[str], vectors: Any,
                      chunk: int = 5000) -> None:
     """Insert one article per text and store ``vectors`` as its ``version_name`` vectors, with
