@@ -347,6 +347,13 @@ class VersionStore:
         """The tables of their own the version occupies (for sizes); none for a column store."""
         return []
 
+    def _staging_name(self, prefix: str) -> str:
+        """The session's temporary staging table for this store's rows: one per storage,
+        dimensions and key type, so every version of that shape reuses it."""
+        pk_type = pk_db_type(self.field)
+        return qn(f"{prefix}_{self.staged_storage}_{int(self.version.dimensions)}_"
+                  f"{pk_type.split('(')[0]}")
+
     def _format(self, template: str, **extra: Any) -> str:
         return template.format(
             relation=qn(self.relation), table=qn(self.table), key=qn(self.key),
@@ -453,8 +460,7 @@ class VersionStore:
         register_types()
         pk_type = pk_db_type(self.field)
         storage = self.staged_storage
-        staging = qn(f"embeddings_staging_{storage}_{int(self.version.dimensions)}_"
-                     f"{pk_type.split('(')[0]}")
+        staging = self._staging_name("embeddings_staging")
         # Rows in key order: the statement then meets (and locks) them in key order in the plans
         # PostgreSQL picks for it, so two writers of overlapping rows queue instead of deadlocking.
         rows = sorted(rows, key=lambda row: _sort_key(row[0]))
@@ -1050,8 +1056,7 @@ class ChunkStore(TableStore):
         register_types()
         pk_type = pk_db_type(self.field)
         storage = self.staged_storage
-        staging = qn(f"embeddings_chunk_staging_{storage}_{int(self.version.dimensions)}_"
-                     f"{pk_type.split('(')[0]}")
+        staging = self._staging_name("embeddings_chunk_staging")
         rows = sorted(rows, key=lambda row: _sort_key(row[0]))
         with transaction.atomic(savepoint=False), connection.cursor() as cursor:
             cursor.execute(self._format(self.sql_lock_rows), [[row[0] for row in rows]])
