@@ -343,6 +343,10 @@ class VersionStore:
         """Everything ``drop`` removes besides indexes, for messages."""
         return self.describe()
 
+    def describe_indexed(self) -> str:
+        """Where the HNSW index is built (``index_name``), for messages."""
+        return self.describe()
+
     def relations(self) -> list[str]:
         """The tables of their own the version occupies (for sizes); none for a column store."""
         return []
@@ -1014,6 +1018,9 @@ class ChunkStore(TableStore):
 
     def describe(self) -> str:
         return f"tables {self.relation} and {self.rows_relation}"
+
+    def describe_indexed(self) -> str:
+        return f"table {self.relation}"  # over chunks; the rows' table has no vector
 
     def relations(self) -> list[str]:
         return [self.relation, self.rows_relation]

@@ -426,7 +426,7 @@ class Command(BaseCommand):
             bar.close()
         record.refresh_from_db()
         self.stdout.write(self.style.SUCCESS(
-            f"Index {name} on {record.store.describe()} is valid (m={record.hnsw_m}, "
+            f"Index {name} on {record.store.describe_indexed()} is valid (m={record.hnsw_m}, "
             f"ef_construction={record.hnsw_ef_construction}, ef_search={record.hnsw_ef_search}; "
             f"{time.monotonic() - started:.1f}s)."
         ))
