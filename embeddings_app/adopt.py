@@ -16,6 +16,8 @@ Invariants:
   whose vector column is that column; only a source-hash column is added). Vectors in a table of
   their own (key -> vector), or a column adopted with ``layout="table"``, are copied by the write
   path into a new store of the version (the user's table or column is only read, and stays).
+* Existing vectors are one per row: the version embeds whole rows, also with an alias whose
+  ``"chunks"`` chunks the versions ``add`` makes of it (the report says so).
 * The version is ``new`` when ``adopt()`` returns; ``embeddings adopt`` then backfills it (rows
   missing or changed), which makes it ``ready``. ``stores`` is the only code naming the column or
   table in SQL (``stores.ExistingVectors``).
@@ -77,6 +79,7 @@ class AdoptReport:
     min_cosine: float | None = None  # verify_all: the lowest cosine over every compared row
     replaced_keys: list[str] = field(default_factory=list)
     verb: str = "Adopted"  # "Derived" (embeddings_app.derive)
+    notes: list[str] = field(default_factory=list)  # said after the figures
 
     def lines(self) -> list[str]:
         where = "used in place" if self.in_place else "copied into the version's store"
@@ -95,7 +98,7 @@ class AdoptReport:
                          + (f" (rows {', '.join(self.replaced_keys[:WORST_SHOWN])}"
                             + (", ..." if self.replaced > WORST_SHOWN else "") + ")"
                             if self.replaced else "") + ".")
-        return lines
+        return lines + self.notes
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -202,6 +205,10 @@ def adopt(target: str, version_name: str, alias: str, *, column: str, table: str
             store.add()
     report = AdoptReport(version=str(version), source=source.describe(), in_place=in_place,
                          check=check, rows_with_vector=source.count())
+    if spec.chunks:  # existing vectors are whole-row vectors, whatever the alias adds
+        report.notes.append(f'Alias "{alias}" chunks the versions it adds (chunks of '
+                            f"{spec.chunks} tokens), but these vectors are one per row: "
+                            f"{version} embeds whole rows.")
     record(version, field_, source, encoder if verify_all else None, threshold, page_size,
             report, progress)
     return version, report
