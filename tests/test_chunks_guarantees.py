@@ -8,6 +8,7 @@ tiny BERT (MiniLM's tokenizer); one worker process for the whole module."""
 from __future__ import annotations
 
 import html
+import re
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -323,6 +324,10 @@ def test_the_admin_shows_a_chunked_version_and_drop_removes_both_its_tables_and_
     assert f"chunks:{CHUNK}/{OVERLAP}" in listing and f"0% chunked:{CHUNK}" in listing
     detail = html.unescape(client.get(change_url(v2)).content.decode())
     assert "16 / 16 rows have a vector; 0 stale" in detail
+    fields = dict(re.findall(r'<div class="[^"]*field-(chunk_tokens|chunk_overlap|layout|table)'
+                             r'[^"]*">.*?<div class="readonly">(.*?)</div>', detail, re.S))
+    assert fields == {"layout": "table", "table": v2.table, "chunk_tokens": str(CHUNK),
+                      "chunk_overlap": str(OVERLAP)}
     status = client.get(STATUS_URL, {"id": v2.pk}).json()["versions"][str(v2.pk)]
     assert (status["index"], status["coverage_label"]) == ("valid", "16 / 16 (100.0%)")
 
