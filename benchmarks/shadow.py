@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     queue = iter(query_sentences)
     published: list[str] = []
 
-    def count(sender: str | None = None, **_: object) -> None:
-        if sender == "embeddings_app.shadow_read":
-            published.append(sender)
+    def count(sender: str | None = None, body: tuple | None = None, **_: object) -> None:
+        if sender == "embeddings_app.shadow_reads":  # a batch: one sample per sampled search
+            published.extend(body[0][0] if body else ())
 
     before_task_publish.connect(count, weak=False)
     try:

@@ -13,10 +13,12 @@ Invariants:
   returned as without shadowing; the candidate is named by the search's snapshot
   (``active.Snapshot``, refreshed at most ``ACTIVE_CACHE_TTL`` late). A sampled search puts its
   task on the process's bounded publish queue (``PUBLISH_QUEUE_SIZE``) and returns; one daemon
-  thread per process publishes to the broker. A full queue (a broker slower than the searches)
-  drops the sample, counted and logged; a broker that refuses a task is logged, never raised. At
-  process exit the thread gets ``EXIT_FLUSH_SECONDS`` to publish what is queued; what is left
-  is lost, as a lost shadow read is one sample fewer, never a wrong figure.
+  thread per process publishes to the broker, up to ``PUBLISH_BATCH`` samples a message, a
+  sample waiting at most ``PUBLISH_INTERVAL`` seconds for others. A full queue (a broker slower
+  than the searches) drops the sample, counted and logged; a broker that refuses a task is
+  logged, never raised. At process exit the thread gets ``EXIT_FLUSH_SECONDS`` to publish what
+  is queued; what is left is lost, as a lost shadow read is one sample fewer, never a wrong
+  figure.
 * **No query text is kept.** The task carries it to the worker; the buckets keep sums only.
 * **Shadowing ends at activate, rollback, retire and drop** (``lifecycle.transition`` sets every
   rate of the target to 0 in the step's transaction), and a task that reaches a worker after
@@ -52,9 +54,9 @@ from .sources import source_hash
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
 
-__all__ = ["KEEP_HOURS", "PUBLISH_QUEUE_SIZE", "SHADOWABLE_STATES", "ShadowSummary",
-           "flush", "gate_problems", "maybe_shadow", "overlap", "rank_correlation", "record",
-           "start", "stop", "summary"]
+__all__ = ["KEEP_HOURS", "PUBLISH_BATCH", "PUBLISH_INTERVAL", "PUBLISH_QUEUE_SIZE",
+           "SHADOWABLE_STATES", "ShadowSummary", "flush", "gate_problems", "maybe_shadow",
+           "overlap", "rank_correlation", "record", "start", "stop", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +64,22 @@ KEEP_HOURS = 24 * 14  # hourly buckets kept per candidate: two weeks
 # A candidate must be complete and kept fresh: a ready version, or the standby one.
 SHADOWABLE_STATES = (State.READY, State.STANDBY)
 PUBLISH_QUEUE_SIZE = 1000  # shadow tasks waiting for the broker, per process
+PUBLISH_INTERVAL = 1.0  # seconds a sample may wait for others to share its message
+PUBLISH_BATCH = 50  # samples per message at most
 EXIT_FLUSH_SECONDS = 2.0
 
 
 # --- on the request path ------------------------------------------------------------------
 class _Publisher:
-    """The process's publish queue and the daemon thread that empties it into the broker. Made
-    again in a forked child (a web server's or Celery's workers): a thread does not survive a
-    fork, and the parent's queue may have been copied mid-operation."""
+    """The process's publish queue and the daemon thread that empties it into the broker, in
+    batches: the thread takes what is queued, waits up to ``PUBLISH_INTERVAL`` seconds for more
+    (at most ``PUBLISH_BATCH`` samples) and sends them as one task, so the broker sees a few
+    messages a second whatever the search rate, and the process's CPU and GIL are taken by a
+    publish that often, not once per sampled search. Made again in a forked child (a web
+    server's or Celery's workers): a thread does not survive a fork, and the parent's queue may
+    have been copied mid-operation."""
+
+    _FLUSH = ("flush",)  # put by flush(): publish what is batched now, without the wait
 
     def __init__(self) -> None:
         self._pid = 0
@@ -91,9 +101,14 @@ class _Publisher:
         return True
 
     def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every queued task to be published (or to fail);
-        True when none is left."""
+        """Publish the queued tasks now and wait up to ``timeout`` seconds for them to be sent
+        (or to fail); True when none is left."""
         deadline = time.monotonic() + timeout
+        if self._pid == os.getpid() and self._queue.unfinished_tasks:
+            try:
+                self._queue.put(self._FLUSH, timeout=timeout)
+            except queue.Full:
+                return False
         while self._pid == os.getpid() and self._queue.unfinished_tasks:
             if time.monotonic() >= deadline:
                 return False
@@ -109,18 +124,30 @@ class _Publisher:
                              name="embeddings-shadow-publisher").start()
             self._pid = os.getpid()
 
-    @staticmethod
-    def _run(tasks_queue: queue.Queue[tuple]) -> None:
+    @classmethod
+    def _run(cls, tasks_queue: queue.Queue[tuple]) -> None:
         from . import tasks  # load-bearing lazy import: tasks imports search's callers (lifecycle)
 
         while True:
-            task = tasks_queue.get()
+            taken = [tasks_queue.get()]
+            deadline = time.monotonic() + PUBLISH_INTERVAL
+            while taken[-1] is not cls._FLUSH and len(taken) < PUBLISH_BATCH:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    taken.append(tasks_queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
+            batch = [task for task in taken if task is not cls._FLUSH]
             try:
-                tasks.send_shadow_read(*task)
-            except Exception:  # the broker's failure is one sample fewer
-                logger.warning("shadow read of version %s not sent", task[0], exc_info=True)
+                if batch:
+                    tasks.send_shadow_reads(batch)
+            except Exception:  # the broker's failure is samples fewer
+                logger.warning("%d shadow reads not sent", len(batch), exc_info=True)
             finally:
-                tasks_queue.task_done()
+                for _ in taken:
+                    tasks_queue.task_done()
 
 
 _publisher = _Publisher()

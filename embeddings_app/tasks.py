@@ -17,6 +17,7 @@ a batch that is still running to a second worker. Workers should run with
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -32,6 +33,8 @@ from . import backfill, capture, lifecycle, probes, registry, shadow, sync
 from .config import get_config
 from .exceptions import ProviderUnavailable
 from .models import STORED_STATES, BackfillBatch, BackfillRun, EmbeddingVersion, VersionEvent
+
+logger = logging.getLogger(__name__)
 
 # Connection errors, Django's and psycopg's alike: psycopg's own escape Django's wrapper where
 # the app talks to the driver directly (pgvector's type registration, COPY), e.g. the
@@ -214,15 +217,36 @@ def shadow_read(candidate_id: int, text: str, k: int, served_keys: list[str],
                 served_seconds: float) -> None:
     """One shadow read (``embeddings_app.shadow``): the candidate answers a live search that the
     active version served; the comparison is added to its hourly bucket. Not retried and acked
-    early: a lost shadow read is one sample fewer, never a wrong figure."""
+    early: a lost shadow read is one sample fewer, never a wrong figure. Publishers now send
+    ``shadow_reads`` batches; this task still consumes the single reads an earlier release
+    published (a rolling deploy)."""
     shadow.record(candidate_id, text, k, served_keys, served_seconds)
 
 
-def send_shadow_read(candidate_id: int, text: str, k: int, served_keys: list[str],
-                     served_seconds: float) -> None:
-    # No publish retries: a broker that is down costs the user's read one failed attempt.
-    shadow_read.apply_async((candidate_id, text, k, served_keys, served_seconds),
-                            queue=get_config().queue, retry=False)
+@shared_task(name="embeddings_app.shadow_reads", ignore_result=True, acks_late=False,
+             time_limit=600)
+@reconnecting
+def shadow_reads(samples: list[list[Any]]) -> int:
+    """A batch of shadow reads, as one process's publisher sends them (``shadow._Publisher``):
+    each recorded as ``shadow_read`` records one; a sample that fails is logged and the others
+    are still recorded, except after a lost connection, which ends the batch (not retried: a
+    retry would record its first samples twice). Returns how many were recorded."""
+    done = 0
+    for candidate_id, text, k, served_keys, served_seconds in samples:
+        try:
+            shadow.record(candidate_id, text, k, served_keys, served_seconds)
+            done += 1
+        except CONNECTION_ERRORS:
+            raise
+        except Exception:  # one sample fewer, never the batch's others
+            logger.warning("shadow read of version %s not recorded", candidate_id, exc_info=True)
+    return done
+
+
+def send_shadow_reads(samples: list[tuple]) -> None:
+    # No publish retries: a broker that is down costs one failed attempt per batch.
+    shadow_reads.apply_async(([list(sample) for sample in samples],),
+                             queue=get_config().queue, retry=False)
 
 
 @shared_task(name="embeddings_app.build_index", ignore_result=True, acks_late=False)

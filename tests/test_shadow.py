@@ -46,14 +46,15 @@ def v1_active_v2_ready(make_articles: Callable[[int], list]) -> tuple[EmbeddingV
 
 @pytest.fixture
 def published() -> Iterator[list[tuple]]:
-    """The shadow-read tasks this process sends (Celery's ``before_task_publish``), and for each
-    the name of the thread that published it (in ``publishers``)."""
+    """The shadow reads this process sends, one item per sampled search (Celery's
+    ``before_task_publish`` of the batches), and for each batch the name of the thread that
+    published it (in ``publishers``)."""
     sent: list[tuple] = []
     publishers.clear()
 
     def count(sender: str | None = None, body: tuple | None = None, **_: object) -> None:
-        if sender == "embeddings_app.shadow_read":
-            sent.append(body[0] if body else ())
+        if sender == "embeddings_app.shadow_reads":
+            sent.extend(body[0][0])
             publishers.append(threading.current_thread().name)
 
     before_task_publish.connect(count, weak=False)
