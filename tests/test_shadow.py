@@ -16,8 +16,8 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from scipy.stats import spearmanr
 
-from embeddings_app import encoders, lifecycle, registry, rollout, shadow
-from embeddings_app.config import validate
+from embeddings_app import encoders, lifecycle, registry, rollout, shadow, tasks
+from embeddings_app.config import get_config, validate
 from embeddings_app.models import EmbeddingVersion, ShadowBucket
 from project.news.models import Article
 from tests.backfill_helpers import wait_until
@@ -139,6 +139,13 @@ def test_live_searches_are_shadowed_on_a_worker_at_the_rate_and_recorded_as_reco
     assert bucket.rank_sum == pytest.approx(rank_sum, abs=1e-9)
     # No query text is kept anywhere in the records.
     assert not any(text in repr(list(ShadowBucket.objects.values())) for text in QUERIES)
+
+    # A single shadow read as an earlier release published it (a rolling deploy) is still
+    # recorded by the worker.
+    text = QUERIES[0]
+    tasks.shadow_read.apply_async((v2.pk, text, K, served[text], 0.01), queue=get_config().queue)
+    wait_until(lambda: recorded(v2) == len(QUERIES) + 1, timeout=90,
+               what="the single shadow read recorded")
 
 
 def test_a_served_row_without_a_fresh_candidate_vector_counts_as_unranked(v1_active_v2_ready):
