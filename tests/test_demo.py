@@ -1,7 +1,8 @@
 """The README's first command, end to end in a reduced size: `manage.py demo --no-serve` as a
 subprocess with its own data folder (its own embedded PostgreSQL and Redis, its own Celery
-workers), then its JSON report, its chart and its processes checked; once per layout of v2
-(``--layout column`` and ``--layout table``), both runs at once, shared by this module's tests."""
+workers), then its JSON report, its chart and its processes checked; twice, both runs at once,
+shared by this module's tests: the default (v2 chunked, in a table of its own) and ``--whole-rows``
+(v2 as whole rows, in a column of the article table)."""
 
 from __future__ import annotations
 
@@ -43,27 +44,29 @@ def _processes_using(folder: Path) -> list[str]:
 
 @dataclass
 class DemoRun:
-    layout: str
+    name: str
+    layout: str  # v2's, as the run's arguments ask
     data: Path
     report: dict[str, Any]
     log: str
     elapsed: float
 
 
-LAYOUTS = ("column", "table")
+# Each run: its demo arguments and v2's layout they give.
+RUNS = {"default": ([], "table"), "whole-rows": (["--whole-rows"], "column")}
 
 
 @dataclass
 class _Started:
-    layout: str
+    name: str
     data: Path
     log: Path
     process: subprocess.Popen
     started: float
 
 
-def _start(layout: str, tmp_path_factory: pytest.TempPathFactory) -> _Started:
-    tmp_path = tmp_path_factory.mktemp(f"demo-{layout}")
+def _start(name: str, tmp_path_factory: pytest.TempPathFactory) -> _Started:
+    tmp_path = tmp_path_factory.mktemp(f"demo-{name}")
     data = tmp_path / "data"
     env = {key: value for key, value in os.environ.items()
            if key not in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE",
@@ -74,10 +77,10 @@ def _start(layout: str, tmp_path_factory: pytest.TempPathFactory) -> _Started:
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "manage.py", "demo", "--docs", str(DOCS), "--no-serve",
-             "--phase-seconds", "4", "--layout", layout],
+             "--phase-seconds", "4", *RUNS[name][0]],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    return _Started(layout, data, log, process, time.monotonic())
+    return _Started(name, data, log, process, time.monotonic())
 
 
 def _finish(run: _Started) -> DemoRun | str:
@@ -86,13 +89,14 @@ def _finish(run: _Started) -> DemoRun | str:
         run.process.wait(timeout=max(DEMO_TIMEOUT - (time.monotonic() - run.started), 1))
     except subprocess.TimeoutExpired:
         _interrupt(run.process)
-        return (f"demo --layout {run.layout} did not finish in {DEMO_TIMEOUT} s:\n"
+        return (f"demo ({run.name}) did not finish in {DEMO_TIMEOUT} s:\n"
                 + run.log.read_text(errors="replace")[-4000:])
     text = run.log.read_text(errors="replace")
     if run.process.returncode != 0:
-        return f"demo --layout {run.layout} exited {run.process.returncode}:\n{text[-4000:]}"
+        return f"demo ({run.name}) exited {run.process.returncode}:\n{text[-4000:]}"
     report = json.loads((run.data / "demo" / "report.json").read_text())
-    return DemoRun(run.layout, run.data, report, text, time.monotonic() - run.started)
+    return DemoRun(run.name, RUNS[run.name][1], run.data, report, text,
+                   time.monotonic() - run.started)
 
 
 def _interrupt(process: subprocess.Popen) -> None:
@@ -112,17 +116,18 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoRun | s
     """Both runs at once, each with its own data folder, servers and workers (each spends much
     of its time waiting: servers starting, its traffic phases, its workers): about 1.4 times one
     run instead of two runs one after the other."""
-    started = [_start(layout, tmp_path_factory) for layout in LAYOUTS]
+    started = [_start(name, tmp_path_factory) for name in RUNS]
     try:
-        return {run.layout: _finish(run) for run in started}
+        return {run.name: _finish(run) for run in started}
     finally:
         for run in started:
             _interrupt(run.process)
 
 
-@pytest.fixture(params=LAYOUTS)
+@pytest.fixture(params=list(RUNS))
 def demo(request: pytest.FixtureRequest, demo_runs: dict[str, DemoRun | str]) -> DemoRun:
-    """The run of the demo with v2 in this layout (``--layout``), shared by this module's tests."""
+    """One of the two runs (default: v2 chunked; ``--whole-rows``), shared by this module's
+    tests."""
     run = demo_runs[request.param]
     if isinstance(run, str):
         pytest.fail(run)
@@ -159,7 +164,17 @@ def test_demo_end_to_end(demo: DemoRun) -> None:
     assert report["layout"] == {"v1": "column", "v2": demo.layout}
     assert "embedding_v1" not in report["columns_now"]
     assert ("embedding_v2" in report["columns_now"]) == (demo.layout == "column")
-    # compare ran on the real models.
+    # v2 chunked by default (chunks of 126 tokens, no overlap), whole rows with --whole-rows;
+    # verify (step 4) passed on a sample of chunks, or of whole-row vectors.
+    chunked = demo.name == "default"
+    assert report["chunks"]["v2"] == ({"tokens": 126, "overlap": 0} if chunked else None)
+    checked = report["verify"]["v2"]
+    assert checked["passed"] is True and checked["compared"] > 0, checked
+    assert checked["min_cosine"] >= 0.99, checked
+    assert all((" chunk at " in key) == chunked for key in checked["worst"]), checked
+    assert f"  verify v2 (step 4, before it served): passed, {checked['compared']} sampled " + (
+        "chunks (of 126 tokens)" if chunked else "whole-row vectors") in demo.log
+    # compare ran on the real models (its recall@10 is printed below, whatever it measured).
     assert report["compare"]["available"] is True, report["compare"]
     chart = Path(report["chart"])
     assert chart.is_file() and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -169,8 +184,9 @@ def test_demo_end_to_end(demo: DemoRun) -> None:
     while _processes_using(demo.data) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_using(demo.data) == []
-    print(f"demo --docs {DOCS} --layout {demo.layout}: {demo.elapsed:.0f} s; "
-          f"v2 {report['rows_per_second']['v2']} rows/s")
+    print(f"demo --docs {DOCS} ({demo.name}, v2 in a {demo.layout}): {demo.elapsed:.0f} s; "
+          f"v2 {report['rows_per_second']['v2']} rows/s; compare recall@10 v1, v2: "
+          f"{report['compare'].get('recall@10')}, nDCG@10 {report['compare'].get('nDCG@10')}")
 
 
 def test_the_demo_reports_table_sizes_before_after_the_backfill_and_after_the_drop(
@@ -215,7 +231,9 @@ def test_the_demo_reports_table_sizes_before_after_the_backfill_and_after_the_dr
 def test_the_demo_shows_how_many_rows_each_model_truncates(demo: DemoRun) -> None:
     """Both models' truncation figures, counted by compare on the same rows with each model's
     tokenizer: all-MiniLM-L6-v2 reads 256 tokens, all-mpnet-base-v2 (as pinned here) 128, so
-    v2 cuts more of the BBC articles than v1, and the report says so beside recall."""
+    more of the BBC articles exceed v2's limit than v1's, and the report says so beside recall:
+    cut by a whole-row v2; embedded as several chunks by the default, chunked v2, which cuts
+    none."""
     figures = demo.report["truncation"]
     v1, v2 = figures["v1"], figures["v2"]
     assert (v1["limit"], v2["limit"]) == (256, 128), figures
@@ -224,11 +242,14 @@ def test_the_demo_shows_how_many_rows_each_model_truncates(demo: DemoRun) -> Non
     assert v1["counted"] == v2["counted"] > 0, figures
     assert 0 < v1["over"] / v1["counted"] < v2["over"] / v2["counted"], figures
     assert v2["median_overflow"] > 0, figures
+    chunked = demo.name == "default"
+    assert (v1["chunked"], v2["chunked"]) == (None, 126 if chunked else None), figures
+    assert v2["summary"].startswith("no row cut: chunks of 126 tokens (") == chunked, figures
     for name in ("v1", "v2"):
         assert f"  {name} ({figures[name]['alias']}): {figures[name]['summary']}" in demo.log
     compare_lines = demo.report["compare"]["lines"]
     row = next(line for line in compare_lines if line.startswith("truncated "))
-    assert ">256" in row and ">128" in row, compare_lines
+    assert ">256" in row and ("0% chunked:126" if chunked else ">128") in row, compare_lines
 
 
 def test_the_demo_shadows_live_searches_then_rolls_v2_out_to_10_percent_then_flips(
@@ -265,14 +286,43 @@ def test_the_demo_shadows_live_searches_then_rolls_v2_out_to_10_percent_then_fli
 
 @pytest.mark.parametrize(("arguments", "refusal"), [
     (["--chunks", "100", "--layout", "column"], "A chunked v2 lives in a table of its own"),
-    (["--overlap", "16"], "--overlap applies to a chunked v2 only"),
-    (["--chunks", "0"], "--chunks must be a positive number of tokens"),
+    (["--whole-rows", "--overlap", "16"], "--overlap applies to a chunked v2 only"),
+    (["--layout", "column", "--overlap", "16"], "--overlap applies to a chunked v2 only"),
+    (["--whole-rows", "--chunks", "100"], "--whole-rows and --chunks 100 contradict"),
+    (["--chunks", "-1"], "--chunks must be a positive number of tokens"),
 ])
 def test_the_demo_refuses_chunk_options_add_would_refuse_before_it_starts_anything(
         arguments: list[str], refusal: str) -> None:
-    """``--chunks``/``--overlap`` that ``add`` would refuse only after v1's migration are
-    refused at once, in one line, before a data folder, a server or a worker is touched."""
+    """``--chunks``/``--overlap``/``--whole-rows`` that ``add`` would refuse only after v1's
+    migration, or that contradict each other, are refused at once, in one line, before a data
+    folder, a server or a worker is touched."""
     from django.core.management import CommandError, call_command
 
     with pytest.raises(CommandError, match=refusal):
         call_command("demo", "--no-serve", *arguments)
+
+
+@pytest.mark.parametrize(("arguments", "shape"), [
+    ([], ("table", 126, 0)),
+    (["--overlap", "16"], ("table", 126, 16)),
+    (["--chunks", "100"], ("table", 100, 0)),
+    (["--layout", "table", "--chunks", "100", "--overlap", "8"], ("table", 100, 8)),
+    (["--whole-rows"], ("column", None, None)),
+    (["--chunks", "0"], ("column", None, None)),
+    (["--layout", "column"], ("column", None, None)),
+    (["--whole-rows", "--layout", "table"], ("table", None, None)),
+])
+def test_v2_is_chunked_in_a_table_by_default_and_whole_rows_with_whole_rows_or_a_column(
+        arguments: list[str], shape: tuple[str, int | None, int | None]) -> None:
+    """v2's layout, chunk size and overlap as the demo's options give them: chunks of 126
+    tokens, no overlap, in a table of its own unless told otherwise; whole rows (no chunk size)
+    with ``--whole-rows``, ``--chunks 0`` or ``--layout column``, in a column unless told
+    otherwise."""
+    from django.core.management import load_command_class
+
+    from project.news.management.commands.demo import v2_shape
+
+    command = load_command_class("project.news", "demo")
+    options = vars(command.create_parser("manage.py", "demo").parse_args(arguments))
+    assert v2_shape(options["layout"], options["chunks"], options["overlap"],
+                    options["whole_rows"]) == shape
