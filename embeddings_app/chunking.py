@@ -233,8 +233,9 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
             keys_sql, keys_params = base.values("pk").query.sql_with_params()
             where, params = keys_sql, list(keys_params)
         sql = store.nearest_rows_sql(where)
-        db = connections[base.db]
-        names, converters = _row_reader(field.model, base.db)
+        alias = base.db  # asks the database routers: once, not once per row
+        db = connections[alias]
+        names, converters = _row_reader(field.model, alias)
         width = len(names)
         limit = CANDIDATES_PER_ROW * k
         while True:
@@ -251,7 +252,7 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
             for index, funcs, expression in converters:
                 for func in funcs:
                     values[index] = func(values[index], expression, db)
-            obj = field.model.from_db(base.db, names, values)
+            obj = field.model.from_db(alias, names, values)
             number, start, end, obj.distance = row[width:width + 4]
             obj.chunk = Chunk(number, start, end, field.source_text(obj)[start:end])
             found.append(obj)
