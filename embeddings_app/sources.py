@@ -86,8 +86,9 @@ class EmbeddingSource:
             value = self._source_callable(instance)
             return "" if value is None else str(value)
         assert self.source_fields is not None
-        parts = [getattr(instance, name) for name in self.source_fields]
-        return SOURCE_SEPARATOR.join(str(part) for part in parts if part not in (None, ""))
+        # One comprehension (a chunked search calls this once per result row).
+        return SOURCE_SEPARATOR.join([str(part) for name in self.source_fields
+                                      if (part := getattr(instance, name)) not in (None, "")])
 
     source_hash = staticmethod(source_hash)
 
