@@ -248,10 +248,12 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
             limit *= GROWTH
         found = []
         for row in rows:
-            values = list(row[:width])
-            for index, funcs, expression in converters:
-                for func in funcs:
-                    values[index] = func(values[index], expression, db)
+            values = row[:width]
+            if converters:
+                values = list(values)
+                for index, funcs, expression in converters:
+                    for func in funcs:
+                        values[index] = func(values[index], expression, db)
             obj = field.model.from_db(alias, names, values)
             number, start, end, obj.distance = row[width:width + 4]
             obj.chunk = Chunk(number, start, end, field.source_text(obj)[start:end])
