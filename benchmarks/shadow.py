@@ -5,9 +5,13 @@ R = 1.0, against shadow reads off, on the same queries in the same run (issue 16
 As deployed: the active v1 and the candidate v2 are real MiniLM versions (v1 in a column, v2 in
 a side table, the layout migration a user would shadow) over the same real sentences; a real
 Celery worker (one process) answers the shadow reads while the searches run, on the same two
-cores. Each search embeds a distinct real sentence (query cache cleared between modes), so the
-serving side pays a real encode too. The modes run in interleaved blocks in a rotating order; the
-worker finishes a block's shadow reads before the next block starts.
+cores. ``--rounds`` x ``--queries`` distinct real sentences, in blocks of ``--block``: every
+mode searches each block's sentences (the query cache cleared before each mode's turn, so the
+serving side pays a real encode every time), the modes in a rotating order; the worker finishes
+a block's shadow reads before the next mode's turn. A block lasts more than the publisher's
+interval (``shadow.PUBLISH_INTERVAL``: 100 searches take about 1.5 s), so batches are published
+while searches are timed; many blocks per mode (``--rounds``) spread the machine's drifts (seen:
+a mode's median moving by 15% between runs of 6 blocks) over the modes alike.
 
 Run: ``python -m benchmarks.shadow [--rows N] [--queries N] [--rounds N]``.
 """
@@ -15,6 +19,7 @@ Run: ``python -m benchmarks.shadow [--rows N] [--queries N] [--rounds N]``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from benchmarks import harness
@@ -27,7 +32,13 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--queries", type=int, default=100, help="distinct sentences per block")
-    parser.add_argument("--rounds", type=int, default=4, help="blocks per mode")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of --queries distinct sentences, each searched in every mode")
+    parser.add_argument("--block", type=int, default=100,
+                        help="searches per block: each mode searches the sentences in blocks of "
+                        "this many, the modes' blocks alternating; a block must last a few "
+                        "publish intervals (shadow.PUBLISH_INTERVAL), so that the batches are "
+                        "published while searches are timed, as in a steady stream")
     parser.add_argument("--worker", choices=("beside", "after"), default="after",
                         help="beside: the worker answers the shadow reads while the searches "
                         "run, on the same cores; after: it stops consuming during each block and "
@@ -46,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     from tests.workers import WorkerProcess
 
     harness.reset_articles()
-    sentences = harness.real_sentences(2_000 + args.queries * args.rounds * len(MODES))
+    sentences = harness.real_sentences(2_000 + args.queries * args.rounds)
     table_sentences, query_sentences = sentences[:2_000], sentences[2_000:]
     minilm = encoders.load(get_config().model("minilm"))
     print(f"encoding {len(table_sentences)} real sentences with MiniLM ...", flush=True)
@@ -82,11 +93,11 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     def consuming(on: bool) -> None:
         if args.worker == "after":
             if on:
-                celery_app.control.add_consumer(queue_name, reply=True, timeout=10)
+                celery_app.control.add_consumer(queue_name, reply=True, timeout=10, limit=1)
             else:
-                celery_app.control.cancel_consumer(queue_name, reply=True, timeout=10)
+                celery_app.control.cancel_consumer(queue_name, reply=True, timeout=10, limit=1)
     samples: dict[float, list[float]] = {mode: [] for mode in MODES}
-    queue = iter(query_sentences)
+    block_p50s: dict[float, list[float]] = {mode: [] for mode in MODES}
     published: list[str] = []
 
     def count(sender: str | None = None, body: tuple | None = None, **_: object) -> None:
@@ -95,8 +106,12 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
 
     before_task_publish.connect(count, weak=False)
     try:
-        for round_ in range(args.rounds):
-            shift = round_ % len(MODES)
+        blocks = [query_sentences[start:start + args.block]
+                  for start in range(0, args.queries * args.rounds, args.block)]
+        for number, block in enumerate(blocks):
+            shift = number % len(MODES)
+            # Every mode searches the same sentences (the query cache is cleared before each
+            # block, so each pays the encode): the modes differ only in shadowing.
             for mode in MODES[shift:] + MODES[:shift]:
                 if mode:
                     shadow.start(TARGET, "v2", mode)
@@ -106,11 +121,13 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                 minilm_version = EmbeddingVersion.objects.get(target=TARGET, version="v1")
                 encoders.for_version(minilm_version).clear_query_cache()
                 consuming(False)
-                for _ in range(args.queries):
-                    text = next(queue)
+                times = []
+                for text in block:
                     started = time.perf_counter()
                     Article.embedding.search(text, k=10)
-                    samples[mode].append(time.perf_counter() - started)
+                    times.append(time.perf_counter() - started)
+                samples[mode].extend(times)
+                block_p50s[mode].append(statistics.median(times) * 1000)
                 # The worker catches up before the mode changes (a task delivered after its
                 # shadowing stopped records nothing), so each block bears its own mode's work.
                 shadow.flush(60)  # the process's publisher thread has sent the block's tasks
@@ -134,7 +151,11 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                 on[stat], "ms",
                 "shadow reads off", off[stat], ratio, target,
                 (ratio <= 1.05) if mode == 0.1 else None,
-                {"searches": len(samples[mode])}))
+                {"searches": len(samples[mode]), "blocks": len(block_p50s[mode]),
+                 "block_p50_ms_range": [round(min(block_p50s[mode]), 2),
+                                        round(max(block_p50s[mode]), 2)],
+                 "off_block_p50_ms_range": [round(min(block_p50s[0.0]), 2),
+                                            round(max(block_p50s[0.0]), 2)]}))
     summary = shadow.summary(v2)
     rows.append(harness.Row(
         "shadow", "shadow reads recorded by the worker", float(summary.queries), "queries",
@@ -145,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     print(f"mean overlap@10 of v2 (same model, another layout) with v1: {summary.mean_overlap}")
     print("results:", harness.write_json("shadow" if args.worker == "after" else "shadow-beside", rows,
                                          {"rows": args.rows, "queries": args.queries,
-                                          "rounds": args.rounds, "worker": args.worker}))
+                                          "rounds": args.rounds, "block": args.block,
+                                          "worker": args.worker}))
     return rows
 
 
