@@ -248,13 +248,7 @@ def nearest_rows(field: Any, store: stores.ChunkStore, base: models.QuerySet, li
             limit *= GROWTH
         found = []
         for row in rows:
-            values = row[:width]
-            if converters:
-                values = list(values)
-                for index, funcs, expression in converters:
-                    for func in funcs:
-                        values[index] = func(values[index], expression, db)
-            obj = field.model.from_db(alias, names, values)
+            obj = field.model.from_db(alias, names, stores.converted(row[:width], converters, db))
             number, start, end, obj.distance = row[width:width + 4]
             obj.chunk = Chunk(number, start, end, field.source_text(obj)[start:end])
             found.append(obj)

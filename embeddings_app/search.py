@@ -26,7 +26,7 @@ from django.db import connection, connections, models
 from . import active, chunking, encoders, limits, rollout, shadow
 from .exceptions import Refused, VersionMismatch
 from .models import EmbeddingVersion
-from .stores import ChunkStore, VersionStore
+from .stores import ChunkStore, VersionStore, converted
 
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
@@ -240,11 +240,7 @@ def _run_compiled(db: Any, model: type[models.Model], compiled: _CompiledSearch,
     width = len(compiled.field_names)
     results = []
     for row in rows:
-        if compiled.converters:
-            row = list(row)
-            for index, funcs, expression in compiled.converters:
-                for func in funcs:
-                    row[index] = func(row[index], expression, db)
+        row = converted(row, compiled.converters, db)
         obj = model.from_db(db.alias, compiled.field_names, row[:width])
         obj.distance = row[compiled.distance_index]
         results.append(obj)

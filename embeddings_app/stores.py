@@ -231,6 +231,20 @@ def binary_signs(vectors: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(vectors) > 0, 1.0, -1.0).astype(np.float32)
 
 
+def converted(row: Sequence[Any], converters: Sequence[tuple[int, Sequence[Any], Any]],
+              db: Any) -> Sequence[Any]:
+    """``row`` with each database converter of the ORM applied to its column, as Django's own
+    iterable applies them (``converters``: (index, functions, expression)); the row itself when
+    there are none (a search builds its instances from it without a copy)."""
+    if not converters:
+        return row
+    values = list(row)
+    for index, funcs, expression in converters:
+        for func in funcs:
+            values[index] = func(values[index], expression, db)
+    return values
+
+
 def _to_db_vector(storage: str, vector: np.ndarray | None) -> Any:
     if vector is None:
         return None
