@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
-from scipy.stats import spearmanr
 
 from embeddings_app import chunking, encoders, lifecycle, registry, search, shadow, stores
 from embeddings_app.models import BackfillRun, EmbeddingVersion, ShadowBucket, State
@@ -35,6 +34,7 @@ from tests.test_admin import (
 )
 from tests.test_adopt import add_legacy_column, encode
 from tests.test_chunks import CHUNK, brute_force, chunk_rows
+from tests.test_shadow import expected_shadow
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.django_db(transaction=True)  # a worker reads what the tests commit
@@ -61,13 +61,20 @@ def v1_whole_v2_chunked(make_articles: Callable[[int], list]) -> list[Article]:
     """16 real articles; v1 whole rows (tiny_other, another model) active, v2 chunked (tiny,
     chunks of 32 tokens overlapping by 4) ready; no index (exact searches)."""
     articles = make_articles(16)
+    add_whole_v1_active_and_chunked_v2("--inline")
+    return articles
+
+
+def add_whole_v1_active_and_chunked_v2(*v2_backfill: str) -> None:
+    """v1 whole rows (tiny_other) backfilled inline and active; v2 chunked (tiny, chunks of
+    ``CHUNK`` tokens overlapping by ``OVERLAP``) added and backfilled with ``v2_backfill``'s
+    options."""
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny_other")
     call_command("embeddings", "backfill", TARGET, "v1", "--inline")
     call_command("embeddings", "activate", TARGET, "v1", "--force")
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny", "--chunks", str(CHUNK),
                  "--overlap", str(OVERLAP))
-    call_command("embeddings", "backfill", TARGET, "v2", "--inline")
-    return articles
+    call_command("embeddings", "backfill", TARGET, "v2", *v2_backfill)
 
 
 def version(name: str) -> EmbeddingVersion:
@@ -84,34 +91,13 @@ def whole_row_brute_force(record: EmbeddingVersion, query: np.ndarray, k: int) -
     return [keys[i] for i in sorted(range(len(keys)), key=lambda i: (distances[i], keys[i]))[:k]]
 
 
-def expected_shadow(served: dict[str, list[str]], rank: Callable[[str], list[int]]
-                    ) -> tuple[float, float, int]:
-    """(overlap sum, rank correlation sum, queries with a correlation) recomputed here: the
-    candidate's answer by ``rank`` (brute force), SciPy's Spearman over the rows both ranked."""
-    overlap_sum, rank_sum, rank_queries = 0.0, 0.0, 0
-    for text, served_keys in served.items():
-        candidate = [str(pk) for pk in rank(text)]
-        common = [key for key in served_keys if key in candidate]
-        overlap_sum += len(common) / max(len(served_keys), len(candidate))
-        if len(common) >= 2:
-            rank_sum += spearmanr(range(len(common)),
-                                  [candidate.index(key) for key in common]).statistic
-            rank_queries += 1
-    return overlap_sum, rank_sum, rank_queries
-
-
 # --- on a real worker -------------------------------------------------------------------------
 @pytest.mark.worker
 def test_a_chunked_version_backfills_on_the_worker_and_a_celery_mode_save_rewrites_only_its_changed_chunks(
         make_articles, worker, settings):
     settings.EMBEDDINGS = {**settings.EMBEDDINGS, "DUAL_WRITE": "celery", "QUEUE": worker.queue}
     articles = make_articles(10)
-    call_command("embeddings", "add", TARGET, "v1", "--model", "tiny_other")
-    call_command("embeddings", "backfill", TARGET, "v1", "--inline")
-    call_command("embeddings", "activate", TARGET, "v1", "--force")
-    call_command("embeddings", "add", TARGET, "v2", "--model", "tiny", "--chunks", str(CHUNK),
-                 "--overlap", str(OVERLAP))
-    call_command("embeddings", "backfill", TARGET, "v2", "--batch-size", "4")  # on the worker
+    add_whole_v1_active_and_chunked_v2("--batch-size", "4")  # v2's backfill on the worker
     v1, v2 = version("v1"), version("v2")
     run = BackfillRun.objects.get(version=v2)
     assert (v2.state, run.status, run.mode, run.batches_total) == ("ready", "done", "celery", 3)
