@@ -190,22 +190,11 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         return found
 
     def measure(label: str, rounds: int) -> dict[int, list[int]]:
-        sides = {"app": app, "raw": raw}
         plans = uses_index()
-        samples: dict[str, list[float]] = {name: [] for name in sides}
-        results: dict[int, list[int]] = {}
-        names = list(sides)
-        for round_ in range(rounds):
-            for i, vector in enumerate(queries):
-                shift = (i + round_) % len(names)
-                for name in names[shift:] + names[:shift]:
-                    started = time.perf_counter()
-                    found = sides[name](vector)
-                    samples[name].append(time.perf_counter() - started)
-                    if name == "app":
-                        results[i] = found
-                    elif len(found) < k:
-                        rounds_needed.append(i)
+        samples, answers = harness.interleaved({"app": app, "raw": raw}, queries, rounds)
+        results = {i: found[-1] for i, found in enumerate(answers["app"])}
+        rounds_needed.extend(i for i, found in enumerate(answers["raw"])
+                             if any(len(one) < k for one in found))
         app_s, raw_s = harness.latency_summary(samples["app"]), harness.latency_summary(samples["raw"])
         for stat in ("p50_ms", "p95_ms"):
             ratio = app_s[stat] / raw_s[stat]

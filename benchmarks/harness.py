@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +65,26 @@ def percentile(samples: Sequence[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def interleaved(sides: Mapping[str, Callable[[Any], Any]], queries: Sequence[Any], rounds: int
+                ) -> tuple[dict[str, list[float]], dict[str, list[list[Any]]]]:
+    """Every query on every side, ``rounds`` times, interleaved in a rotating order: each side
+    is as often first (after another query's work) as last, and all see the same cache state.
+    Returns the seconds of each call per side, and each side's answers per query (one per
+    round)."""
+    names = list(sides)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    answers: dict[str, list[list[Any]]] = {name: [[] for _ in queries] for name in names}
+    for round_ in range(rounds):
+        for i, query in enumerate(queries):
+            shift = (i + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                started = time.perf_counter()
+                found = sides[name](query)
+                samples[name].append(time.perf_counter() - started)
+                answers[name][i].append(found)
+    return samples, answers
 
 
 def latency_summary(samples_s: Sequence[float]) -> dict[str, float]:

@@ -79,21 +79,9 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     rows: list[harness.Row] = []
 
     def measure(label: str, rounds: int) -> dict[int, list[int]]:
-        results: dict[int, list[int]] = {}
-        sides = {"app": app_search, "orm": app_search_orm, "raw": raw_search}
-        samples: dict[str, list[float]] = {name: [] for name in sides}
-        names = list(sides)
-        for round_ in range(rounds):
-            for i, vector in enumerate(queries):
-                # Interleaved, in a rotating order: each side is as often first (after another
-                # query's work) as last, and all see the same cache state.
-                shift = (i + round_) % len(names)
-                for name in names[shift:] + names[:shift]:
-                    started = time.perf_counter()
-                    found = sides[name](vector)
-                    samples[name].append(time.perf_counter() - started)
-                    if name == "app":
-                        results[i] = found
+        samples, answers = harness.interleaved(
+            {"app": app_search, "orm": app_search_orm, "raw": raw_search}, queries, rounds)
+        results = {i: found[-1] for i, found in enumerate(answers["app"])}
         raw_s = harness.latency_summary(samples["raw"])
         for name, what in (("app", "search_vector"), ("orm", "search_vector(queryset=all())")):
             app_s = harness.latency_summary(samples[name])
