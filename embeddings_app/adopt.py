@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from django.db import transaction
 
-from . import encoders, lifecycle, limits, probes, registry, sources, stores, sync
+from . import capture, encoders, lifecycle, limits, probes, registry, sources, stores, sync
 from .config import get_config
 from .exceptions import Refused
 from .models import EmbeddingVersion
@@ -184,6 +184,7 @@ def adopt(target: str, version_name: str, alias: str, *, column: str, table: str
     if not in_place:
         store_class.check_new(field_, version_name)
     probe_texts, probe_vectors = probes.initial(encoder, target)
+    capture.prepare(field_)  # the logical capture's slot, outside the version's transaction
     with lifecycle.locked_versions(target) as versions:
         if in_place:  # again under the lock
             names = stores.ColumnStore.adopted_names(field_, version_name, column)

@@ -23,27 +23,47 @@ Invariants:
 
 A target whose source is a callable (or a relation) cannot be captured: its sweep stays a full
 scan (``check --deploy`` warns, ``embeddings.W120``).
+
+With ``EMBEDDINGS["CHANGE_CAPTURE"] = "logical"`` there is no trigger: the queue is filled by
+``collect``, which reads the keys of the rows inserted or updated from the database's logical
+replication slot (``stores.CaptureSlot``, plugin ``pgoutput``) and queues those not fresh. Its own
+invariants:
+
+* **No change is lost.** The slot is read with ``peek`` and advanced past a transaction only
+  after the entries of its rows are committed; a collect that dies in between leaves the slot
+  where it was, and the next one reads the same changes again (queued twice: the drain reads a
+  fresh row and encodes nothing).
+* **One reader at a time** (an advisory lock); a drain that finds the slot being read drains
+  the queue without collecting.
+* **A row found fresh is not queued**, and that is safe: the slot returns only committed
+  transactions, so the row was read after the change it was named by; a later change is a
+  later transaction, read by a later collect.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, router, transaction
 from django.db.utils import load_backend
 
-from . import sources, stores, sync
+from . import registry, sources, stores, sync
 from .config import get_config
 from .fields import VersionedEmbedding
 from .models import EmbeddingVersion
 
-__all__ = ["DrainStats", "capturable", "drain", "install", "lag_label", "queue", "queue_label",
-           "queue_stats", "remove", "sweep_target", "uncapturable_reason"]
+__all__ = ["CollectStats", "DrainStats", "capturable", "collect", "drain", "install", "installed",
+           "lag_label",
+           "own_connection", "prepare", "queue", "queue_label", "queue_stats", "remove",
+           "size_label", "sweep_target", "uncapturable_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +88,24 @@ def capturable(field: VersionedEmbedding) -> bool:
     return uncapturable_reason(field) is None
 
 
+def _queue_class(mode: str | None) -> type[stores.ChangeQueue]:
+    return stores.LogicalChangeQueue if mode == "logical" else stores.ChangeQueue
+
+
 def queue(field: VersionedEmbedding) -> stores.ChangeQueue | None:
-    """The target's change queue when its writes can be captured and capture is on."""
-    if not get_config().change_capture or not capturable(field):
+    """The target's change queue when its writes can be captured and capture is on: a
+    ``stores.LogicalChangeQueue`` with ``CHANGE_CAPTURE = "logical"``."""
+    mode = get_config().capture_mode
+    if mode is None or not capturable(field):
         return None
-    return stores.ChangeQueue(field)
+    return _queue_class(mode)(field)
+
+
+def prepare(field: VersionedEmbedding) -> None:
+    """What ``install`` needs done outside any transaction: the logical capture's slot and
+    publication (``stores.CaptureSlot.ensure``). Nothing for the trigger."""
+    if isinstance(queue(field), stores.LogicalChangeQueue):
+        stores.CaptureSlot().ensure()
 
 
 def install(field: VersionedEmbedding) -> bool:
@@ -85,27 +118,52 @@ def install(field: VersionedEmbedding) -> bool:
     return True
 
 
+def installed(field: VersionedEmbedding) -> bool:
+    """Is ``field``'s capture installed the way the setting asks?"""
+    change_queue = queue(field)
+    return change_queue is not None and change_queue.installed()
+
+
 def remove(field: VersionedEmbedding) -> None:
     stores.ChangeQueue(field).remove()
 
 
-def queue_stats(field: VersionedEmbedding) -> tuple[int, float | None] | None:
-    """(entries waiting, age of the oldest in seconds or None) of ``field``'s queue; None when
-    the target has no capture installed."""
-    change_queue = stores.ChangeQueue(field) if capturable(field) else None
-    if change_queue is None or not change_queue.installed():
+def queue_stats(field: VersionedEmbedding) -> tuple[int, float | None, int | None] | None:
+    """(entries waiting, age of the oldest in seconds or None, bytes of write-ahead log not yet
+    collected or None for the trigger) of ``field``'s queue; None when the target has no capture
+    installed, either way."""
+    if not capturable(field):
         return None
-    return change_queue.stats()
+    for change_queue in (stores.ChangeQueue(field), stores.LogicalChangeQueue(field)):
+        if change_queue.installed():
+            backlog = (stores.CaptureSlot().backlog()
+                       if isinstance(change_queue, stores.LogicalChangeQueue) else None)
+            return (*change_queue.stats(), backlog)
+    return None
 
 
-def lag_label(depth: int, oldest: float | None) -> str:
-    """``"12 rows, oldest 3.2 s"`` or ``"empty"``: a queue's depth and lag, for people."""
+def lag_label(depth: int, oldest: float | None, backlog: int | None = None) -> str:
+    """``"12 rows, oldest 3.2 s"`` or ``"empty"``: a queue's depth and lag, for people; with
+    the logical capture, and the slot's write-ahead log not yet collected:
+    ``"empty; 1.2 MB of WAL to collect"``."""
     if not depth:
-        return "empty"
-    assert oldest is not None
-    age = f"{oldest:.1f} s" if oldest < 120 else (
-        f"{oldest / 60:.0f} min" if oldest < 7200 else f"{oldest / 3600:.1f} h")
-    return f"{depth} row{'s' if depth != 1 else ''}, oldest {age}"
+        label = "empty"
+    else:
+        assert oldest is not None
+        age = f"{oldest:.1f} s" if oldest < 120 else (
+            f"{oldest / 60:.0f} min" if oldest < 7200 else f"{oldest / 3600:.1f} h")
+        label = f"{depth} row{'s' if depth != 1 else ''}, oldest {age}"
+    if backlog:
+        label += f"; {size_label(backlog)} of WAL to collect"
+    return label
+
+
+def size_label(size: int) -> str:
+    """Bytes for people: ``"1.2 MB"``."""
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def queue_label(field: VersionedEmbedding) -> str:
@@ -123,26 +181,44 @@ class DrainStats:
     rows_read: int = 0  # rows of the user's table read (each once per batch that queued it)
     emptied: bool = True  # False: stopped by its time budget with entries left
     refreshed: sync.SyncStats = dataclass_field(default_factory=sync.SyncStats)
+    collected: CollectStats | None = None  # the logical capture's collect that came first
 
     @property
     def written(self) -> int:
         return self.refreshed.embedded + self.refreshed.skipped
 
     def as_dict(self) -> dict[str, int]:
-        return {"entries": self.entries, "batches": self.batches, "rows_read": self.rows_read,
-                "written": self.written, "conflicted": self.refreshed.conflicted,
-                "failed": self.refreshed.failed}
+        result = {"entries": self.entries, "batches": self.batches, "rows_read": self.rows_read,
+                  "written": self.written, "conflicted": self.refreshed.conflicted,
+                  "failed": self.refreshed.failed}
+        if self.collected is not None:
+            result.update(collected_changes=self.collected.changes,
+                          collected_queued=self.collected.queued)
+        return result
 
 
-def _claim_connection(field: VersionedEmbedding) -> Any:
-    """A connection of the drain's own (Django's wrapper, the same settings as the model's
-    database) for the claim transactions: they hold the entries' locks while the ordinary
-    connection reads, encodes and writes in short transactions of its own."""
-    alias = router.db_for_write(field.model)
+@dataclass
+class CollectStats:
+    changes: int = 0  # inserts and updates of captured tables read from the slot
+    transactions: int = 0
+    rows_read: int = 0  # rows of the users' tables read to tell the fresh from the stale
+    queued: int = 0  # entries appended to the targets' queues
+    skipped: bool = False  # another process was reading the slot
+
+
+def own_connection(alias: str) -> Any:
+    """A connection of the caller's own (Django's wrapper, the same settings as ``alias``): for
+    a drain's claim transactions, which hold the entries' locks while the ordinary connection
+    reads, encodes and writes in short transactions of its own, and for the logical capture's
+    slot, which is read and created outside the ordinary connection's transactions."""
     settings_dict = dict(connections[alias].settings_dict)
     wrapper = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, alias)
     wrapper.ensure_connection()
     return wrapper
+
+
+def _claim_connection(field: VersionedEmbedding) -> Any:
+    return own_connection(router.db_for_write(field.model))
 
 
 def drain(field: VersionedEmbedding, *, batch_size: int | None = None,
@@ -154,6 +230,8 @@ def drain(field: VersionedEmbedding, *, batch_size: int | None = None,
     if change_queue is None or not change_queue.installed():
         return stats  # nothing captured (yet): the sweep reads the table instead
     batch_size = batch_size or get_config().batch_size
+    if isinstance(change_queue, stores.LogicalChangeQueue):
+        stats.collected = collect(batch_size=batch_size, max_seconds=max_seconds)
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     claim = _claim_connection(field)
     try:
@@ -217,3 +295,183 @@ def sweep_target(field: VersionedEmbedding, *, full_scan: bool | None = None) ->
     if full_scan:
         written += sync.sync_queryset(field)
     return written
+
+
+# --- the logical capture's collect ------------------------------------------------------------
+
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # pgoutput's timestamps: microseconds since then
+COLLECT_CHANGES = 10_000  # changes asked of the slot per read (it completes the transaction)
+
+
+def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
+            using: str = "default") -> CollectStats:
+    """Read the inserts and updates committed since the last collect from the database's slot
+    (``stores.CaptureSlot``), queue the keys of the rows that are not fresh for a written version
+    of their target, then advance the slot past them. Returns what it did; ``skipped`` when
+    another process holds the slot (it collects for everyone)."""
+    stats = CollectStats()
+    slot = stores.CaptureSlot(connections[using])
+    if not slot.exists():
+        return stats
+    batch_size = batch_size or get_config().batch_size
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    reader = own_connection(using)
+    try:
+        raw = reader.connection
+        if not raw.execute(slot.sql_reader_lock, [slot.READER_LOCK]).fetchone()[0]:
+            stats.skipped = True
+            return stats
+        try:
+            while _collect_once(slot, raw, batch_size, stats):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            raw.execute(slot.sql_reader_unlock, [slot.READER_LOCK])
+    finally:
+        reader.close()
+    if stats.changes:
+        logger.info("collected %d changes, %d queued", stats.changes, stats.queued)
+    return stats
+
+
+def _collect_once(slot: stores.CaptureSlot, raw: Any, batch_size: int,
+                  stats: CollectStats) -> bool:
+    """One read of up to ``COLLECT_CHANGES`` changes (whole transactions): queue, commit,
+    advance. True when the slot may hold more."""
+    targets = _captured_targets()
+    decoder = _Decoder({table: fields[0].model._meta.pk.column for table, fields in targets.items()})
+    pending: dict[tuple[str, str], dict[str, datetime]] = {}
+    rows_returned = 0
+    with raw.transaction(), raw.cursor(name="embeddings_collect") as cursor:
+        cursor.execute(slot.sql_peek, [slot.name, COLLECT_CHANGES, slot.publication])
+        while rows := cursor.fetchmany(batch_size):
+            rows_returned += len(rows)
+            for change in decoder.feed(rows):
+                stats.changes += 1
+                table, key, committed_at = change
+                pending.setdefault(table, {}).setdefault(key, committed_at)
+            if sum(map(len, pending.values())) >= batch_size:
+                _queue_stale(targets, pending, stats)
+                pending = {}
+    _queue_stale(targets, pending, stats)
+    stats.transactions += decoder.transactions
+    if decoder.last_commit is None:
+        return False
+    raw.execute(slot.sql_advance, [slot.name, decoder.last_commit])
+    return rows_returned >= COLLECT_CHANGES
+
+
+def _captured_targets() -> dict[tuple[str, str], list[VersionedEmbedding]]:
+    """The targets captured by the slot, by their table's (schema, name)."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT current_schema()")
+        (schema,) = cursor.fetchone()
+    by_table: dict[tuple[str, str], list[VersionedEmbedding]] = {}
+    for target in registry.all_targets():
+        field = registry.get(target)
+        if isinstance(queue(field), stores.LogicalChangeQueue):
+            by_table.setdefault((schema, field.table), []).append(field)
+    return by_table
+
+
+def _queue_stale(targets: dict[tuple[str, str], list[VersionedEmbedding]],
+                 pending: dict[tuple[str, str], dict[str, datetime]], stats: CollectStats) -> None:
+    """Queue, for each target of each table, the rows of ``pending`` not fresh for one of its
+    written versions (read by primary key, never a scan), in one committed transaction."""
+    work = []
+    for table, changed in pending.items():
+        for field in targets.get(table, ()):
+            versions = list(EmbeddingVersion.objects.for_target(field.target).written())
+            if not versions:
+                continue
+            pk = field.model._meta.pk
+            keys = {pk.to_python(text): committed_at for text, committed_at in changed.items()}
+            rows = field.source_queryset().filter(pk__in=list(keys))
+            stale = [key for key, _, _ in sources.scan_unfresh(field, versions, rows)]
+            stats.rows_read += len(keys)
+            if stale:
+                work.append((field, stale, [keys[key] for key in stale]))
+    if not work:
+        return
+    with transaction.atomic(), connections["default"].cursor() as cursor:
+        for field, stale, queued_at in work:
+            stores.LogicalChangeQueue(field).enqueue(cursor, stale, queued_at)
+            stats.queued += len(stale)
+
+
+class _Decoder:
+    """pgoutput's messages (protocol version 1, as ``pg_logical_slot_peek_binary_changes``
+    returns them, one per row) to (table, key text, commit time) of each insert and update.
+    A relation message names a table and its published columns before its first change; the
+    key is the primary key's column, found by name."""
+
+    def __init__(self, key_columns: dict[tuple[str, str], str]) -> None:
+        self.key_columns = key_columns  # (schema, table) -> its primary key's column
+        self.relations: dict[int, tuple[tuple[str, str], int | None]] = {}
+        self.committed_at = PG_EPOCH
+        self.last_commit: str | None = None  # the LSN after the last whole transaction
+        self.transactions = 0
+
+    def feed(self, rows: Iterable[tuple[str, bytes]]) -> Iterable[tuple[tuple[str, str], str,
+                                                                         datetime]]:
+        for lsn, data in rows:
+            data = bytes(data)
+            kind = data[:1]
+            if kind == b"B":
+                _, micros, _ = struct.unpack_from(">QqI", data, 1)
+                self.committed_at = PG_EPOCH + timedelta(microseconds=micros)
+            elif kind == b"C":
+                self.last_commit = lsn
+                self.transactions += 1
+            elif kind == b"R":
+                self._relation(data)
+            elif kind in (b"I", b"U"):
+                (relid,) = struct.unpack_from(">I", data, 1)
+                table, key_index = self.relations[relid]
+                if key_index is None:
+                    continue  # a table no target captures (any more)
+                offset = 5
+                if kind == b"U" and data[offset:offset + 1] in (b"K", b"O"):
+                    _, offset = _tuple(data, offset + 1, None)  # the old key or row: not needed
+                assert data[offset:offset + 1] == b"N", data[:offset + 1]
+                key, _ = _tuple(data, offset + 1, key_index)
+                if key is not None:
+                    yield table, key, self.committed_at
+
+    def _relation(self, data: bytes) -> None:
+        (relid,) = struct.unpack_from(">I", data, 1)
+        schema, offset = _cstring(data, 5)
+        name, offset = _cstring(data, offset)
+        (columns,) = struct.unpack_from(">h", data, offset + 1)  # after the replica identity
+        offset += 3
+        names = []
+        for _ in range(columns):
+            column, offset = _cstring(data, offset + 1)  # after the column's flags
+            names.append(column)
+            offset += 8  # type oid, type modifier
+        key_column = self.key_columns.get((schema, name))
+        self.relations[relid] = ((schema, name),
+                                 names.index(key_column) if key_column in names else None)
+
+
+def _cstring(data: bytes, offset: int) -> tuple[str, int]:
+    end = data.index(b"\0", offset)
+    return data[offset:end].decode(), end + 1
+
+
+def _tuple(data: bytes, offset: int, index: int | None) -> tuple[str | None, int]:
+    """The text of column ``index`` of the TupleData at ``offset`` (None: null, unchanged, or no
+    index asked) and the offset after it."""
+    (columns,) = struct.unpack_from(">h", data, offset)
+    offset += 2
+    value = None
+    for column in range(columns):
+        kind = data[offset:offset + 1]
+        offset += 1
+        if kind in (b"t", b"b"):
+            (length,) = struct.unpack_from(">i", data, offset)
+            offset += 4
+            if column == index:
+                value = data[offset:offset + length].decode()
+            offset += length
+    return value, offset

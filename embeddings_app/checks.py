@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core import checks
 from django.db import DatabaseError
 
-from . import capture, config, devices, probes, registry
+from . import capture, config, devices, probes, registry, stores
 from .encoders import fingerprint, resolve_model_path
 from .exceptions import DeviceError, EmbeddingError
 from .lifecycle import unwritable_reason
@@ -137,15 +137,45 @@ def check_change_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.
                     f"{field.model.__name__}.{field.name}.sync(queryset), or declare the source "
                     "as a list of columns.",
                     id="embeddings.W120"))
-            elif config.get_config().change_capture and capture.queue_stats(field) is None:
+            elif config.get_config().change_capture and not capture.installed(field):
+                how = ("is installed another way than EMBEDDINGS[\"CHANGE_CAPTURE\"] asks"
+                       if capture.queue_stats(field) is not None else "is not installed")
                 messages.append(checks.Warning(
-                    f"{target}: its change capture is not installed; its sweep reads every row "
-                    "of the table.",
+                    f"{target}: its change capture {how}; its sweep reads every row of the "
+                    "table.",
                     hint=f"Run `manage.py embeddings capture {target}`.",
                     id="embeddings.W121"))
+        if config.get_config().capture_mode == "logical":
+            messages.extend(_logical_capture_problems())
     except DatabaseError:
         return []  # reported by check_active_fingerprints
     return messages
+
+
+# A slot that holds more write-ahead log than this is warned about (``embeddings.W123``).
+SLOT_BACKLOG_WARNING = 1 << 30
+
+
+def _logical_capture_problems() -> list[checks.CheckMessage]:
+    """The logical capture's server-side needs: ``wal_level = logical`` (W122), and a slot that
+    is read (W123: a slot nobody reads keeps the write-ahead log, and the disk fills)."""
+    slot = stores.CaptureSlot()
+    level = slot.wal_level()
+    if level != "logical":
+        return [checks.Warning(
+            f'EMBEDDINGS["CHANGE_CAPTURE"] is "logical" but the server runs wal_level = {level}: '
+            "no write can be captured and `add` refuses.",
+            hint="Set wal_level = logical (a restart), or CHANGE_CAPTURE = True for the trigger.",
+            id="embeddings.W122")]
+    backlog = slot.backlog()
+    if backlog is not None and backlog > SLOT_BACKLOG_WARNING:
+        return [checks.Warning(
+            f"The logical capture's slot {slot.name} holds {capture.size_label(backlog)} of "
+            "write-ahead log: the server keeps it until a drain reads it.",
+            hint="Schedule embeddings_app.drain (docs/backfill.md, \"The lag bound\"); "
+                 "max_slot_wal_keep_size bounds what a forgotten slot can hold.",
+            id="embeddings.W123")]
+    return []
 
 
 @checks.register("embeddings", deploy=True)

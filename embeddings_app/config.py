@@ -201,7 +201,7 @@ class EmbeddingsConfig:
     queue: str
     query_cache_size: int = DEFAULTS["QUERY_CACHE_SIZE"]
     layout: str = DEFAULTS["LAYOUT"]
-    change_capture: bool = DEFAULTS["CHANGE_CAPTURE"]
+    change_capture: bool | str = DEFAULTS["CHANGE_CAPTURE"]
     sweep_full_scan: bool = DEFAULTS["SWEEP_FULL_SCAN"]
     truncation_sample: int = DEFAULTS["TRUNCATION_SAMPLE"]
     active_cache_ttl: float = CUTOVER_DEFAULTS["ACTIVE_CACHE_TTL"]
@@ -215,6 +215,13 @@ class EmbeddingsConfig:
     index_maintenance_work_mem: str | int | None = None
     index_parallel_workers: int | None = None
     rerank_oversampling: int = SEARCH_DEFAULTS["RERANK_OVERSAMPLING"]
+
+    @property
+    def capture_mode(self) -> str | None:
+        """``"trigger"``, ``"logical"``, or None when change capture is off."""
+        if self.change_capture is True:
+            return "trigger"
+        return self.change_capture or None
 
     def model(self, alias: str) -> ModelSpec:
         try:
@@ -284,10 +291,15 @@ def validate(raw: Any) -> list[Problem]:
                                 '"table" keeps each version in a table of its own (large tables, '
                                 'see docs/backfill.md, "Choosing a layout"); "column" is the '
                                 "default."))
-    for key, check_id in (("CHANGE_CAPTURE", "embeddings.E060"), ("SWEEP_FULL_SCAN", "embeddings.E061")):
-        if key in raw and not isinstance(raw[key], bool):
-            problems.append(Problem(check_id, f'EMBEDDINGS["{key}"] must be True or False, '
-                                    f"not {raw[key]!r}.", CAPTURE_HINTS[key]))
+    if "CHANGE_CAPTURE" in raw and not (isinstance(raw["CHANGE_CAPTURE"], bool)
+                                        or raw["CHANGE_CAPTURE"] in CAPTURE_MODES):
+        problems.append(Problem("embeddings.E060", 'EMBEDDINGS["CHANGE_CAPTURE"] must be True, '
+                                f'False, "trigger" or "logical", not {raw["CHANGE_CAPTURE"]!r}.',
+                                CAPTURE_HINTS["CHANGE_CAPTURE"]))
+    if "SWEEP_FULL_SCAN" in raw and not isinstance(raw["SWEEP_FULL_SCAN"], bool):
+        problems.append(Problem("embeddings.E061", 'EMBEDDINGS["SWEEP_FULL_SCAN"] must be True or '
+                                f'False, not {raw["SWEEP_FULL_SCAN"]!r}.',
+                                CAPTURE_HINTS["SWEEP_FULL_SCAN"]))
     sample = raw.get("TRUNCATION_SAMPLE", 1)
     if not (_positive_int(sample) and sample <= MAX_TRUNCATION_SAMPLE):
         problems.append(Problem("embeddings.E070",
@@ -329,10 +341,15 @@ def _validate_index(raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+# EMBEDDINGS["CHANGE_CAPTURE"]'s ways of capturing writes; True means "trigger", False none.
+CAPTURE_MODES = ("trigger", "logical")
+
 CAPTURE_HINTS = {
-    "CHANGE_CAPTURE": "True (the default): `add` installs a trigger that queues the rows written "
-                      "without a save signal, and the sweep drains the queue; False: no trigger, "
-                      "the sweep reads every row (docs/backfill.md, \"Change capture\").",
+    "CHANGE_CAPTURE": "True or \"trigger\" (the default): `add` installs a trigger that queues the "
+                      "rows written without a save signal; \"logical\": the drain reads them from "
+                      "the server's write-ahead log (wal_level = logical), nothing is added to "
+                      "your writes; False: the sweep reads every row (docs/backfill.md, "
+                      "\"Change capture\").",
     "SWEEP_FULL_SCAN": "False (the default): the sweep drains the change queue; True: it also "
                        "reads every row, the safety net for writes made with the trigger "
                        "disabled (docs/backfill.md, \"Change capture\").",

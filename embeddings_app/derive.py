@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import adopt, lifecycle, limits, probes, registry, stores
+from . import adopt, capture, lifecycle, limits, probes, registry, stores
 from .config import get_config
 from .exceptions import Refused
 from .models import WRITTEN_STATES, EmbeddingVersion
@@ -178,6 +178,7 @@ def derive(target: str, version_name: str, parent_name: str, *, dimensions: int 
     store_class = stores.store_class(layout or config.layout)
     store_class.check_new(field_, version_name)
     probe_texts, probe_vectors = probes.initial(encoder, target)
+    capture.prepare(field_)  # the logical capture's slot, outside the version's transaction
     with lifecycle.locked_versions(target) as versions:
         lifecycle.check_name_free(target, version_name, versions)
         store_class.check_new(field_, version_name)

@@ -170,6 +170,7 @@ def add(target: str, version_name: str, alias: str, *, layout: str | None = None
     # How many rows exceed the model's token limit, while the model is loaded (status shows it).
     measured = truncation.measure(target, spec, encoder, by="add",
                                   chunked=chunking_fields.get("chunk_tokens"))
+    capture.prepare(field)  # the logical capture's slot, outside the version's transaction
     with locked_versions(target) as versions:
         # Again under the lock: a concurrent `add` of the same name has committed by now.
         check_name_free(target, version_name, versions)
@@ -630,8 +631,9 @@ def install_capture(target: str) -> None:
         raise Refused(f"{target} cannot be captured: {reason}; its sweep reads every row (call "
                       f"{field.model.__name__}.{field.name}.sync(queryset) after bulk writes).")
     if not get_config().change_capture:
-        raise Refused('EMBEDDINGS["CHANGE_CAPTURE"] is False; set it to True (the default) to '
-                      "capture writes.")
+        raise Refused('EMBEDDINGS["CHANGE_CAPTURE"] is False; set it to True (the default) or '
+                      '"logical" to capture writes.')
+    capture.prepare(field)  # the logical capture's slot: outside any transaction
     with locked_versions(target):
         capture.install(field)
 
@@ -647,7 +649,7 @@ def _capture_left(target: str) -> bool:
     """Is the target's change capture still installed although every version is dropped (a
     ``drop`` of the last one interrupted before it removed it)?"""
     field = registry.get(target)
-    return (capture.capturable(field) and stores.ChangeQueue(field).installed()
+    return (capture.queue_stats(field) is not None
             and not EmbeddingVersion.objects.for_target(target).exclude(
                 state=State.DROPPED).exists())
 

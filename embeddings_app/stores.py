@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import psycopg
-from django.db import OperationalError, connection, models, transaction
+from django.db import DatabaseError, OperationalError, connection, models, transaction
 from django.db.models.expressions import Expression, ExpressionWrapper, RawSQL, Value
 from django.db.models.lookups import IsNull
 from pgvector import HalfVector, Vector
@@ -1339,6 +1339,8 @@ class ChangeQueue:
     sql_claim = ("SELECT id, row_key FROM {queue} ORDER BY id LIMIT %s "
                  "FOR UPDATE SKIP LOCKED")
     sql_delete = "DELETE FROM {queue} WHERE id = ANY(%s)"
+    sql_enqueue = ("INSERT INTO {queue} (row_key, queued_at) "
+                   "SELECT * FROM unnest(%s::{pk_type}[], %s::timestamptz[])")
 
     def __init__(self, field: VersionedEmbedding) -> None:
         self.field = field
@@ -1383,9 +1385,9 @@ class ChangeQueue:
             cursor.execute("SELECT current_schema()")
             (schema,) = cursor.fetchone()
             lock_for_ddl(self.field.table, SHARE_ROW_EXCLUSIVE)
-            cursor.execute(self._format(self.sql_create_queue, schema))
-            cursor.execute(self._format(self.sql_comment, schema),
-                           [CAPTURE_COMMENT.format(target=self.field.target)])
+            self._create_queue(cursor, schema)
+            if LogicalChangeQueue(self.field).leave_publication(cursor):  # one way at a time
+                transaction.on_commit(CaptureSlot().drop_if_unused)
             cursor.execute(self._format(self.sql_create_function, schema))
             cursor.execute(self._format(self.sql_create_insert_trigger, schema))
             changed = " OR ".join(self.sql_column_changed.format(column=qn(column))
@@ -1394,15 +1396,26 @@ class ChangeQueue:
                                         columns=", ".join(qn(column) for column in columns),
                                         changed=changed))
 
+    def _create_queue(self, cursor: Any, schema: str) -> None:
+        cursor.execute(self._format(self.sql_create_queue, schema))
+        cursor.execute(self._format(self.sql_comment, schema),
+                       [CAPTURE_COMMENT.format(target=self.field.target)])
+
+    def _drop_triggers(self, cursor: Any) -> None:
+        for trigger in self.triggers:
+            cursor.execute(self.sql_drop_trigger.format(trigger=qn(trigger),
+                                                        table=qn(self.field.table)))
+        cursor.execute(self._format(self.sql_drop_function))
+
     def remove(self) -> None:
-        """Drop both triggers, the function and the queue (idempotent)."""
+        """Drop both triggers, the function and the queue, and leave the logical capture's
+        publication (idempotent: whichever way the target was captured)."""
         with transaction.atomic(), connection.cursor() as cursor:
             lock_for_ddl(self.field.table, ACCESS_EXCLUSIVE)
-            for trigger in self.triggers:
-                cursor.execute(self.sql_drop_trigger.format(trigger=qn(trigger),
-                                                            table=qn(self.field.table)))
-            cursor.execute(self._format(self.sql_drop_function))
+            self._drop_triggers(cursor)
+            LogicalChangeQueue(self.field).leave_publication(cursor)
             cursor.execute(self._format(self.sql_drop_queue))
+        transaction.on_commit(CaptureSlot().drop_if_unused)
 
     def installed(self) -> bool:
         """Are both triggers on the user's table and the queue there?"""
@@ -1429,6 +1442,208 @@ class ChangeQueue:
 
     def delete(self, cursor: Any, entries: Sequence[int]) -> None:
         cursor.execute(self._format(self.sql_delete), [list(entries)])
+
+    def enqueue(self, cursor: Any, keys: Sequence[Any], queued_at: Sequence[Any]) -> None:
+        """Append entries (``keys[i]`` changed at ``queued_at[i]``): the logical capture's
+        collect, which reads the changes after their commit."""
+        cursor.execute(self._format(self.sql_enqueue), [list(keys), list(queued_at)])
+
+
+class LogicalChangeQueue(ChangeQueue):
+    """Change capture read from the write-ahead log (``EMBEDDINGS["CHANGE_CAPTURE"] =
+    "logical"``): the same queue table and drain as ``ChangeQueue``, but nothing on the user's
+    table. The table joins the database's publication (``CaptureSlot``), published with its
+    primary key alone, and ``capture.collect`` reads the keys of the rows inserted or updated
+    from the slot after they commit, queueing those not fresh (so an update of other columns
+    or of the same text queues nothing, as with the trigger). A writer pays nothing but the
+    write-ahead log's logical detail; the reading is the drain's.
+
+    A table whose replica identity is ``FULL`` or an index is published whole (a column list
+    must cover the replica identity, or PostgreSQL would refuse the table's updates); one with
+    ``REPLICA IDENTITY NOTHING`` is refused, since publishing its updates would make them fail.
+    """
+
+    sql_relreplident = "SELECT relreplident FROM pg_class WHERE oid = to_regclass(%s)"
+    sql_add_table = "ALTER PUBLICATION {publication} ADD TABLE {table}{columns}"
+    sql_drop_table = "ALTER PUBLICATION {publication} DROP TABLE {table}"
+    sql_in_publication = ("SELECT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication "
+                          "p ON p.oid = r.prpubid WHERE p.pubname = %s "
+                          "AND r.prrelid = to_regclass(%s))")
+
+    def install(self) -> None:
+        """Create the queue and add the table to the publication (idempotent), in the caller's
+        transaction if any; the slot and the publication must exist (``CaptureSlot.ensure``,
+        outside any transaction). Removes the trigger capture if it was there."""
+        slot = CaptureSlot()
+        slot.require()
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(self.sql_relreplident, [qn(self.field.table)])
+            (identity,) = cursor.fetchone()
+            if identity == "n":
+                raise Refused(f"{self.field.target}: {self.field.table} has REPLICA IDENTITY "
+                              "NOTHING, and PostgreSQL fails the updates of a table published "
+                              'without one; use the trigger (CHANGE_CAPTURE = True) or give it a '
+                              "replica identity.")
+            cursor.execute("SELECT current_schema()")
+            (schema,) = cursor.fetchone()
+            lock_for_ddl(self.field.table, SHARE_ROW_EXCLUSIVE)
+            self._create_queue(cursor, schema)
+            self._drop_triggers(cursor)
+            cursor.execute(self.sql_in_publication, [slot.publication, qn(self.field.table)])
+            if not cursor.fetchone()[0]:
+                columns = (f" ({qn(self.field.model._meta.pk.column)})" if identity == "d"
+                           else "")
+                cursor.execute(self.sql_add_table.format(
+                    publication=qn(slot.publication), table=qn(self.field.table),
+                    columns=columns))
+
+    def leave_publication(self, cursor: Any) -> bool:
+        """Take the table out of the publication, if it is there (the caller's transaction);
+        True when it was."""
+        publication = CaptureSlot().publication
+        cursor.execute(self.sql_in_publication, [publication, qn(self.field.table)])
+        if not cursor.fetchone()[0]:
+            return False
+        cursor.execute(self.sql_drop_table.format(publication=qn(publication),
+                                                  table=qn(self.field.table)))
+        return True
+
+    def installed(self) -> bool:
+        """Is the queue there, the table in the publication and the slot in place?"""
+        slot = CaptureSlot()
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql_in_publication, [slot.publication, qn(self.field.table)])
+            published = bool(cursor.fetchone()[0])
+            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [qn(self.queue)])
+            queued = bool(cursor.fetchone()[0])
+        return published and queued and slot.exists()
+
+
+class CaptureSlot:
+    """The logical capture's two objects of a database: the publication ``embeddings_capture``
+    (the tables captured, each with its key: ``LogicalChangeQueue``; inserts and updates only)
+    and the logical replication slot ``embeddings_<database>`` (plugin ``pgoutput``, built into
+    PostgreSQL), which keeps the write-ahead log from where ``capture.collect`` last read.
+
+    * Created before the first table joins (a slot cannot be created in a transaction that has
+      written, and it waits for the transactions in flight: bounded by ``DDL_LOCK_TIMEOUT``).
+    * Dropped, with the publication, when the last table leaves it: a slot nobody reads keeps
+      the write-ahead log forever (``status``, the admin and ``check --deploy`` show its
+      backlog, ``embeddings.W123``).
+    * Read with ``peek`` and moved on with ``advance`` only after what was read is queued and
+      committed: a reader that dies in between reads the same changes again (queued twice,
+      harmless), never loses one. One reader at a time (an advisory lock): PostgreSQL lets one
+      session use a slot at once.
+    """
+
+    publication = "embeddings_capture"
+    sql_wal_level = "SHOW wal_level"
+    sql_publication_exists = "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %s)"
+    sql_create_publication = "CREATE PUBLICATION {publication} WITH (publish = 'insert, update')"
+    sql_drop_publication = "DROP PUBLICATION IF EXISTS {publication}"
+    sql_publication_tables = ("SELECT count(*) FROM pg_publication_rel r JOIN pg_publication p "
+                              "ON p.oid = r.prpubid WHERE p.pubname = %s")
+    sql_slot_exists = ("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s "
+                       "AND database = current_database())")
+    sql_create_slot = "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')"
+    sql_peek = ("SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+                "'proto_version', '1', 'publication_names', %s)")
+    sql_advance = "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)"
+    sql_backlog = ("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) "
+                   "FROM pg_replication_slots WHERE slot_name = %s")
+    sql_reader_lock = "SELECT pg_try_advisory_lock(%s)"
+    sql_reader_unlock = "SELECT pg_advisory_unlock(%s)"
+    READER_LOCK = 0x656D6263  # "embc": the advisory lock key of the one reader of the slot
+
+    def __init__(self, using: Any = None) -> None:
+        self.connection = using or connection
+
+    @property
+    def name(self) -> str:
+        database = self.connection.settings_dict["NAME"] or "postgres"
+        return _bounded("embeddings_" + re.sub(r"[^a-z0-9_]", "_", database.lower()), "")
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        return None if row is None else row[0]
+
+    def wal_level(self) -> str:
+        return str(self._one(self.sql_wal_level))
+
+    def exists(self) -> bool:
+        return bool(self._one(self.sql_slot_exists, [self.name]))
+
+    def backlog(self) -> int | None:
+        """Bytes of write-ahead log written since the slot's last advance (what the next
+        collect reads, every table's writes included); None when there is no slot."""
+        value = self._one(self.sql_backlog, [self.name])
+        return None if value is None else int(value)
+
+    def require(self) -> None:
+        """Refuse, in one line, when the slot or the publication is missing."""
+        if not (self.exists() and self._one(self.sql_publication_exists, [self.publication])):
+            raise Refused(f"The logical capture's slot {self.name} or publication "
+                          f"{self.publication} is missing; run `manage.py embeddings capture "
+                          "TARGET` (it creates them outside any transaction).")
+
+    def ensure(self) -> None:
+        """Create the publication, then the slot (so that every change the slot decodes sees
+        the publication), if missing. Runs on a connection of its own, in autocommit; refuses
+        in one line when the server cannot (its ``wal_level``, the role's privileges, a
+        transaction in flight past ``DDL_LOCK_TIMEOUT``)."""
+        from .capture import own_connection  # lazy: capture imports this module
+
+        other = own_connection(self.connection.alias)
+        try:
+            slot = CaptureSlot(other)
+            level = slot.wal_level()
+            if level != "logical":
+                raise Refused(f'EMBEDDINGS["CHANGE_CAPTURE"] is "logical" but the server runs '
+                              f"wal_level = {level}; set wal_level = logical (a restart) or use "
+                              "the trigger (CHANGE_CAPTURE = True).")
+            with other.cursor() as cursor:
+                cursor.execute(f"SET lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+                try:
+                    cursor.execute(self.sql_publication_exists, [self.publication])
+                    if not cursor.fetchone()[0]:
+                        cursor.execute(self.sql_create_publication.format(
+                            publication=qn(self.publication)))
+                    if not slot.exists():
+                        cursor.execute(self.sql_create_slot, [self.name])
+                except DatabaseError as exc:  # a lock timeout, a privilege, the slots' limit
+                    raise Refused(f"Could not create the logical capture's slot {self.name}: "
+                                  f"{str(exc).strip()} (creating a slot waits for the "
+                                  "transactions in flight and needs the REPLICATION "
+                                  "privilege).") from exc
+        finally:
+            other.close()
+
+    def drop_if_unused(self) -> None:
+        """Drop the slot and the publication when no table is left in it (after a commit)."""
+        if self._one(self.sql_publication_tables, [self.publication]):
+            return
+        if not (self.exists() or self._one(self.sql_publication_exists, [self.publication])):
+            return  # never created (the trigger's way)
+        drop_slot(self.connection, self.name)
+        with self.connection.cursor() as cursor:
+            cursor.execute(self.sql_drop_publication.format(publication=qn(self.publication)))
+
+
+def drop_slot(using: Any, name: str, attempts: int = 50) -> None:
+    """Drop the replication slot ``name`` if it exists, waiting (up to ``attempts`` times 0.1 s)
+    for a reader that holds it to finish."""
+    for attempt in range(attempts):
+        try:
+            with using.cursor() as cursor:
+                cursor.execute("SELECT pg_drop_replication_slot(slot_name) "
+                               "FROM pg_replication_slots WHERE slot_name = %s", [name])
+            return
+        except OperationalError:  # "is active for PID n": a collect is reading it
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 # The comment on a change queue: how leftovers of a target are found again (``drop_leftovers``).
@@ -1505,7 +1720,7 @@ def drop_leftovers(field: VersionedEmbedding) -> None:
     capture. For the tests, the demo's reset and the benchmarks, which delete the version
     records too."""
     model_columns = {f.column for f in field.model._meta.concrete_fields}
-    ChangeQueue(field).remove()
+    ChangeQueue(field).remove()  # and the logical capture's slot, when no table is left in it
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "

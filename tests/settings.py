@@ -45,3 +45,6 @@ EMBEDDINGS = {
     },
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Worker processes started by a test of the logical change capture read the mode from here.
+if os.environ.get("EMBEDDINGS_TEST_CHANGE_CAPTURE") == "logical":
+    EMBEDDINGS["CHANGE_CAPTURE"] = "logical"

@@ -343,14 +343,15 @@ def test_a_callable_source_is_not_captured_and_check_deploy_says_to_call_sync(db
         call_command("embeddings", "capture", ticket)
 
 
-@pytest.mark.parametrize(("key", "value", "check_id"), [
-    ("CHANGE_CAPTURE", "yes", "embeddings.E060"), ("SWEEP_FULL_SCAN", 1, "embeddings.E061")])
-def test_bad_capture_settings_are_reported_by_check(settings, key, value, check_id):
+@pytest.mark.parametrize(("key", "value", "check_id", "allowed"), [
+    ("CHANGE_CAPTURE", "yes", "embeddings.E060", 'True, False, "trigger" or "logical"'),
+    ("SWEEP_FULL_SCAN", 1, "embeddings.E061", "True or False")])
+def test_bad_capture_settings_are_reported_by_check(settings, key, value, check_id, allowed):
     settings.EMBEDDINGS = {**settings.EMBEDDINGS, key: value}
     with pytest.raises(SystemCheckError) as failure:
         call_command("check")
     assert check_id in str(failure.value)
-    assert f'EMBEDDINGS["{key}"] must be True or False' in str(failure.value)
+    assert f'EMBEDDINGS["{key}"] must be {allowed}, not {value!r}' in str(failure.value)
 
 
 def test_with_capture_off_add_installs_nothing_and_the_sweep_scans(settings, make_articles):
@@ -364,14 +365,20 @@ def test_with_capture_off_add_installs_nothing_and_the_sweep_scans(settings, mak
 
 
 @pytest.mark.worker
-def test_a_worker_killed_mid_drain_loses_no_entry(settings, celery_worker):
-    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "QUEUE": f"embeddings-{uuid.uuid4().hex[:8]}"}
+@pytest.mark.parametrize("mode", ["trigger", "logical"])
+def test_a_worker_killed_mid_drain_loses_no_entry(settings, celery_worker, mode):
+    settings.EMBEDDINGS = {**settings.EMBEDDINGS, "QUEUE": f"embeddings-{uuid.uuid4().hex[:8]}",
+                           "CHANGE_CAPTURE": True if mode == "trigger" else "logical"}
     create_articles(400)  # real articles: a batch of 128 takes a while to encode
     call_command("embeddings", "add", TARGET, "v1", "--model", "tiny")
     call_command("embeddings", "backfill", TARGET, "v1", "--inline", "--batch-size", "400")
+    if mode == "logical":
+        capture.collect()  # what the column layout's backfill wrote: read, fresh, not queued
     Article.objects.update(title=Concat("title", Value(" (corrected)")))
-    assert depth() == 400
-    worker = celery_worker(concurrency=1)
+    # The trigger queued every row; the log holds them until the worker's drain collects them.
+    assert depth() == (400 if mode == "trigger" else 0)
+    worker = celery_worker(concurrency=1,
+                           extra_env={"EMBEDDINGS_TEST_CHANGE_CAPTURE": mode})
     tasks.drain.apply_async((TARGET,), queue=settings.EMBEDDINGS["QUEUE"])
 
     def claiming() -> bool:  # a drain batch holds its entries (its claim's table lock)
@@ -393,4 +400,6 @@ def test_a_worker_killed_mid_drain_loses_no_entry(settings, celery_worker):
     assert not missing and stale and stale <= queued  # every row not yet fresh is still queued
     stats = capture.drain(field())  # the next drain
     assert stats.entries == left and depth() == 0
+    if mode == "logical":  # the worker's collect had moved the slot past the update
+        assert stats.collected.queued == 0
     assert assert_every_row_fresh(TARGET, "v1") == 400

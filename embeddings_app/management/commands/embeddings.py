@@ -22,6 +22,7 @@ from embeddings_app import (
     probes,
     registry,
     rollout,
+    stores,
     sync,
     tasks,
     truncation,
@@ -303,9 +304,11 @@ class Command(BaseCommand):
         lifecycle.install_capture(field.target)
         queue = capture.queue(field)
         assert queue is not None
+        how = (f", read from the write-ahead log by the slot {stores.CaptureSlot().name},"
+               if isinstance(queue, stores.LogicalChangeQueue) else "")
         self.stdout.write(self.style.SUCCESS(
             f"Change capture of {field.target} installed: rows inserted, or updated in "
-            f"{', '.join(field.source_fields or ())}, are queued in {queue.queue}."))
+            f"{', '.join(field.source_fields or ())}{how} are queued in {queue.queue}."))
 
     def do_add(self, target: str, version: str, model: str, layout: str | None = None,
                chunks: int | None = None, overlap: int | None = None, **_: Any) -> None:
