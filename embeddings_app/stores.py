@@ -1459,7 +1459,8 @@ class LogicalChangeQueue(ChangeQueue):
     write-ahead log's logical detail; the reading is the drain's.
 
     A table whose replica identity is ``FULL`` or an index is published whole (a column list
-    must cover the replica identity, or PostgreSQL would refuse the table's updates); one with
+    must cover the replica identity, or PostgreSQL would refuse the table's updates), as is any
+    table before PostgreSQL 15 (no column lists); one with
     ``REPLICA IDENTITY NOTHING`` is refused, since publishing its updates would make them fail.
     """
 
@@ -1491,8 +1492,10 @@ class LogicalChangeQueue(ChangeQueue):
             self._drop_triggers(cursor)
             cursor.execute(self.sql_in_publication, [slot.publication, qn(self.field.table)])
             if not cursor.fetchone()[0]:
-                columns = (f" ({qn(self.field.model._meta.pk.column)})" if identity == "d"
-                           else "")
+                # Column lists are PostgreSQL 15+; before, and with another replica identity,
+                # the table is published whole.
+                columns = (f" ({qn(self.field.model._meta.pk.column)})"
+                           if identity == "d" and connection.pg_version >= 150000 else "")
                 cursor.execute(self.sql_add_table.format(
                     publication=qn(slot.publication), table=qn(self.field.table),
                     columns=columns))
