@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime, timedelta
@@ -304,25 +304,37 @@ COLLECT_CHANGES = 10_000  # changes asked of the slot per read (it completes the
 
 
 def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
-            using: str = "default") -> CollectStats:
+            using: str = "default", fields: Sequence[VersionedEmbedding] | None = None,
+            advance: bool = True) -> CollectStats:
     """Read the inserts and updates committed since the last collect from the database's slot
     (``stores.CaptureSlot``), queue the keys of the rows that are not fresh for a written version
     of their target, then advance the slot past them. Returns what it did; ``skipped`` when
-    another process holds the slot (it collects for everyone)."""
+    another process holds the slot (it collects for everyone).
+
+    ``fields`` (default: every target whose capture is the log, by the settings) and ``advance
+    = False``: the last collect of a target leaving the log (``stores.ChangeQueue.install``), in
+    the caller's transaction, waiting for the slot's reader (``DDL_LOCK_TIMEOUT``); the slot
+    stays where it was, so a rolled-back switch loses nothing."""
     stats = CollectStats()
-    slot = stores.CaptureSlot(connections[using])
+    connection = connections[using]
+    slot = stores.CaptureSlot(connection)
     if not slot.exists():
         return stats
     batch_size = batch_size or get_config().batch_size
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    targets = _captured_targets(connection, fields)
     reader = own_connection(using)
     try:
         raw = reader.connection
-        if not raw.execute(slot.sql_reader_lock, [slot.READER_LOCK]).fetchone()[0]:
-            stats.skipped = True
-            return stats
+        if advance:
+            if not raw.execute(slot.sql_reader_lock, [slot.READER_LOCK]).fetchone()[0]:
+                stats.skipped = True
+                return stats
+        else:
+            raw.execute(f"SET lock_timeout = '{stores.DDL_LOCK_TIMEOUT}'")
+            raw.execute(slot.sql_reader_wait, [slot.READER_LOCK])
         try:
-            while _collect_once(slot, raw, batch_size, stats):
+            while _collect_once(slot, raw, targets, batch_size, stats, advance):
                 if deadline is not None and time.monotonic() >= deadline:
                     break
         finally:
@@ -331,19 +343,22 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
         reader.close()
     if stats.changes:
         logger.info("collected %d changes, %d queued", stats.changes, stats.queued)
+    if advance and not targets:
+        slot.drop_if_unused()  # a slot left by a drop that found it being read
     return stats
 
 
-def _collect_once(slot: stores.CaptureSlot, raw: Any, batch_size: int,
-                  stats: CollectStats) -> bool:
-    """One read of up to ``COLLECT_CHANGES`` changes (whole transactions): queue, commit,
-    advance. True when the slot may hold more."""
-    targets = _captured_targets()
+def _collect_once(slot: stores.CaptureSlot, raw: Any,
+                  targets: dict[tuple[str, str], list[VersionedEmbedding]], batch_size: int,
+                  stats: CollectStats, advance: bool) -> bool:
+    """One read of up to ``COLLECT_CHANGES`` changes (whole transactions; all of them without
+    ``advance``): queue, commit, advance. True when the slot may hold more."""
     decoder = _Decoder({table: fields[0].model._meta.pk.column for table, fields in targets.items()})
     pending: dict[tuple[str, str], dict[str, datetime]] = {}
     rows_returned = 0
     with raw.transaction(), raw.cursor(name="embeddings_collect") as cursor:
-        cursor.execute(slot.sql_peek, [slot.name, COLLECT_CHANGES, slot.publication])
+        cursor.execute(slot.sql_peek, [slot.name, COLLECT_CHANGES if advance else None,
+                                       slot.publication])
         while rows := cursor.fetchmany(batch_size):
             rows_returned += len(rows)
             for change in decoder.feed(rows):
@@ -351,30 +366,32 @@ def _collect_once(slot: stores.CaptureSlot, raw: Any, batch_size: int,
                 table, key, committed_at = change
                 pending.setdefault(table, {}).setdefault(key, committed_at)
             if sum(map(len, pending.values())) >= batch_size:
-                _queue_stale(targets, pending, stats)
+                _queue_stale(slot.connection, targets, pending, stats)
                 pending = {}
-    _queue_stale(targets, pending, stats)
+    _queue_stale(slot.connection, targets, pending, stats)
     stats.transactions += decoder.transactions
-    if decoder.last_commit is None:
+    if decoder.last_commit is None or not advance:
         return False
     raw.execute(slot.sql_advance, [slot.name, decoder.last_commit])
     return rows_returned >= COLLECT_CHANGES
 
 
-def _captured_targets() -> dict[tuple[str, str], list[VersionedEmbedding]]:
-    """The targets captured by the slot, by their table's (schema, name)."""
-    with connections["default"].cursor() as cursor:
+def _captured_targets(connection: Any, fields: Sequence[VersionedEmbedding] | None,
+                      ) -> dict[tuple[str, str], list[VersionedEmbedding]]:
+    """The targets whose changes are collected, by their table's (schema, name)."""
+    with connection.cursor() as cursor:
         cursor.execute("SELECT current_schema()")
         (schema,) = cursor.fetchone()
+    if fields is None:
+        fields = [field for field in map(registry.get, registry.all_targets())
+                  if isinstance(queue(field), stores.LogicalChangeQueue)]
     by_table: dict[tuple[str, str], list[VersionedEmbedding]] = {}
-    for target in registry.all_targets():
-        field = registry.get(target)
-        if isinstance(queue(field), stores.LogicalChangeQueue):
-            by_table.setdefault((schema, field.table), []).append(field)
+    for field in fields:
+        by_table.setdefault((schema, field.table), []).append(field)
     return by_table
 
 
-def _queue_stale(targets: dict[tuple[str, str], list[VersionedEmbedding]],
+def _queue_stale(connection: Any, targets: dict[tuple[str, str], list[VersionedEmbedding]],
                  pending: dict[tuple[str, str], dict[str, datetime]], stats: CollectStats) -> None:
     """Queue, for each target of each table, the rows of ``pending`` not fresh for one of its
     written versions (read by primary key, never a scan), in one committed transaction."""
@@ -393,7 +410,7 @@ def _queue_stale(targets: dict[tuple[str, str], list[VersionedEmbedding]],
                 work.append((field, stale, [keys[key] for key in stale]))
     if not work:
         return
-    with transaction.atomic(), connections["default"].cursor() as cursor:
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         for field, stale, queued_at in work:
             stores.LogicalChangeQueue(field).enqueue(cursor, stale, queued_at)
             stats.queued += len(stale)

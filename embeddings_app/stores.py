@@ -35,6 +35,7 @@ that of a session queued behind it too: a deadlock).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import zlib
@@ -57,6 +58,8 @@ from .exceptions import Refused
 if TYPE_CHECKING:
     from .fields import VersionedEmbedding
     from .models import EmbeddingVersion
+
+logger = logging.getLogger(__name__)
 
 MAX_IDENTIFIER_LENGTH = 63  # PostgreSQL's NAMEDATALEN - 1
 # Wait this long at most for the brief ACCESS EXCLUSIVE lock of ADD/DROP COLUMN or DROP TABLE:
@@ -1386,7 +1389,12 @@ class ChangeQueue:
             (schema,) = cursor.fetchone()
             lock_for_ddl(self.field.table, SHARE_ROW_EXCLUSIVE)
             self._create_queue(cursor, schema)
-            if LogicalChangeQueue(self.field).leave_publication(cursor):  # one way at a time
+            if LogicalChangeQueue(self.field).published(cursor):  # leaving the log: what it
+                # holds of this table is queued first (writes wait for our lock meanwhile)
+                from .capture import collect  # lazy: capture imports this module
+
+                collect(fields=[self.field], advance=False)
+                LogicalChangeQueue(self.field).leave_publication(cursor)
                 transaction.on_commit(CaptureSlot().drop_if_unused)
             cursor.execute(self._format(self.sql_create_function, schema))
             cursor.execute(self._format(self.sql_create_insert_trigger, schema))
@@ -1500,6 +1508,10 @@ class LogicalChangeQueue(ChangeQueue):
                     publication=qn(slot.publication), table=qn(self.field.table),
                     columns=columns))
 
+    def published(self, cursor: Any) -> bool:
+        cursor.execute(self.sql_in_publication, [CaptureSlot().publication, qn(self.field.table)])
+        return bool(cursor.fetchone()[0])
+
     def leave_publication(self, cursor: Any) -> bool:
         """Take the table out of the publication, if it is there (the caller's transaction);
         True when it was."""
@@ -1555,6 +1567,7 @@ class CaptureSlot:
     sql_backlog = ("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) "
                    "FROM pg_replication_slots WHERE slot_name = %s")
     sql_reader_lock = "SELECT pg_try_advisory_lock(%s)"
+    sql_reader_wait = "SELECT pg_advisory_lock(%s)"
     sql_reader_unlock = "SELECT pg_advisory_unlock(%s)"
     READER_LOCK = 0x656D6263  # "embc": the advisory lock key of the one reader of the slot
 
@@ -1629,7 +1642,12 @@ class CaptureSlot:
             return
         if not (self.exists() or self._one(self.sql_publication_exists, [self.publication])):
             return  # never created (the trigger's way)
-        drop_slot(self.connection, self.name)
+        try:
+            drop_slot(self.connection, self.name)
+        except OperationalError as exc:  # still being read after 5 s
+            logger.warning("The slot %s is unused but could not be dropped (%s); the next "
+                           "collect drops it.", self.name, exc)
+            return
         with self.connection.cursor() as cursor:
             cursor.execute(self.sql_drop_publication.format(publication=qn(self.publication)))
 

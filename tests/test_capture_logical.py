@@ -275,22 +275,25 @@ def test_the_capture_command_switches_between_the_trigger_and_the_log(backfilled
     err = io.StringIO()
     call_command("check", "--deploy", stderr=err)
     assert "embeddings.W121" in err.getvalue() and "installed another way" in err.getvalue()
+    # Written while the log is still the way: queued by the switch's last collect, not lost.
+    Article.objects.filter(pk=backfilled[2].pk).update(title="Written before the switch")
     call_command("embeddings", "capture", TARGET)
     assert triggers_on_articles() == 2 and published_columns() is None
+    assert depth() == 1
     assert not slot().exists()  # no table left in the publication: slot and publication gone
     Article.objects.filter(pk=backfilled[0].pk).update(title="Queued by the trigger")
-    assert depth() == 1
+    assert depth() == 2
 
     settings.EMBEDDINGS = {**settings.EMBEDDINGS, "CHANGE_CAPTURE": "logical"}
     out = io.StringIO()
     call_command("embeddings", "capture", TARGET, stdout=out)
     assert "read from the write-ahead log by the slot" in out.getvalue()
     assert triggers_on_articles() == 0 and published_columns() == ["id"]
-    assert depth() == 1  # the queue is the same table: the trigger's entry is still drained
+    assert depth() == 2  # the queue is the same table: the trigger's entries are still drained
     Article.objects.filter(pk=backfilled[1].pk).update(title="Read from the log")
     stats = capture.drain(field())
-    assert (stats.collected.queued, stats.entries) == (1, 2)
-    assert_fresh([backfilled[0].pk, backfilled[1].pk])
+    assert (stats.collected.queued, stats.entries) == (1, 3)
+    assert_fresh([backfilled[0].pk, backfilled[1].pk, backfilled[2].pk])
 
 
 def test_a_table_without_a_replica_identity_is_refused_and_a_full_one_published_whole(
