@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -205,18 +204,6 @@ class CollectStats:
     rows_read: int = 0  # rows of the users' tables read to tell the fresh from the stale
     queued: int = 0  # entries appended to the targets' queues
     skipped: bool = False  # another process was reading the slot
-    advancing: _Advance | None = dataclass_field(default=None, repr=False)
-
-    def wait(self) -> None:
-        """Wait for a ``background`` collect's last advance; a failed one is logged (the entries
-        are committed: the next collect reads those changes again, queued twice at worst)."""
-        if self.advancing is None:
-            return
-        self.advancing.join()
-        if self.advancing.error is not None:
-            logger.warning("The slot's advance failed (%s); the next collect reads those changes "
-                           "again.", self.advancing.error)
-        self.advancing = None
 
 
 def own_connection(alias: str) -> Any:
@@ -246,17 +233,15 @@ def drain(field: VersionedEmbedding, *, batch_size: int | None = None,
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     claim = _claim_connection(field)
     try:
-        if isinstance(change_queue, stores.LogicalChangeQueue):  # the slot moves on meanwhile
+        if isinstance(change_queue, stores.LogicalChangeQueue):
             stats.collected = collect(batch_size=batch_size, max_seconds=max_seconds,
-                                      using=claim.alias, background=True)
+                                      using=claim.alias)
         while _drain_batch(field, change_queue, claim, batch_size, stats):
             if deadline is not None and time.monotonic() >= deadline:
                 stats.emptied = False
                 break
     finally:
         claim.close()
-        if stats.collected is not None:
-            stats.collected.wait()
     if stats.entries:
         logger.info("drained %d entries of %s: %s", stats.entries, field.target, stats.as_dict())
     return stats
@@ -321,16 +306,11 @@ COLLECT_CHANGES = 10_000  # changes asked of the slot per read (it completes the
 
 def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
             using: str = "default", fields: Sequence[VersionedEmbedding] | None = None,
-            advance: bool = True, background: bool = False) -> CollectStats:
+            advance: bool = True) -> CollectStats:
     """Read the inserts and updates committed since the last collect from the database's slot
     (``stores.CaptureSlot``), queue the keys of the rows that are not fresh for a written version
     of their target, then advance the slot past them. Returns what it did; ``skipped`` when
     another process holds the slot (it collects for everyone).
-
-    ``background``: the last advance (which decodes the log again, as long as the read took)
-    runs on the reader's connection in a thread while the caller goes on (the drain refreshes the
-    queued rows meanwhile); ``CollectStats.wait()`` waits for it. The entries are committed
-    before it starts either way.
 
     ``fields`` (default: every target whose capture is the log, by the settings) and ``advance
     = False``: the last collect of a target leaving the log (``stores.ChangeQueue.install``), in
@@ -357,54 +337,22 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
             raw.execute(f"SET lock_timeout = '{stores.DDL_LOCK_TIMEOUT}'")
             raw.execute(slot.sql_reader_wait, [slot.READER_LOCK])
             locked = True
-        last_commit = None
         while True:
             more, read_to = _collect_once(slot, raw, targets, batch_size, stats, advance)
             if read_to is None or not advance:
                 break
+            raw.execute(slot.sql_advance, [slot.name, read_to])  # after the entries committed
             if not more or (deadline is not None and time.monotonic() >= deadline):
-                last_commit = read_to
                 break
-            raw.execute(slot.sql_advance, [slot.name, read_to])
         if stats.changes:
             logger.info("collected %d changes, %d queued", stats.changes, stats.queued)
-        if last_commit is not None:
-            if background:
-                stats.advancing = _Advance(slot, reader, last_commit)  # owns the reader now
-                reader = None
-            else:
-                raw.execute(slot.sql_advance, [slot.name, last_commit])
     finally:
-        if reader is not None:
-            if locked and not raw.closed:
-                raw.execute(slot.sql_reader_unlock, [slot.READER_LOCK])
-            reader.close()
+        if locked and not raw.closed:
+            raw.execute(slot.sql_reader_unlock, [slot.READER_LOCK])
+        reader.close()
     if advance and not targets:
         slot.drop_if_unused()  # a slot left by a drop that found it being read
     return stats
-
-
-class _Advance(threading.Thread):
-    """The slot's last advance of a collect, on its reader's connection, which it then unlocks
-    and closes: started at once, ``join``-ed by ``CollectStats.wait``."""
-
-    def __init__(self, slot: stores.CaptureSlot, reader: Any, lsn: str) -> None:
-        super().__init__(name="embeddings-advance", daemon=True)
-        self.slot, self.reader, self.lsn = slot, reader, lsn
-        self.error: BaseException | None = None
-        reader.inc_thread_sharing()  # Django's wrapper, closed from this thread
-        self.start()
-
-    def run(self) -> None:
-        raw = self.reader.connection
-        try:
-            raw.execute(self.slot.sql_advance, [self.slot.name, self.lsn])
-            raw.execute(self.slot.sql_reader_unlock, [self.slot.READER_LOCK])
-        except BaseException as exc:  # reported by wait(); the entries are committed already
-            self.error = exc
-        finally:
-            self.reader.close()
-            self.reader.dec_thread_sharing()
 
 
 def _collect_once(slot: stores.CaptureSlot, raw: Any,
