@@ -1463,8 +1463,8 @@ class LogicalChangeQueue(ChangeQueue):
     table. The table joins the database's publication (``CaptureSlot``), published with its
     primary key alone, and ``capture.collect`` reads the keys of the rows inserted or updated
     from the slot after they commit, queueing those not fresh (so an update of other columns
-    or of the same text queues nothing, as with the trigger). A writer pays nothing but the
-    write-ahead log's logical detail; the reading is the drain's.
+    or of the same text queues nothing, as with the trigger). A writer pays nothing of ours (only
+    what ``wal_level = logical`` adds to every table's log records); the reading is the drain's.
 
     A table whose replica identity is ``FULL`` or an index is published whole (a column list
     must cover the replica identity, or PostgreSQL would refuse the table's updates), as is any
