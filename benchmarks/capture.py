@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--layout", choices=("column", "table"), default="table")
     parser.add_argument("--capture", choices=("trigger", "logical", "both"), default="both")
+    parser.add_argument("--only", choices=("updates", "drain"), default=None,
+                        help="run one of the two sections (default both)")
     args = parser.parse_args(argv)
     if args.updates > args.rows or args.changed > args.rows:
         parser.error("--updates and --changed must not exceed --rows")
@@ -381,11 +383,13 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     for mode in modes:
         queue = use(mode)
         assert queue.installed() and (mode == "logical" or queue.stats()[0] == 0)
-        if mode == "trigger":
-            trigger_updates(queue)
-        else:
-            logical_updates(queue)
-        drain_against_scan(mode, queue)
+        if args.only != "drain":
+            if mode == "trigger":
+                trigger_updates(queue)
+            else:
+                logical_updates(queue)
+        if args.only != "updates":
+            drain_against_scan(mode, queue)
 
     writer[0].close()
     print(f"load average {harness.load_average()}", flush=True)

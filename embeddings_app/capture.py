@@ -235,7 +235,7 @@ def drain(field: VersionedEmbedding, *, batch_size: int | None = None,
     try:
         if isinstance(change_queue, stores.LogicalChangeQueue):
             stats.collected = collect(batch_size=batch_size, max_seconds=max_seconds,
-                                      using=claim.alias)
+                                      using=claim.alias, reader=claim)
         while _drain_batch(field, change_queue, claim, batch_size, stats):
             if deadline is not None and time.monotonic() >= deadline:
                 stats.emptied = False
@@ -306,7 +306,7 @@ COLLECT_CHANGES = 10_000  # changes asked of the slot per read (it completes the
 
 def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
             using: str = "default", fields: Sequence[VersionedEmbedding] | None = None,
-            advance: bool = True) -> CollectStats:
+            advance: bool = True, reader: Any = None) -> CollectStats:
     """Read the inserts and updates committed since the last collect from the database's slot
     (``stores.CaptureSlot``), queue the keys of the rows that are not fresh for a written version
     of their target, then advance the slot past them. Returns what it did; ``skipped`` when
@@ -315,7 +315,9 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
     ``fields`` (default: every target whose capture is the log, by the settings) and ``advance
     = False``: the last collect of a target leaving the log (``stores.ChangeQueue.install``), in
     the caller's transaction, waiting for the slot's reader (``DDL_LOCK_TIMEOUT``); the slot
-    stays where it was, so a rolled-back switch loses nothing."""
+    stays where it was, so a rolled-back switch loses nothing. ``reader``: a connection of the
+    caller's own (``own_connection``, outside any transaction) to read the slot on, left open
+    (the drain's claim connection); by default one is opened and closed."""
     stats = CollectStats()
     connection = connections[using]
     slot = stores.CaptureSlot(connection)
@@ -324,7 +326,8 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
     batch_size = batch_size or get_config().batch_size
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     targets = _captured_targets(connection, fields)
-    reader = own_connection(using)
+    own_reader = reader is None
+    reader = own_connection(using) if own_reader else reader
     raw = reader.connection
     locked = False
     try:
@@ -338,6 +341,8 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
             raw.execute(slot.sql_reader_wait, [slot.READER_LOCK])
             locked = True
         while True:
+            if advance:
+                slot.log_running_transactions(raw)
             more, read_to = _collect_once(slot, raw, targets, batch_size, stats, advance)
             if read_to is None or not advance:
                 break
@@ -349,7 +354,8 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
     finally:
         if locked and not raw.closed:
             raw.execute(slot.sql_reader_unlock, [slot.READER_LOCK])
-        reader.close()
+        if own_reader:
+            reader.close()
     if advance and not targets:
         slot.drop_if_unused()  # a slot left by a drop that found it being read
     return stats

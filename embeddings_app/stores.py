@@ -1636,6 +1636,26 @@ class CaptureSlot:
         finally:
             other.close()
 
+    # PostgreSQL 16+: a record of the transactions running, which logical decoding needs to
+    # move a slot's restart point (the log every read of the slot decodes from). The
+    # background writer logs one every 15 s; a collect logs one before it reads, so the next
+    # collect decodes from about here, not from up to 15 s of log (and more) before.
+    sql_log_running = "SELECT pg_log_standby_snapshot()"
+    _cannot_log_running: ClassVar[set[str]] = set()  # databases whose role may not (logged once)
+
+    def log_running_transactions(self, raw: Any) -> None:
+        """``sql_log_running`` on ``raw`` (a psycopg connection in autocommit), where the server
+        has it and the role may call it (superusers, or a grant of EXECUTE); else nothing."""
+        if self.connection.pg_version < 160000 or self.name in self._cannot_log_running:
+            return
+        try:
+            raw.execute(self.sql_log_running)
+        except psycopg.Error as exc:  # e.g. insufficient privilege: the bgwriter's do instead
+            self._cannot_log_running.add(self.name)
+            logger.info("The logical capture cannot log running transactions (%s); the "
+                        "slot's restart point moves with the background writer's records.",
+                        str(exc).strip())
+
     def drop_if_unused(self) -> None:
         """Drop the slot and the publication when no table is left in it (after a commit)."""
         if self._one(self.sql_publication_tables, [self.publication]):
