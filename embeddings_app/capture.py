@@ -193,7 +193,8 @@ class DrainStats:
                   "failed": self.refreshed.failed}
         if self.collected is not None:
             result.update(collected_changes=self.collected.changes,
-                          collected_queued=self.collected.queued)
+                          collected_queued=self.collected.queued,
+                          collected_refreshed=self.collected.refreshed.processed)
         return result
 
 
@@ -204,6 +205,8 @@ class CollectStats:
     rows_read: int = 0  # rows of the users' tables read to tell the fresh from the stale
     queued: int = 0  # entries appended to the targets' queues
     skipped: bool = False  # another process was reading the slot
+    # Rows the collect refreshed itself (``refresh``): a read that found one batch or fewer.
+    refreshed: sync.SyncStats = dataclass_field(default_factory=sync.SyncStats)
 
 
 def own_connection(alias: str) -> Any:
@@ -235,7 +238,9 @@ def drain(field: VersionedEmbedding, *, batch_size: int | None = None,
     try:
         if isinstance(change_queue, stores.LogicalChangeQueue):
             stats.collected = collect(batch_size=batch_size, max_seconds=max_seconds,
-                                      using=claim.alias, reader=claim)
+                                      using=claim.alias, reader=claim, refresh=True)
+            stats.rows_read += stats.collected.refreshed.processed
+            stats.refreshed.add(stats.collected.refreshed)
         while _drain_batch(field, change_queue, claim, batch_size, stats):
             if deadline is not None and time.monotonic() >= deadline:
                 stats.emptied = False
@@ -306,11 +311,17 @@ COLLECT_CHANGES = 10_000  # changes asked of the slot per read (it completes the
 
 def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
             using: str = "default", fields: Sequence[VersionedEmbedding] | None = None,
-            advance: bool = True, reader: Any = None) -> CollectStats:
+            advance: bool = True, reader: Any = None, refresh: bool = False) -> CollectStats:
     """Read the inserts and updates committed since the last collect from the database's slot
     (``stores.CaptureSlot``), queue the keys of the rows that are not fresh for a written version
     of their target, then advance the slot past them. Returns what it did; ``skipped`` when
     another process holds the slot (it collects for everyone).
+
+    ``refresh`` (the drain's): when one read of the slot finds ``batch_size`` stale rows or
+    fewer, the collect encodes and writes them itself, by the compare-and-set of every path,
+    before it advances the slot, instead of queueing them for a drain batch to read again; a
+    larger read is queued, for every worker's drains to share. Either way the slot moves past a
+    change only once its row is fresh or queued.
 
     ``fields`` (default: every target whose capture is the log, by the settings) and ``advance
     = False``: the last collect of a target leaving the log (``stores.ChangeQueue.install``), in
@@ -343,7 +354,8 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
         while True:
             if advance:
                 slot.log_running_transactions(raw)
-            more, read_to = _collect_once(slot, raw, targets, batch_size, stats, advance)
+            more, read_to = _collect_once(slot, raw, targets, batch_size, stats, advance,
+                                          refresh)
             if read_to is None or not advance:
                 break
             raw.execute(slot.sql_advance, [slot.name, read_to])  # after the entries committed
@@ -363,13 +375,15 @@ def collect(*, batch_size: int | None = None, max_seconds: float | None = None,
 
 def _collect_once(slot: stores.CaptureSlot, raw: Any,
                   targets: dict[tuple[str, str], list[VersionedEmbedding]], batch_size: int,
-                  stats: CollectStats, advance: bool) -> tuple[bool, str | None]:
+                  stats: CollectStats, advance: bool,
+                  refresh: bool = False) -> tuple[bool, str | None]:
     """One read of up to ``COLLECT_CHANGES`` changes (whole transactions; all of them without
-    ``advance``), their entries queued and committed: (whether the slot may hold more, the LSN
-    to advance the slot to, None when nothing was read)."""
+    ``advance``), their rows queued (or refreshed: ``collect``) and committed: (whether the slot
+    may hold more, the LSN to advance the slot to, None when nothing was read)."""
     decoder = _Decoder({table: fields[0].model._meta.pk.column for table, fields in targets.items()})
     pending: dict[tuple[str, str], dict[str, datetime]] = {}
     rows_returned = 0
+    spilled = False  # a part of this read was queued: the rest is queued too
     with raw.transaction(), raw.cursor(name="embeddings_collect") as cursor:
         cursor.execute(slot.sql_peek, [slot.name, COLLECT_CHANGES if advance else None,
                                        slot.publication])
@@ -379,10 +393,11 @@ def _collect_once(slot: stores.CaptureSlot, raw: Any,
                 stats.changes += 1
                 table, key, committed_at = change
                 pending.setdefault(table, {}).setdefault(key, committed_at)
-            if sum(map(len, pending.values())) >= batch_size:
+            if sum(map(len, pending.values())) > batch_size:
                 _queue_stale(slot.connection, targets, pending, stats)
-                pending = {}
-    _queue_stale(slot.connection, targets, pending, stats)
+                pending, spilled = {}, True
+    _queue_stale(slot.connection, targets, pending, stats,
+                 refresh_up_to=batch_size if refresh and not spilled else 0)
     stats.transactions += decoder.transactions
     return rows_returned >= COLLECT_CHANGES, decoder.last_commit
 
@@ -403,9 +418,11 @@ def _captured_targets(connection: Any, fields: Sequence[VersionedEmbedding] | No
 
 
 def _queue_stale(connection: Any, targets: dict[tuple[str, str], list[VersionedEmbedding]],
-                 pending: dict[tuple[str, str], dict[str, datetime]], stats: CollectStats) -> None:
+                 pending: dict[tuple[str, str], dict[str, datetime]], stats: CollectStats,
+                 refresh_up_to: int = 0) -> None:
     """Queue, for each target of each table, the rows of ``pending`` not fresh for one of its
-    written versions (read by primary key, never a scan), in one committed transaction."""
+    written versions (read by primary key, never a scan), in one committed transaction; or,
+    when they are ``refresh_up_to`` rows or fewer, encode and write them now."""
     work = []
     for table, changed in pending.items():
         for field in targets.get(table, ()):
@@ -417,18 +434,28 @@ def _queue_stale(connection: Any, targets: dict[tuple[str, str], list[VersionedE
             query, decode = sources.source_query(
                 field, versions, field.source_queryset().filter(pk__in=list(keys)).order_by())
             stale = []
-            for key, text, stored, _ in map(decode, query):  # one round trip
-                current = field.source_hash(text)
-                if any(value != current for value in stored):
-                    stale.append(key)
+            for row in map(decode, query):  # one round trip
+                current = field.source_hash(row[1])
+                if any(value != current for value in row[2]):
+                    stale.append(row)
             stats.rows_read += len(keys)
             if stale:
-                work.append((field, stale, [keys[key] for key in stale]))
+                work.append((field, versions, stale, [keys[row[0]] for row in stale]))
     if not work:
         return
+    if sum(len(stale) for _, _, stale, _ in work) <= refresh_up_to:
+        for field, versions, stale, _ in work:  # as a drain batch would, without the queue
+            prepared = sync.prepare(field, versions, stale)
+            if prepared.pending:
+                with transaction.atomic(using=connection.alias):
+                    sync.write_prepared(field, prepared)
+            sync.record_failures(prepared.stats)
+            stats.refreshed.add(prepared.stats)
+        return
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
-        for field, stale, queued_at in work:
-            stores.LogicalChangeQueue(field).enqueue(cursor, stale, queued_at)
+        for field, _, stale, queued_at in work:
+            stores.LogicalChangeQueue(field).enqueue(cursor, [row[0] for row in stale],
+                                                     queued_at)
             stats.queued += len(stale)
 
 

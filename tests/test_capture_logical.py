@@ -102,9 +102,15 @@ def test_add_creates_the_slot_and_publishes_the_key_alone_with_no_trigger(captur
                                                      stores.LogicalChangeQueue)
 
 
+# One batch or fewer found by a read of the slot: the collect refreshes them itself. More: they
+# are queued, for every worker's drains to share (batch_size=4 < CHANGED).
+PATHS = {"refreshed by the collect": None, "queued for the drain batches": 4}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("write", list(WRITES))
 def test_rows_written_without_signals_are_fresh_in_every_version_after_one_drain_without_a_scan(
-        backfilled, layout, write):
+        backfilled, layout, write, path):
     pks = WRITES[write](backfilled)
     assert len(pks) == CHANGED
     assert depth() == 0 and pending_changes() == CHANGED  # in the log, not yet collected
@@ -112,12 +118,14 @@ def test_rows_written_without_signals_are_fresh_in_every_version_after_one_drain
     assert all(missing | stale == set(pks) for missing, stale in sync.unfresh_rows(field(), versions))
 
     seq_before, idx_before = table_reads()
-    stats = capture.drain(field())
+    stats = capture.drain(field(), batch_size=PATHS[path])
     seq_after, idx_after = table_reads()
 
-    assert stats.collected is not None
-    assert (stats.collected.changes, stats.collected.queued) == (CHANGED, CHANGED)
-    assert (stats.entries, stats.rows_read, stats.written) == (CHANGED, CHANGED, 2 * CHANGED)
+    assert stats.collected is not None and stats.collected.changes == CHANGED
+    queued = CHANGED if PATHS[path] else 0
+    assert (stats.collected.queued, stats.entries) == (queued, queued)
+    assert stats.collected.refreshed.processed == CHANGED - queued
+    assert (stats.rows_read, stats.written) == (CHANGED, 2 * CHANGED)
     assert depth() == 0
     assert_only_own_writes_pending(layout, CHANGED)  # the slot moved past the changes
     # No full scan: the collect and the drain read the changed rows by primary key only.
@@ -149,7 +157,7 @@ def test_a_collect_that_fails_before_or_after_queueing_loses_nothing(backfilled,
                                                                     monkeypatch):
     pks = _update(backfilled)
     # Fails before its entries commit: nothing queued, the slot where it was.
-    monkeypatch.setattr(capture, "_queue_stale", lambda *args: 1 / 0)
+    monkeypatch.setattr(capture, "_queue_stale", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         capture.collect()
     monkeypatch.undo()
@@ -161,11 +169,27 @@ def test_a_collect_that_fails_before_or_after_queueing_loses_nothing(backfilled,
     monkeypatch.undo()
     assert depth() == CHANGED and pending_changes() == CHANGED
     stats = capture.drain(field())
-    assert stats.collected.queued == CHANGED and stats.entries == 2 * CHANGED
+    # The same changes, read again: refreshed by the collect (one batch); the queued twins are
+    # drained and found fresh.
+    assert stats.collected.refreshed.processed == CHANGED and stats.entries == CHANGED
     assert stats.written == 2 * CHANGED  # each row encoded once per version; the twin is fresh
     assert depth() == 0
     assert_only_own_writes_pending(layout, CHANGED)
     assert_fresh(pks)
+    # A drain whose collect refreshed the rows itself, then failed to move the slot: the rows
+    # are fresh, and the next drain reads the same changes, finds them fresh and moves on.
+    pks = _update(backfilled)
+    monkeypatch.setattr(stores.CaptureSlot, "sql_advance", "SELECT 1 / 0, %s, %s")
+    with pytest.raises(Exception, match="division by zero"):
+        capture.drain(field())
+    monkeypatch.undo()
+    assert_fresh(pks)
+    own_writes = 2 * CHANGED if layout == "column" else 0
+    assert pending_changes() == CHANGED + own_writes and depth() == 0
+    again = capture.drain(field())
+    assert again.collected.changes == CHANGED + own_writes
+    assert (again.collected.queued, again.collected.refreshed.embedded, again.written) == (0, 0, 0)
+    assert pending_changes() == 0
 
 
 def test_a_change_committed_while_a_collect_reads_is_collected_by_the_next(backfilled, layout,
@@ -175,8 +199,8 @@ def test_a_change_committed_while_a_collect_reads_is_collected_by_the_next(backf
     original = capture._queue_stale
     fired: list[bool] = []
 
-    def queue_then_write_behind(*args: Any) -> None:
-        original(*args)
+    def queue_then_write_behind(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
         if not fired:
             fired.append(True)
             with raw_connection() as other:
@@ -188,7 +212,7 @@ def test_a_change_committed_while_a_collect_reads_is_collected_by_the_next(backf
     first = capture.collect()
     assert fired and first.queued == CHANGED
     assert pending_changes() == 1  # the later transaction is past where the slot moved
-    assert capture.drain(field()).collected.queued == 1 and depth() == 0
+    assert capture.drain(field()).collected.changes == 1 and depth() == 0
     assert_only_own_writes_pending(layout, CHANGED)  # the victim is one of the ten
     assert_fresh(pks)
 
@@ -292,7 +316,7 @@ def test_the_capture_command_switches_between_the_trigger_and_the_log(backfilled
     assert depth() == 2  # the queue is the same table: the trigger's entries are still drained
     Article.objects.filter(pk=backfilled[1].pk).update(title="Read from the log")
     stats = capture.drain(field())
-    assert (stats.collected.queued, stats.entries) == (1, 3)
+    assert (stats.collected.refreshed.processed, stats.entries) == (1, 2)
     assert_fresh([backfilled[0].pk, backfilled[1].pk, backfilled[2].pk])
 
 
@@ -313,7 +337,7 @@ def test_a_table_without_a_replica_identity_is_refused_and_a_full_one_published_
         first = Article.objects.order_by("pk").first()
         Article.objects.filter(pk=first.pk).update(body="A new body, read from the whole row.")
         stats = capture.drain(field())
-        assert (stats.collected.queued, stats.written) == (1, 1)
+        assert (stats.collected.refreshed.processed, stats.written) == (1, 1)
         assert_fresh([first.pk])
     finally:
         with connection.cursor() as cursor:
