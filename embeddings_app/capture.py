@@ -26,13 +26,14 @@ scan (``check --deploy`` warns, ``embeddings.W120``).
 
 With ``EMBEDDINGS["CHANGE_CAPTURE"] = "logical"`` there is no trigger: the queue is filled by
 ``collect``, which reads the keys of the rows inserted or updated from the database's logical
-replication slot (``stores.CaptureSlot``, plugin ``pgoutput``) and queues those not fresh. Its own
+replication slot (``stores.CaptureSlot``, plugin ``pgoutput``) and queues those not fresh (the
+drain's collect refreshes them itself when one read finds one batch or fewer). Its own
 invariants:
 
 * **No change is lost.** The slot is read with ``peek`` and advanced past a transaction only
-  after the entries of its rows are committed; a collect that dies in between leaves the slot
-  where it was, and the next one reads the same changes again (queued twice: the drain reads a
-  fresh row and encodes nothing).
+  after its rows are written or their entries committed; a collect that dies in between leaves
+  the slot where it was, and the next one reads the same changes again (fresh, or queued twice:
+  the drain reads a fresh row and encodes nothing).
 * **One reader at a time** (an advisory lock); a drain that finds the slot being read drains
   the queue without collecting.
 * **A row found fresh is not queued**, and that is safe: the slot returns only committed
