@@ -1498,8 +1498,7 @@ class LogicalChangeQueue(ChangeQueue):
             lock_for_ddl(self.field.table, SHARE_ROW_EXCLUSIVE)
             self._create_queue(cursor, schema)
             self._drop_triggers(cursor)
-            cursor.execute(self.sql_in_publication, [slot.publication, qn(self.field.table)])
-            if not cursor.fetchone()[0]:
+            if not self.published(cursor):
                 # Column lists are PostgreSQL 15+; before, and with another replica identity,
                 # the table is published whole.
                 columns = (f" ({qn(self.field.model._meta.pk.column)})"
@@ -1509,29 +1508,26 @@ class LogicalChangeQueue(ChangeQueue):
                     columns=columns))
 
     def published(self, cursor: Any) -> bool:
-        cursor.execute(self.sql_in_publication, [CaptureSlot().publication, qn(self.field.table)])
+        """Is the table in the publication?"""
+        cursor.execute(self.sql_in_publication, [CaptureSlot.publication, qn(self.field.table)])
         return bool(cursor.fetchone()[0])
 
     def leave_publication(self, cursor: Any) -> bool:
         """Take the table out of the publication, if it is there (the caller's transaction);
         True when it was."""
-        publication = CaptureSlot().publication
-        cursor.execute(self.sql_in_publication, [publication, qn(self.field.table)])
-        if not cursor.fetchone()[0]:
+        if not self.published(cursor):
             return False
-        cursor.execute(self.sql_drop_table.format(publication=qn(publication),
+        cursor.execute(self.sql_drop_table.format(publication=qn(CaptureSlot.publication),
                                                   table=qn(self.field.table)))
         return True
 
     def installed(self) -> bool:
         """Is the queue there, the table in the publication and the slot in place?"""
-        slot = CaptureSlot()
         with connection.cursor() as cursor:
-            cursor.execute(self.sql_in_publication, [slot.publication, qn(self.field.table)])
-            published = bool(cursor.fetchone()[0])
+            published = self.published(cursor)
             cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [qn(self.queue)])
             queued = bool(cursor.fetchone()[0])
-        return published and queued and slot.exists()
+        return published and queued and CaptureSlot().exists()
 
 
 class CaptureSlot:
@@ -1545,10 +1541,10 @@ class CaptureSlot:
     * Dropped, with the publication, when the last table leaves it: a slot nobody reads keeps
       the write-ahead log forever (``status``, the admin and ``check --deploy`` show its
       backlog, ``embeddings.W123``).
-    * Read with ``peek`` and moved on with ``advance`` only after what was read is queued and
-      committed: a reader that dies in between reads the same changes again (queued twice,
-      harmless), never loses one. One reader at a time (an advisory lock): PostgreSQL lets one
-      session use a slot at once.
+    * Read with ``peek`` and moved on with ``advance`` only after the rows read are written or
+      queued, committed: a reader that dies in between reads the same changes again (found
+      fresh, or queued twice: harmless), never loses one. One reader at a time (an advisory
+      lock): PostgreSQL lets one session use a slot at once.
     """
 
     publication = "embeddings_capture"
@@ -1561,6 +1557,8 @@ class CaptureSlot:
     sql_slot_exists = ("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s "
                        "AND database = current_database())")
     sql_create_slot = "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')"
+    sql_drop_slot = ("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s")
     sql_peek = ("SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
                 "'proto_version', '1', 'publication_names', %s)")
     sql_advance = "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)"
@@ -1663,7 +1661,7 @@ class CaptureSlot:
         if not (self.exists() or self._one(self.sql_publication_exists, [self.publication])):
             return  # never created (the trigger's way)
         try:
-            drop_slot(self.connection, self.name)
+            self.drop_slot()
         except OperationalError as exc:  # still being read after 5 s
             logger.warning("The slot %s is unused but could not be dropped (%s); the next "
                            "collect drops it.", self.name, exc)
@@ -1671,20 +1669,18 @@ class CaptureSlot:
         with self.connection.cursor() as cursor:
             cursor.execute(self.sql_drop_publication.format(publication=qn(self.publication)))
 
-
-def drop_slot(using: Any, name: str, attempts: int = 50) -> None:
-    """Drop the replication slot ``name`` if it exists, waiting (up to ``attempts`` times 0.1 s)
-    for a reader that holds it to finish."""
-    for attempt in range(attempts):
-        try:
-            with using.cursor() as cursor:
-                cursor.execute("SELECT pg_drop_replication_slot(slot_name) "
-                               "FROM pg_replication_slots WHERE slot_name = %s", [name])
-            return
-        except OperationalError:  # "is active for PID n": a collect is reading it
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.1)
+    def drop_slot(self, attempts: int = 50) -> None:
+        """Drop the slot if it exists, waiting (up to ``attempts`` times 0.1 s) for a reader
+        that holds it to finish."""
+        for attempt in range(attempts):
+            try:
+                with self.connection.cursor() as cursor:
+                    cursor.execute(self.sql_drop_slot, [self.name])
+                return
+            except OperationalError:  # "is active for PID n": a collect is reading it
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1)
 
 
 # The comment on a change queue: how leftovers of a target are found again (``drop_leftovers``).
