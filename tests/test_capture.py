@@ -229,26 +229,35 @@ def test_two_drains_never_take_the_same_entries(captured):
     assert depth() == 60  # nothing deleted: rolled-back claims leave every entry
 
 
-def test_concurrent_drains_share_the_queue_and_every_row_ends_fresh(two_versions):
-    pks = [a.pk for a in two_versions[:300]]
-    Article.objects.filter(pk__in=pks).update(body=Concat("body", Value(" More.")))
+def drains_at_once(count: int = 3, batch_size: int = 20) -> list[capture.DrainStats]:
+    """``count`` drains of the target started together, each in a thread (and a connection) of
+    its own; fails on the first drain that raised. Returns what each did."""
     results: list[capture.DrainStats] = []
     errors: list[BaseException] = []
+    start = threading.Barrier(count)
 
     def run() -> None:
         try:
-            results.append(capture.drain(field(), batch_size=20))
+            start.wait()
+            results.append(capture.drain(field(), batch_size=batch_size))
         except BaseException as exc:  # reported below
             errors.append(exc)
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=run) for _ in range(3)]
+    threads = [threading.Thread(target=run) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(300)
     assert not errors, errors
+    return results
+
+
+def test_concurrent_drains_share_the_queue_and_every_row_ends_fresh(two_versions):
+    pks = [a.pk for a in two_versions[:300]]
+    Article.objects.filter(pk__in=pks).update(body=Concat("body", Value(" More.")))
+    results = drains_at_once()
     assert len(results) == 3 and sum(stats.entries for stats in results) == 300  # each once
     assert depth() == 0
     assert_fresh(pks)

@@ -6,7 +6,6 @@ every write path of tests/test_capture.py, on the embedded PostgreSQL (wal_level
 from __future__ import annotations
 
 import io
-import threading
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from tests.test_capture import (
     _update,
     assert_fresh,
     depth,
+    drains_at_once,
     field,
     table_reads,
 )
@@ -220,25 +220,7 @@ def test_a_change_committed_while_a_collect_reads_is_collected_by_the_next(backf
 def test_concurrent_drains_collect_once_and_every_row_ends_fresh(backfilled, layout):
     pks = [a.pk for a in backfilled[:300]]
     Article.objects.filter(pk__in=pks).update(body=Concat("body", Value(" More.")))
-    results: list[capture.DrainStats] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(3)
-
-    def run() -> None:
-        try:
-            start.wait()
-            results.append(capture.drain(field(), batch_size=20))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    assert not errors, errors
+    results = drains_at_once()
     assert sum(stats.collected.queued for stats in results) == 300  # each change queued once
     assert sum(stats.entries for stats in results) <= 300
     capture.drain(field())  # a drain that skipped the collect may have ended before the queue
