@@ -1715,9 +1715,11 @@ def store_for(version: EmbeddingVersion, field: VersionedEmbedding | None = None
 
 # --- several versions at once ---------------------------------------------------------------
 def lock_rows(field: VersionedEmbedding, pks: Sequence[Any]) -> dict[Any, str]:
-    """Lock the user's rows of ``pks`` (``FOR UPDATE``, in primary-key order, so two writers
-    never deadlock) in the caller's transaction: pk -> the row's version (``xmin``) for each row
-    still there. One statement with the keys as one array parameter."""
+    """Lock the user's rows of ``pks`` (in primary-key order, so two writers never deadlock)
+    in the caller's transaction: pk -> the row's version (``xmin``) for each row still there.
+    One statement with the keys as one array parameter. ``FOR NO KEY UPDATE``, the lock an
+    ``UPDATE`` of the vector columns takes anyway: updates and deletes of the rows wait for the
+    caller's commit, a foreign key's check from another table (``FOR KEY SHARE``) does not."""
     if not pks:
         return {}
     pk_column = qn(field.model._meta.pk.column)
@@ -1725,7 +1727,7 @@ def lock_rows(field: VersionedEmbedding, pks: Sequence[Any]) -> dict[Any, str]:
         cursor.execute(
             f"SELECT {pk_column}, xmin::text FROM {qn(field.table)} "
             f"WHERE {pk_column} = ANY(%s::{pk_db_type(field)}[]) "
-            f"ORDER BY {pk_column} FOR UPDATE",
+            f"ORDER BY {pk_column} FOR NO KEY UPDATE",
             [list(pks)],
         )
         return dict(cursor.fetchall())

@@ -3,8 +3,10 @@
 
 A row is *fresh* for a version when its stored source hash equals the hash of its current source
 text. Only rows that are not fresh are encoded. Encoding runs outside any lock; the write then
-locks the rows, re-reads their source and writes only where the source is still the one that was
-encoded (compare-and-set on the source hash), so a slow batch never overwrites a newer vector.
+locks the rows (all of them at once, in key order: two writes never deadlock), re-reads the
+source of those changed since they were read and writes only where the source is still the one
+that was encoded (compare-and-set on the source hash), so a slow batch never overwrites a newer
+vector.
 
 Per-row policy (docs/backfill.md):
 
@@ -241,10 +243,14 @@ def write_prepared(field: EmbeddingSource, prepared: Prepared) -> set[str]:
     written only while its source is still the text that was encoded. Counts into
     ``prepared.stats``.
 
-    A row read with its version (``xmin``) is written by one ``UPDATE`` that checks the version
-    did not change: no lock to take first. The rest (changed since the read, or texts not read
-    from the table, as in a dual-write) are locked in key order, their source is read again and
-    hashed, and those whose hash is still the encoded text's are written.
+    Every row it writes is locked first, all at once, in key order (``stores.lock_rows``), and
+    only then written, version after version: two writes of overlapping rows queue for the
+    first of them instead of deadlocking (rows locked by several statements, or in the order a
+    plan met them, did: a write holding a version's rows waited for a row another write held
+    while that one waited for them). A row whose version (``xmin``) is still the one read is
+    written as it is; the rest (changed since the read, or texts not read from the table, as in
+    a dual-write) have their source read again under the lock, and those whose hash is still
+    the encoded text's are written.
 
     Returns the transaction ids (xmin, as text) of the rows written: this transaction's, or its
     savepoint's."""
@@ -256,39 +262,28 @@ def write_prepared(field: EmbeddingSource, prepared: Prepared) -> set[str]:
     prepared.pending = [item for item in prepared.pending if item.version.pk in kept]
     if not prepared.pending:
         return set()
-    expected = dict(prepared.read_versions)  # pk -> the row version each write expects
-    written: list[set[Any]] = [set() for _ in prepared.pending]  # per item: the keys written
+    keys = list(dict.fromkeys(row[0] for item in prepared.pending for row in item.rows))
+    expected = stores.lock_rows(field, keys)  # pk -> the row version now (deleted rows: absent)
+    changed = {pk for pk, version in expected.items() if prepared.read_versions.get(pk) != version}
+    current: dict[Any, bytes] = {}  # pk -> hash of the source now, of the changed rows
+    if changed:
+        query, decode = sources.source_query(
+            field, [], field.source_queryset().filter(pk__in=list(changed)))
+        current = {row[0]: field.source_hash(row[1]) for row in map(decode, query)}
+    unchanged = set(expected) - changed
     write_xids: set[str] = set()
-
-    version_stores = [stores.store_for(item.version, field) for item in prepared.pending]
-
-    def write(index: int, rows: list[tuple[Any, bytes, np.ndarray | None]]) -> None:
-        store = version_stores[index]
-        done = store.write(rows, expected)
+    stats = prepared.stats
+    for item in prepared.pending:
+        store = stores.store_for(item.version, field)
+        rows = [row for row in item.rows if row[0] in unchanged or current.get(row[0]) == row[1]]
+        done = store.write(rows, expected) if rows else {}
         expected.update(done)  # the next version's write of these rows expects our own update
-        written[index].update(done)
         if store.rewrites_row:  # the row's version is now this transaction's
             write_xids.update(done.values())
-
-    for index, item in enumerate(prepared.pending):
-        write(index, [row for row in item.rows if row[0] in expected])
-    recheck = list({row[0] for item, done in zip(prepared.pending, written, strict=True)
-                    for row in item.rows if row[0] not in done})
-    if recheck:
-        locked = stores.lock_rows(field, recheck)  # in key order
-        expected.update(locked)
-        query, decode = sources.source_query(field, [],
-                                              field.source_queryset().filter(pk__in=list(locked)))
-        current = {row[0]: field.source_hash(row[1]) for row in map(decode, query)}
-        for index, item in enumerate(prepared.pending):
-            write(index, [row for row in item.rows if row[0] in locked
-                          and row[0] not in written[index] and current.get(row[0]) == row[1]])
-    stats = prepared.stats
-    for item, done_keys in zip(prepared.pending, written, strict=True):
-        done = [row for row in item.rows if row[0] in done_keys]
-        stats.conflicted += len(item.rows) - len(done)
-        stats.skipped += sum(1 for row in done if row[2] is None)
-        stats.embedded += sum(1 for row in done if row[2] is not None)
+        written = [row for row in rows if row[0] in done]
+        stats.conflicted += len(item.rows) - len(written)
+        stats.skipped += sum(1 for row in written if row[2] is None)
+        stats.embedded += sum(1 for row in written if row[2] is not None)
     return write_xids
 
 

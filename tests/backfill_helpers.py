@@ -142,9 +142,13 @@ def assert_every_row_fresh(target: str, version_name: str) -> int:
     assert len(stored) == len(rows)
     texts = [field.source_text(obj) for obj in rows]
     fresh = encoders.for_version(version).encode_documents(texts)
-    for obj, text, expected in zip(rows, texts, fresh, strict=True):
-        vector, source_hash = stored[obj.pk]
-        assert source_hash == field.source_hash(text), f"row {obj.pk}: stale or missing hash"
+    missing = [obj.pk for obj in rows if stored[obj.pk][1] is None]
+    stale = [obj.pk for obj, text in zip(rows, texts, strict=True)
+             if stored[obj.pk][1] not in (None, field.source_hash(text))]
+    assert not missing and not stale, (f"{version}: {len(missing)} rows missing (first "
+                                       f"{missing[:5]}), {len(stale)} stale (first {stale[:5]})")
+    for obj, expected in zip(rows, fresh, strict=True):
+        vector, _ = stored[obj.pk]
         assert vector is not None, f"row {obj.pk}: no vector"
         np.testing.assert_allclose(vector, expected, atol=2e-5,
                                    err_msg=f"row {obj.pk}: vector is not its text's")

@@ -223,11 +223,71 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles, monkeypatch,
-                                                                   layout):
-    """Rows read with their version and unchanged since: each version's write checks the row
-    version the previous write of this transaction left, so no row is locked or re-read, and
-    both versions end up fresh."""
+def test_a_write_of_two_versions_locks_all_its_rows_in_key_order_and_never_deadlocks(
+        make_articles):
+    """What deadlocked in the randomized test: a write of two versions, the first stale in the
+    last row only, the second in the first and the last. Another connection holds the first
+    row; the write waits for it. Then that connection locks the last row, as a writer locking
+    in key order does. A write that locked each version's rows in its own statement held the
+    last row by then (the first version's) and the two waited for each other until PostgreSQL
+    aborted one. Locked all at once, in key order, the write holds nothing while it waits: the
+    other connection gets the last row and commits, and the write goes on."""
+    import threading
+
+    from django.db import connections
+
+    from tests.backfill_helpers import blocked_backends, raw_connection, wait_until
+
+    articles, v1 = _version(make_articles, 2)
+    first, last = sorted(a.pk for a in articles)
+    call_command("embeddings", "add", TARGET, "v2", "--model", "tiny_other")
+    v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
+    with transaction.atomic():
+        lifecycle.transition(v2, State.BACKFILLING, note="test: being backfilled")
+    field = registry.get(TARGET)
+    sync.refresh_rows(field, [v1], [Article.objects.get(pk=first)])  # v1: stale in the last
+    ((page, _),) = list(sources.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
+    prepared = sync.prepare(field, [v1, v2], page)
+    assert [[row[0] for row in item.rows] for item in prepared.pending] == [[last], [first, last]]
+    errors: list[BaseException] = []
+    other = raw_connection()
+    try:
+        other.execute("SET deadlock_timeout = '100ms'")  # a deadlock fails at once
+        other.execute("SELECT id FROM news_article WHERE id = %s FOR UPDATE", [first])
+
+        def write() -> None:
+            try:
+                with transaction.atomic():
+                    sync.write_prepared(field, prepared)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        wait_until(lambda: blocked_backends(other), timeout=30,
+                   what="the write to wait for the first row")
+        other.execute("SELECT id FROM news_article WHERE id = %s FOR UPDATE", [last])
+        other.commit()
+        thread.join(timeout=30)
+    finally:
+        other.close()  # a failure must not leave the rows locked (the teardown would wait)
+    assert not thread.is_alive()
+    assert not errors, errors
+    assert (prepared.stats.embedded, prepared.stats.conflicted) == (3, 0)
+    stored = stores.stored_hashes(field, [v1, v2], [first, last])
+    for obj in field.source_queryset():
+        expected = field.source_hash(field.source_text(obj))
+        assert stored[obj.pk] == (expected, expected)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_versions_of_unchanged_rows_are_written_after_one_lock_without_a_reread(
+        make_articles, monkeypatch, layout):
+    """Rows read with their version and unchanged since: one statement locks them all, in key
+    order; each version's write checks the row version the previous write of this transaction
+    left; no source is read again; both versions end up fresh."""
     articles, v1 = _version(make_articles, 6)
     call_command("embeddings", "add", TARGET, "v2", "--model", "tiny_other")
     v2 = EmbeddingVersion.objects.get(target=TARGET, version="v2")
@@ -237,16 +297,23 @@ def test_two_versions_of_unchanged_rows_are_written_without_a_lock(make_articles
     ((page, _),) = list(sources.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
     prepared = sync.prepare(field, [v1, v2], page)
     locked: list = []
-    real_lock_rows = stores.lock_rows
+    reread: list = []
+    real_lock_rows, real_source_query = stores.lock_rows, sources.source_query
 
     def recording_lock_rows(field, pks):
-        locked.append(list(pks))
+        locked.append(sorted(pks))
         return real_lock_rows(field, pks)
 
+    def recording_source_query(field, versions, queryset):
+        reread.append(queryset)
+        return real_source_query(field, versions, queryset)
+
     monkeypatch.setattr(stores, "lock_rows", recording_lock_rows)
+    monkeypatch.setattr(sources, "source_query", recording_source_query)
     with transaction.atomic():
         write_xids = sync.write_prepared(field, prepared)
-    assert locked == []
+    assert locked == [sorted(a.pk for a in articles)]
+    assert reread == []
     # Column: one transaction wrote them all (their new version). Table: the rows are unchanged.
     assert len(write_xids) == (1 if layout == "column" else 0)
     assert (prepared.stats.embedded, prepared.stats.conflicted) == (12, 0)
