@@ -256,6 +256,9 @@ def record(version: EmbeddingVersion, field_: Any, source: Any,
             with transaction.atomic():
                 if not sync.still_written(field_, [version]):
                     raise Refused(f"{version} was retired or dropped while it was being adopted.")
+                # Locked first, in key order, as every write does (sync.write_prepared): a
+                # concurrent drain or backfill of the same rows queues instead of deadlocking.
+                stores.lock_rows(field_, [row[0] for row in rows])
                 written = store.write(rows, expected)
             report.adopted += len(written)
             report.changed += len(rows) - len(written)
