@@ -202,10 +202,10 @@ def test_random_operators_readers_and_writers_never_break_an_invariant(three_ver
         assert {version.column, version.hash_column} <= columns
         try:
             assert assert_every_row_fresh(TARGET, version.version) == ROWS
-        except AssertionError:  # what happened to it, for the failure's report
-            for event in version.events.all():
-                print(f"  {event.at:%H:%M:%S.%f} {event} ({event.actor}: {event.note})")
-            for run in version.runs.order_by("pk"):
-                print(f"  run {run.pk} {run.status} {run.started_at:%H:%M:%S.%f} "
-                      f"{run.finished_at and f'{run.finished_at:%H:%M:%S.%f}'} {run.last_error}")
-            raise
+        except AssertionError as exc:  # what happened to it, in the failure's own message
+            history = [f"{event.at:%H:%M:%S.%f} {event} ({event.actor}: {event.note})"
+                       for event in version.events.all()]
+            history += [f"run {run.pk} {run.status} {run.started_at:%H:%M:%S.%f} to "
+                        f"{run.finished_at and f'{run.finished_at:%H:%M:%S.%f}'} "
+                        f"{run.last_error}" for run in version.runs.order_by("pk")]
+            raise AssertionError(f"seed {seed}: {exc}\n" + "\n".join(history)) from exc
