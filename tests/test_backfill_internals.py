@@ -3,9 +3,11 @@ instances, and the compare-and-set on the row version (xmin)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from django.core.management import call_command
-from django.db import transaction
+from django.db import connections, transaction
 
 from embeddings_app import backfill, lifecycle, registry, sources, stores, sync
 from embeddings_app.models import EmbeddingVersion, State
@@ -180,16 +182,31 @@ def test_catch_up_reads_the_rows_of_a_batch_without_recorded_writes(make_article
     assert set(read) == set(sorted(a.pk for a in articles)[:10])
 
 
+def _write_in_thread(field, prepared: sync.Prepared) -> tuple[threading.Thread, list]:
+    """``write_prepared`` in a transaction of its own, on a thread with its own connection
+    (started); its exception, if any, lands in the returned list."""
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with transaction.atomic():
+                sync.write_prepared(field, prepared)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    return thread, errors
+
+
 @pytest.mark.django_db(transaction=True)
 def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_articles):
     """The compare-and-set inside the UPDATE, under a real concurrent writer: another connection
     holds a row while the write runs, then changes its text and commits. The write, which was
     waiting for that row, finds a newer row version and leaves it (conflicted); the rest of the
     batch is written."""
-    import threading
-
-    from django.db import connections
-
     from tests.backfill_helpers import blocked_backends, raw_connection, wait_until
 
     articles, version = _version(make_articles, 5)
@@ -201,15 +218,7 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
     try:
         writer.execute("UPDATE news_article SET category = category WHERE id = %s", [held])
 
-        def write() -> None:
-            try:
-                with transaction.atomic():
-                    sync.write_prepared(field, prepared)
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=write)
-        thread.start()
+        thread, errors = _write_in_thread(field, prepared)
         wait_until(lambda: blocked_backends(writer), timeout=30,
                    what="the write to wait for the row")
         writer.execute("UPDATE news_article SET title = 'Rewritten while the write waited' "
@@ -219,6 +228,7 @@ def test_write_waiting_on_a_row_skips_it_when_the_writer_changes_its_text(make_a
     finally:
         writer.close()  # a failure must not leave the row locked (the teardown would wait)
     assert not thread.is_alive()
+    assert not errors, errors
     _assert_written_all_but(held, prepared, version, articles)
 
 
@@ -232,10 +242,6 @@ def test_a_write_of_two_versions_locks_all_its_rows_in_key_order_and_never_deadl
     last row by then (the first version's) and the two waited for each other until PostgreSQL
     aborted one. Locked all at once, in key order, the write holds nothing while it waits: the
     other connection gets the last row and commits, and the write goes on."""
-    import threading
-
-    from django.db import connections
-
     from tests.backfill_helpers import blocked_backends, raw_connection, wait_until
 
     articles, v1 = _version(make_articles, 2)
@@ -249,23 +255,12 @@ def test_a_write_of_two_versions_locks_all_its_rows_in_key_order_and_never_deadl
     ((page, _),) = list(sources.iter_source_pages(field, [v1, v2], field.source_queryset(), 10))
     prepared = sync.prepare(field, [v1, v2], page)
     assert [[row[0] for row in item.rows] for item in prepared.pending] == [[last], [first, last]]
-    errors: list[BaseException] = []
     other = raw_connection()
     try:
         other.execute("SET deadlock_timeout = '100ms'")  # a deadlock fails at once
         other.execute("SELECT id FROM news_article WHERE id = %s FOR UPDATE", [first])
 
-        def write() -> None:
-            try:
-                with transaction.atomic():
-                    sync.write_prepared(field, prepared)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=write)
-        thread.start()
+        thread, errors = _write_in_thread(field, prepared)
         wait_until(lambda: blocked_backends(other), timeout=30,
                    what="the write to wait for the first row")
         other.execute("SELECT id FROM news_article WHERE id = %s FOR UPDATE", [last])
